@@ -11,7 +11,7 @@ import json
 import pytest
 import torch
 
-from models.offline import gpt2_tokenizer_dir, smollm2_dir
+from models.offline import smollm2_dir
 
 PAD = 50256
 TINY = dict(vocab_size=50257, bos_token_id=PAD, eos_token_id=PAD, pad_token_id=PAD)
@@ -63,8 +63,8 @@ def build_tiny_clip(path) -> str:
 
 
 @pytest.fixture(scope="session")
-def tokenizer_dir(tmp_path_factory):
-    return str(gpt2_tokenizer_dir(tmp_path_factory.mktemp("gpt2-tokenizer")))
+def tokenizer_dir(gpt2_tokenizer_dir):
+    return str(gpt2_tokenizer_dir)
 
 
 @pytest.fixture(scope="session")
