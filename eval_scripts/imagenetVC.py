@@ -1,0 +1,134 @@
+"""ImageNetVC (Xia et al., 2023): visual commonsense questions, 5 subsets x 5 prompt templates.
+
+Protocol (METHOD.md, section 5):
+
+* subsets color, shape, material, component, others (``others`` uses the candidate list of its
+  answer's group: yes/no, number or other); ``--use-icl`` prepends the ``dev/`` demonstrations
+  written in the same template;
+* ``--scoring first_token`` (released): each candidate scores the mixed probability of its first
+  token (with a leading space) at the next position, the better of its lower-case and capitalised
+  spellings; ``--scoring full``: the summed log-likelihood of the whole candidate;
+* accuracy per template, then mean and std (ddof 1) over the 5 templates, x100, per subset;
+  ``overall`` averages the subsets per template (macro), then takes mean and std over templates.
+
+Images: ``--image_prompt question`` (default) generates the k images from the question alone, so
+all 5 templates share them; ``--image_prompt full`` reproduces the release (the templated prompt).
+
+    python eval_scripts/imagenetVC.py --model_name meta-llama/Meta-Llama-3-8B --run_name llama3_imagenetvc \
+        --pretrained_model output/llama3/ft_wiki_laion_220_2 --generate_images True --k 10
+"""
+from __future__ import annotations
+
+import torch
+
+from data.benchmarks import (IMAGENETVC_SUBSETS, IMAGENETVC_TEMPLATES, imagenetvc_prompt, load_imagenetvc,
+                             load_imagenetvc_demos)
+from data.prompts import derive_prompts
+from eval_scripts.core import EvalError, Evaluator, build_parser, run_main
+from eval_scripts.metrics import summarize_templates
+
+TASK = "imagenetvc"
+
+
+def parse_args(argv=None):
+    p = build_parser(__doc__.split("\n")[0], image_prompt_choices=("question", "full"),
+                     default_image_prompt="question")
+    p.add_argument("--subsets", default=",".join(IMAGENETVC_SUBSETS), help="comma-separated subsets")
+    p.add_argument("--use-icl", "--use_icl", dest="use_icl", action="store_true",
+                   help="prepend the dev/ in-context demonstrations")
+    p.add_argument("--scoring", choices=("first_token", "full"), default="first_token")
+    args = p.parse_args(argv)
+    args.subsets = [s.strip() for s in args.subsets.split(",") if s.strip()]
+    unknown = [s for s in args.subsets if s not in IMAGENETVC_SUBSETS]
+    if unknown or not args.subsets:
+        raise EvalError(f"unknown ImageNetVC subset {unknown[0] if unknown else ''!r}; "
+                        f"choose from {', '.join(IMAGENETVC_SUBSETS)}")
+    return args
+
+
+def build_items(ev: Evaluator, subset: str) -> list[dict]:
+    args = ev.args
+    demos_by_group: dict[str, list[dict]] = {}
+    items = []
+    for ex in load_imagenetvc(subset, args.data_dir, args.limit):
+        demos = ()
+        if args.use_icl:
+            if ex["group"] not in demos_by_group:
+                demos_by_group[ex["group"]] = load_imagenetvc_demos(ex["group"], args.data_dir)
+            demos = demos_by_group[ex["group"]]
+        for t in range(len(IMAGENETVC_TEMPLATES)):
+            image_prompts = []
+            if ev.use_images:
+                source = ex["question"] if args.image_prompt == "question" else imagenetvc_prompt(ex["question"], t)
+                image_prompts = derive_prompts(source, args.k, "full")
+            items.append({"id": f"{ex['id']}/t{t}", "subset": subset, "template": t,
+                          "prompt": imagenetvc_prompt(ex["question"], t, demos), "answer": ex["answer"],
+                          "candidates": ex["candidates"], "image_prompts": image_prompts})
+    return items
+
+
+def first_token_ids(tokenizer, word: str) -> list[int]:
+    """First token of `` word`` and of `` Word`` (the released script's capitalised variant)."""
+    spellings = {" " + word, " " + word[:1].upper() + word[1:]}
+    return sorted({tokenizer(s, add_special_tokens=False)["input_ids"][0] for s in spellings})
+
+
+def make_compute(ev: Evaluator):
+    tok = ev.tokenizer
+
+    def compute(batch: list[dict]) -> list[dict]:
+        prompt_lists = [it["image_prompts"] for it in batch]
+        if ev.args.scoring == "first_token":
+            logp, images = ev.next_token_logprobs([it["prompt"] for it in batch], prompt_lists)
+            scores = [[max(float(logp[i, t]) for t in first_token_ids(tok, c)) for c in it["candidates"]]
+                      for i, it in enumerate(batch)]
+        else:
+            flat = [(i, c) for i, it in enumerate(batch) for c in it["candidates"]]
+            out, flat_images = ev.continuation_logprobs([batch[i]["prompt"] for i, _ in flat],
+                                                        [" " + c for _, c in flat], [prompt_lists[i] for i, _ in flat])
+            scores = [[] for _ in batch]
+            images = [[] for _ in batch]
+            for (i, _), (lps, _greedy), im in zip(flat, out, flat_images):
+                scores[i].append(sum(lps))
+                images[i] = im
+        records = []
+        for it, sc, im in zip(batch, scores, images):
+            pred = it["candidates"][int(torch.tensor(sc).argmax())]
+            records.append({"id": it["id"], "subset": it["subset"], "template": it["template"],
+                            "prompt": it["prompt"], "candidates": it["candidates"],
+                            "scores": [round(s, 6) for s in sc], "prediction": pred, "answer": it["answer"],
+                            "correct": pred == it["answer"], "images": im})
+        return records
+    return compute
+
+
+def metrics_from(records_by_subset: dict[str, list[dict]]) -> dict:
+    n_t = len(IMAGENETVC_TEMPLATES)
+    metrics: dict = {}
+    per_template_by_subset = {}
+    for subset, recs in records_by_subset.items():
+        accs = []
+        for t in range(n_t):
+            rows = [r for r in recs if r["template"] == t]
+            accs.append(sum(r["correct"] for r in rows) / len(rows))
+        per_template_by_subset[subset] = accs
+        metrics[subset] = {"per_template": [round(100 * a, 4) for a in accs], **summarize_templates(accs),
+                           "n": len(recs) // n_t}
+    overall = [sum(accs[t] for accs in per_template_by_subset.values()) / len(per_template_by_subset)
+               for t in range(n_t)]
+    metrics["overall"] = {"per_template": [round(100 * a, 4) for a in overall], **summarize_templates(overall)}
+    return metrics
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    ev = Evaluator(args, TASK)
+    compute = make_compute(ev)
+    by_subset = {s: ev.run(build_items(ev, s), compute, desc=f"imagenetvc/{s}") for s in args.subsets}
+    metrics = metrics_from(by_subset)
+    table = [(name, f"{m['mean']:.2f} ± {m['std']:.2f}") for name, m in metrics.items()]
+    return ev.finish(metrics, table)
+
+
+if __name__ == "__main__":
+    run_main(main)
