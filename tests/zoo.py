@@ -6,12 +6,10 @@ training run on them unchanged. ``tiny_clip_dir`` is an open_clip ViT in open_cl
 """
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
-from models.offline import smollm2_dir
+from models.offline import build_tiny_clip, smollm2_dir  # noqa: F401 (build_tiny_clip re-exported)
 
 PAD = 50256
 TINY = dict(vocab_size=50257, bos_token_id=PAD, eos_token_id=PAD, pad_token_id=PAD)
@@ -38,29 +36,6 @@ def tiny_lm_config(arch: str):
 
 
 ARCHS = ("gpt2", "llama", "gemma", "opt", "qwen2")
-
-TINY_CLIP_CFG = {
-    "embed_dim": 32,
-    "quick_gelu": True,
-    "vision_cfg": {"image_size": 32, "layers": 3, "width": 48, "head_width": 16, "patch_size": 8},
-    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 4, "layers": 2},
-}
-
-
-def build_tiny_clip(path) -> str:
-    """Write a random tiny open_clip ViT to ``path``; returns the ``local-dir:`` spec."""
-    import open_clip
-
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "open_clip_config.json").write_text(json.dumps({
-        "model_cfg": TINY_CLIP_CFG,
-        "preprocess_cfg": {"mean": [0.48145466, 0.4578275, 0.40821073], "std": [0.26862954, 0.26130258, 0.27577711]},
-    }))
-    torch.manual_seed(0)
-    model = open_clip.create_model(f"local-dir:{path}")
-    torch.save(model.state_dict(), path / "open_clip_pytorch_model.bin")
-    return f"local-dir:{path}"
-
 
 @pytest.fixture(scope="session")
 def tokenizer_dir(gpt2_tokenizer_dir):
