@@ -147,7 +147,8 @@ class _Stopwatch:
 
 # ---------------------------------------------------------------------------------------------- evaluator
 class Evaluator:
-    def __init__(self, args: argparse.Namespace, task: str):
+    def __init__(self, args: argparse.Namespace, task: str, resume_keys: tuple[str, ...] = ()):
+        """``resume_keys``: the script's own flags that must match for a re-run to resume."""
         from accelerate import PartialState
         from transformers import AutoTokenizer
 
@@ -157,6 +158,7 @@ class Evaluator:
 
         self.t0 = time.perf_counter()
         self.args, self.task = args, task
+        self.resume_keys = _RESUME_KEYS + tuple(resume_keys)
         if args.generate_images and args.k < 1:
             raise EvalError(f"--k must be >= 1 when images are requested, got {args.k}")
         if args.k < 0:
@@ -183,6 +185,7 @@ class Evaluator:
         else:
             vision_dim, proj_hidden = ckpt_cfg.get("vision_dim"), args.proj_hidden
         args.vision_encoder = args.vision_encoder or ckpt_cfg.get("vision_encoder") or DEFAULT_VISION_ENCODER
+        self._check_resume()  # before loading any model: a mismatched re-run fails fast (writes nothing)
         self.vision = None
         if self.use_images:
             from models.vision import load_vision_encoder
@@ -212,6 +215,8 @@ class Evaluator:
                                           num_inference_steps=args.num_inference_steps,
                                           guidance_scale=args.guidance_scale, seed=args.seed,
                                           gen_batch_size=args.gen_batch_size)
+            from models import image_generation
+            self._pipeline_loads0 = image_generation.PIPELINE_LOADS  # the counter is process-wide
         self._features: OrderedDict[str, tuple[torch.Tensor, float]] = OrderedDict()  # path -> (patches, cos)
         self.n_examples = 0
 
@@ -245,6 +250,28 @@ class Evaluator:
     # ------------------------------------------------------------------ tokens
     def encode(self, text: str, special: bool = True) -> list[int]:
         return self.tokenizer(text, add_special_tokens=special)["input_ids"]
+
+    def max_text_tokens(self, reserve: int = 0) -> int | None:
+        """Longest text the LM (and the fusion block, after its visual prefix) can take, or None."""
+        cfg = self.model.lm.config
+        limit = getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None)
+        if not limit:
+            return None
+        n_visual = 0
+        if self.use_images:
+            n_visual = self.vision.encode_images(self.vision.pixels([_blank_image()]))[0].shape[1]
+        return limit - n_visual - reserve
+
+    def _fit(self, seq: list[int], reserve: int = 0) -> tuple[list[int], int]:
+        """Keep the last tokens of an over-long sequence; returns it and how many were cut."""
+        if not hasattr(self, "_max_text"):
+            self._max_text = {}
+        if reserve not in self._max_text:
+            self._max_text[reserve] = self.max_text_tokens(reserve)
+        limit = self._max_text[reserve]
+        if limit is None or len(seq) <= limit:
+            return seq, 0
+        return seq[len(seq) - limit:], len(seq) - limit
 
     def _pad(self, seqs: list[list[int]], left: bool = False):
         width = max(len(s) for s in seqs)
@@ -284,7 +311,7 @@ class Evaluator:
     @torch.no_grad()
     def next_token_logprobs(self, texts: list[str], prompt_lists: list[list[str]]):
         """Mixed log-probabilities of the token after each text: ``[B, V]`` (CPU), and image records."""
-        seqs = [self.encode(t) for t in texts]
+        seqs = [self._fit(self.encode(t))[0] for t in texts]
         ids, mask = self._pad(seqs)
         last = torch.tensor([[len(s) - 1] for s in seqs], device=self.device)
         patches, weights, records = self.images_for(prompt_lists)
@@ -295,8 +322,11 @@ class Evaluator:
     @torch.no_grad()
     def token_logprobs(self, seqs: list[list[int]], starts: list[int], prompt_lists: list[list[str]]):
         """For each token sequence, the mixed log-probs of its tokens ``seq[start:]`` given the prefix."""
-        if any(s < 1 for s in starts):
-            raise ValueError("a scored token needs at least one token before it")
+        fitted = [self._fit(s) for s in seqs]
+        seqs = [f[0] for f in fitted]
+        starts = [max(st - cut, 1) for st, (_, cut) in zip(starts, fitted)]
+        if any(st < 1 or st >= len(s) for s, st in zip(seqs, starts)):
+            raise ValueError("every scored sequence needs a token before its first scored token, and one to score")
         ids, mask = self._pad(seqs)
         span = max(len(s) - st for s, st in zip(seqs, starts))
         pos = torch.tensor([[min(st - 1 + j, len(s) - 2) for j in range(span)] for s, st in zip(seqs, starts)],
@@ -329,7 +359,7 @@ class Evaluator:
     @torch.no_grad()
     def generate(self, prompts: list[str], prompt_lists: list[list[str]], max_new_tokens: int = 50):
         """Fused greedy generation, cut at the first newline (cut from the generated ids)."""
-        ids, mask = self._pad([self.encode(p) for p in prompts], left=True)
+        ids, mask = self._pad([self._fit(self.encode(p), reserve=max_new_tokens)[0] for p in prompts], left=True)
         patches, weights, records = self.images_for(prompt_lists)
         tok = self.tokenizer
 
@@ -375,33 +405,53 @@ class Evaluator:
                 done[row["id"]] = row
         return done
 
-    def _check_resume(self):
+    def _check_resume(self, write: bool = False):
+        """Check this run's settings against those of the run being resumed; with ``write``, record
+        them if this is a new run (only once results are about to be written)."""
         run_file = self.out_dir / f"{self.task}.run.json"
-        mine = {k: getattr(self.args, k, None) for k in _RESUME_KEYS}
-        if run_file.is_file():
-            old = json.loads(run_file.read_text())
-            diff = [k for k in _RESUME_KEYS if old.get(k) != mine[k]]
-            if diff:
-                k = diff[0]
-                raise EvalError(f"run {self.args.run_name!r} was started with --{k} {old.get(k)!r}, not "
-                                f"{mine[k]!r}; use another --run_name")
-        elif self.is_main:
-            run_file.write_text(json.dumps(mine, indent=2))
+        mine = json.loads(json.dumps({k: getattr(self.args, k, None) for k in self.resume_keys}))
+        old = json.loads(run_file.read_text()) if run_file.is_file() else None
+        self.state.wait_for_everyone()  # every rank has read the old file before the main one writes
+        if write and old is None and self.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            tmp = run_file.with_suffix(".tmp")
+            tmp.write_text(json.dumps(mine, indent=2))
+            os.replace(tmp, run_file)
+        diff = [k for k in self.resume_keys if old is not None and old.get(k) != mine[k]]
+        if diff:
+            k = diff[0]
+            raise EvalError(f"run {self.args.run_name!r} was started with --{k} {old.get(k)!r}, not "
+                            f"{mine[k]!r}; use another --run_name")
+
+    def _shard(self, items: list[dict]) -> list[dict]:
+        """This process's share: whole groups of items that share images (``shard_key``, e.g. the 5
+        templates of one question) go to one process, so no image is generated twice."""
+        n, rank = self.state.num_processes, self.state.process_index
+        if n == 1:
+            return items
+        groups = list(OrderedDict.fromkeys(it.get("shard_key", it["id"]) for it in items))
+        mine = set(groups[rank::n])
+        return [it for it in items if it.get("shard_key", it["id"]) in mine]
 
     def run(self, items: list[dict], compute: Callable[[list[dict]], list[dict]], desc: str = "") -> list[dict]:
         """Score ``items`` in batches (skipping those already in the samples files), sharded across
-        processes; returns the records of all items in their order."""
+        processes; returns the records of all items in their order. Items sharing a ``shard_key``
+        stay together in one process."""
         from tqdm.auto import tqdm
 
-        if self.is_main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
+        self._check_resume(write=True)
         self.state.wait_for_everyone()
-        self._check_resume()
         done = self._done()
-        todo = [it for it in items if it["id"] not in done][self.state.process_index::self.state.num_processes]
+        todo = self._shard([it for it in items if it["id"] not in done])
         bs = self.args.batch_size
         correct = total = 0
-        with open(self._part_path(self.state.process_index), "a", encoding="utf-8") as f, \
+        part = self._part_path(self.state.process_index)
+        if part.is_file() and part.stat().st_size:  # a line cut short by a kill: end it first
+            with open(part, "rb+") as f:
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) != b"\n":
+                    f.write(b"\n")
+        with open(part, "a", encoding="utf-8") as f, \
                 tqdm(total=len(todo), desc=desc or self.task, unit="ex", disable=not self.is_main) as bar:
             for start in range(0, len(todo), bs):
                 recs = compute(todo[start:start + bs])
@@ -428,7 +478,7 @@ class Evaluator:
         if self.provider is not None:
             from models import image_generation
             s.update(generated=self.provider.generated, hits=self.provider.hits,
-                     pipeline_loads=image_generation.PIPELINE_LOADS)
+                     pipeline_loads=image_generation.PIPELINE_LOADS - self._pipeline_loads0)
         return {**s, "seconds": dict(self.watch.seconds), "passes": dict(self.watch.counts)}
 
     def finish(self, metrics: dict, table: list[tuple[str, str]] | None = None) -> dict | None:
@@ -474,6 +524,11 @@ class Evaluator:
             print(f"{k:<{width}}  {v}")
         print(f"results: {out}")
         return result
+
+
+def _blank_image():
+    from PIL import Image
+    return Image.new("RGB", (64, 64))
 
 
 def _versions() -> dict:

@@ -61,7 +61,7 @@ def build_items(ev: Evaluator, subset: str) -> list[dict]:
             if ev.use_images:
                 source = ex["question"] if args.image_prompt == "question" else imagenetvc_prompt(ex["question"], t)
                 image_prompts = derive_prompts(source, args.k, "full")
-            items.append({"id": f"{ex['id']}/t{t}", "subset": subset, "template": t,
+            items.append({"id": f"{ex['id']}/t{t}", "shard_key": ex["id"], "subset": subset, "template": t,
                           "prompt": imagenetvc_prompt(ex["question"], t, demos), "answer": ex["answer"],
                           "candidates": ex["candidates"], "image_prompts": image_prompts})
     return items
@@ -122,7 +122,7 @@ def metrics_from(records_by_subset: dict[str, list[dict]]) -> dict:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    ev = Evaluator(args, TASK)
+    ev = Evaluator(args, TASK, resume_keys=("subsets", "use_icl", "scoring"))
     compute = make_compute(ev)
     by_subset = {s: ev.run(build_items(ev, s), compute, desc=f"imagenetvc/{s}") for s in args.subsets}
     metrics = metrics_from(by_subset)

@@ -47,7 +47,7 @@ class VisualProjector(nn.Module):
 @dataclass
 class FusionOutput:
     loss: torch.Tensor | None
-    logits: torch.Tensor  # fused logits at the text positions [B, T, V]
+    logits: torch.Tensor | None  # fused logits at the text positions [B, T, V], when asked for
 
 
 def _hidden_size(config) -> int:
@@ -93,7 +93,8 @@ def _cache_kwarg(module: nn.Module) -> str:
 
 
 def _output_cache(out):
-    return out.get("cache", None) if out.get("cache", None) is not None else out.get("past_key_values", None)
+    name = "cache" if "cache" in getattr(out, "__dataclass_fields__", {}) else "past_key_values"
+    return out.get(name)
 
 
 def positions_from_mask(mask: torch.Tensor, offset: torch.Tensor | int = 0) -> torch.Tensor:
@@ -212,19 +213,28 @@ class LateFusionLM(nn.Module):
         return text_out, _output_cache(out), full_mask
 
     # ------------------------------------------------------------------ training
-    def forward(self, input_ids, attention_mask, image_patches, labels=None) -> FusionOutput:
-        """One image per row: fused logits at the text positions and the next-token loss.
+    def forward(self, input_ids, attention_mask, image_patches, labels=None, hidden=None,
+                return_logits: bool | None = None) -> FusionOutput:
+        """One image per row: the next-token loss on the fused logits at the text positions.
 
-        ``labels`` are aligned with ``input_ids`` (-100 where ignored); they are shifted here.
+        ``labels`` are aligned with ``input_ids`` (-100 where ignored); they are shifted here, and the
+        LM head runs only on positions that have a label (unless ``return_logits``, the default when
+        no labels are given, asks for all of them). ``hidden``: the frozen LM's hidden states, if the
+        caller has them memoised.
         """
-        with torch.no_grad():
-            hidden, _ = self.text_hidden(input_ids, attention_mask)
+        if hidden is None:
+            with torch.no_grad():
+                hidden, _ = self.text_hidden(input_ids, attention_mask)
         fused, _, _ = self.fuse(self.project(image_patches), hidden.detach(), attention_mask)
-        logits = self.lm_head(fused)
+        return_logits = labels is None if return_logits is None else return_logits
+        logits = self.lm_head(fused) if return_logits else None
         loss = None
         if labels is not None:
-            loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
-                                               ignore_index=-100)
+            targets = labels[:, 1:]
+            keep = targets != -100
+            scored = logits[:, :-1][keep] if logits is not None else self.lm_head(fused[:, :-1][keep])
+            loss = nn.functional.cross_entropy(scored.float(), targets[keep]) if keep.any() \
+                else fused.sum() * 0.0
         return FusionOutput(loss=loss, logits=logits)
 
     # ------------------------------------------------------------------ inference

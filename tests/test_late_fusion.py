@@ -90,7 +90,8 @@ def test_loss_is_next_token_cross_entropy_on_text_positions(lm_dirs):
     labels = ids.masked_fill(mask == 0, -100)
     patches = torch.randn(2, N_V, D_CLIP)
     out = model(ids, mask, patches, labels=labels)
-    logits = out.logits
+    assert out.logits is None  # the head ran on labelled positions only
+    logits = model(ids, mask, patches).logits
     terms = [-torch.log_softmax(logits[b, t], -1)[ids[b, t + 1]]
              for b in range(2) for t in range(6) if labels[b, t + 1] != -100]
     assert out.loss.item() == pytest.approx(torch.stack(terms).mean().item(), rel=1e-5)

@@ -1,0 +1,85 @@
+"""BoolQ: a passage and a yes/no question, answered by a next-token choice between yes and no.
+
+Protocol (METHOD.md, section 5):
+
+* ``--prompt_format released`` (default): ``Context: {passage}. Question: {Question}? Answer:`` as
+  released, except that the passage keeps its case (the release's ``str.capitalize()`` lower-cased
+  whole passages); ``--prompt_format harness``: the lm-evaluation-harness prompt
+  ``{passage}\\nQuestion: {question}?\\nAnswer:``.
+* The mixed log-probability of the next token decides: "yes" scores the better of the first
+  tokens of " yes" and " Yes", "no" the better of " no" and " No" (the release compared " Yes"
+  with " No" only, the harness " yes" with " no"; taking both spellings favours neither
+  convention). Ties go to "yes". Reports accuracy (percent).
+
+Images: k prompts derived from the prompt text by ``sentences`` (its sentences backwards from the
+last, then its last 60 words), as released.
+
+Results: ``<output_dir>/<run_name>/boolq.json`` (``boolq_harness.json`` for the harness prompt);
+each sample line holds ``id, prompt, candidates`` (["yes", "no"]), ``scores`` (their
+log-probabilities), ``prediction``, ``answer``, ``correct`` and ``images``.
+
+    python eval_scripts/boolq.py --model_name meta-llama/Meta-Llama-3-8B \\
+        --pretrained_model output/llama3/ft_wiki_laion_220_2 --generate_images True --k 10
+"""
+from __future__ import annotations
+
+from data.benchmarks import boolq_context, boolq_released_prompt, load_boolq
+from data.prompts import derive_prompts
+from eval_scripts.core import Evaluator, build_parser, run_main
+
+CANDIDATES = ("yes", "no")
+LAST_N_WORDS = 60
+PROMPTS = {"released": boolq_released_prompt, "harness": boolq_context}
+
+
+def parse_args(argv=None):
+    p = build_parser(__doc__.split("\n")[0], image_prompt_choices=("sentences",))
+    p.add_argument("--prompt_format", choices=tuple(PROMPTS), default="released")
+    p.add_argument("--split", default=None, help="local file {split}.jsonl or hub split (default: dev/validation)")
+    return p.parse_args(argv)
+
+
+def answer_token_ids(tokenizer, word: str) -> list[int]:
+    """First tokens of `` word`` and `` Word``."""
+    spellings = (" " + word, " " + word.capitalize())
+    return sorted({tokenizer(s, add_special_tokens=False)["input_ids"][0] for s in spellings})
+
+
+def build_items(ev: Evaluator, records: list[dict]) -> list[dict]:
+    make_prompt = PROMPTS[ev.args.prompt_format]
+    items = []
+    for rec in records:
+        prompt = make_prompt(rec)
+        items.append({"id": rec["id"], "prompt": prompt, "answer": CANDIDATES[0] if rec["answer"] else CANDIDATES[1],
+                      "image_prompts": derive_prompts(prompt, ev.args.k, "sentences", last_n_words=LAST_N_WORDS)
+                      if ev.use_images else []})
+    return items
+
+
+def make_compute(ev: Evaluator):
+    token_ids = [answer_token_ids(ev.tokenizer, c) for c in CANDIDATES]
+
+    def compute(batch: list[dict]) -> list[dict]:
+        logp, images = ev.next_token_logprobs([it["prompt"] for it in batch], [it["image_prompts"] for it in batch])
+        records = []
+        for row, it, im in zip(logp, batch, images):
+            scores = [max(float(row[t]) for t in ids) for ids in token_ids]
+            pred = CANDIDATES[0] if scores[0] >= scores[1] else CANDIDATES[1]
+            records.append({"id": it["id"], "prompt": it["prompt"], "candidates": list(CANDIDATES),
+                            "scores": [round(s, 6) for s in scores], "prediction": pred, "answer": it["answer"],
+                            "correct": pred == it["answer"], "images": im})
+        return records
+    return compute
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    data = load_boolq(args.data_dir, limit=args.limit, split=args.split)
+    ev = Evaluator(args, "boolq" if args.prompt_format == "released" else f"boolq_{args.prompt_format}")
+    records = ev.run(build_items(ev, data), make_compute(ev))
+    metrics = {"acc": 100 * sum(r["correct"] for r in records) / len(records), "n": len(records)}
+    return ev.finish(metrics, [("acc", f"{metrics['acc']:.2f}")])
+
+
+if __name__ == "__main__":
+    run_main(main)

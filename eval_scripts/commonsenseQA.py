@@ -1,0 +1,174 @@
+"""Multiple-choice commonsense QA: PIQA, SIQA, ARC, OpenBookQA, CommonsenseQA, HellaSwag, WinoGrande.
+
+``--testset``: piqa, siqa, arc (ARC-Easy then ARC-Challenge, as released), arc_easy, arc_challenge,
+obqa, cqa (CommonsenseQA), hs (HellaSwag), winogrande. Data comes from the hub (parquet ids) or,
+with ``--data_dir``, from the set's original files (``--split`` picks the file, e.g. ``dev`` for
+``ARC-Easy-Dev.jsonl``; see ``data.benchmarks.load_commonsense``).
+
+Protocols (METHOD.md, section 5):
+
+* ``--protocol released`` (default): each option's whole query (context plus option, as the
+  released script built it) is scored by its perplexity ``exp(mean token NLL)`` under the mixed
+  logits; the lowest wins. Every token after the first is scored (after the BOS token when the
+  tokenizer adds one), as the released loss with ``labels = input_ids`` did. Reports ``acc``.
+* ``--protocol harness``: lm-evaluation-harness continuation log-likelihood: the summed log-probs
+  of each choice given its context; ``acc`` takes the largest sum, ``acc_norm`` the largest sum
+  per character of the choice. Reports ``acc`` and ``acc_norm``.
+
+Images: ``--image_prompt sentences`` (default, released) derives one image set per option from
+that option's query (its sentences backwards from the last, then its last 70 words);
+``--image_prompt context`` derives one set per question from the shared question text, used by
+every option. Both protocols use the same image sets, so their images are shared in the cache.
+
+Accuracies are percentages. Results go to ``<output_dir>/<run_name>/commonsense_<testset>.json``
+(``..._harness`` for the harness protocol, plus ``_<split>`` when ``--split`` is given, so that
+runs sharing a run name never mix). Each sample line holds ``id, protocol, prompt, candidates,
+scores`` (perplexities for released, log-likelihood sums for harness), ``prediction`` and
+``answer`` (option indices), ``correct``, for harness also ``prediction_norm`` and
+``correct_norm``, and ``images``: one list of image records per option (the lists are equal
+with ``--image_prompt context``).
+
+    python eval_scripts/commonsenseQA.py --model_name meta-llama/Meta-Llama-3-8B \\
+        --pretrained_model output/llama3/ft_wiki_laion_220_2 --generate_images True --k 10 --testset piqa
+"""
+from __future__ import annotations
+
+import math
+
+from data.benchmarks import COMMONSENSE_TESTSETS, MCExample, load_commonsense
+from data.prompts import derive_prompts
+from eval_scripts.core import EvalError, Evaluator, build_parser, run_main
+from eval_scripts.metrics import mc_predictions, ppl_prediction
+
+PROTOCOLS = ("released", "harness")
+LAST_N_WORDS = 70
+
+
+def parse_args(argv=None):
+    p = build_parser(__doc__.split("\n")[0], image_prompt_choices=("sentences", "context"))
+    p.add_argument("--testset", default=None, help=f"one of {', '.join(COMMONSENSE_TESTSETS)}")
+    p.add_argument("--protocol", default="released", help="released (perplexity) or harness (log-likelihood)")
+    p.add_argument("--split", default=None, help="file/split to read (default: the released one per set)")
+    args = p.parse_args(argv)
+    if args.testset not in COMMONSENSE_TESTSETS:
+        raise EvalError(f"unknown --testset {args.testset!r}; choose one of {', '.join(COMMONSENSE_TESTSETS)}")
+    if args.protocol not in PROTOCOLS:
+        raise EvalError(f"unknown --protocol {args.protocol!r}; choose one of {', '.join(PROTOCOLS)}")
+    return args
+
+
+def task_name(args) -> str:
+    name = f"commonsense_{args.testset}"
+    if args.protocol != "released":
+        name += f"_{args.protocol}"
+    return name + (f"_{args.split}" if args.split else "")
+
+
+def option_prompts(ex: MCExample, k: int, mode: str) -> list[list[str]]:
+    """The k image prompts of each option: from its own query, or from the shared question text."""
+    if mode == "context":
+        shared = derive_prompts(ex.image_context, k, "sentences", last_n_words=LAST_N_WORDS)
+        return [shared] * len(ex.choices)
+    return [derive_prompts(q, k, "sentences", last_n_words=LAST_N_WORDS) for q in ex.released_queries]
+
+
+def build_items(ev: Evaluator, examples: list[MCExample]) -> list[dict]:
+    args = ev.args
+    return [{"id": ex.id, "example": ex,
+             "image_prompts": option_prompts(ex, args.k, args.image_prompt) if ev.use_images
+             else [[] for _ in ex.choices]}
+            for ex in examples]
+
+
+def _per_option(ev: Evaluator, batch: list[dict], score_chunk):
+    """Per item: the scored tokens' log-probs of each option, and each option's image records.
+
+    ``score_chunk(rows, prompt_lists)`` scores the options ``rows`` ((item, option) pairs), at
+    most ``--batch_size`` of them per call, and returns the core's ``(results, records)``.
+    """
+    flat = [(i, j) for i, it in enumerate(batch) for j in range(len(it["example"].choices))]
+    logprobs, images = [[] for _ in batch], [[] for _ in batch]
+    size = ev.args.batch_size
+    for s in range(0, len(flat), size):
+        rows = flat[s:s + size]
+        out, recs = score_chunk(rows, [batch[i]["image_prompts"][j] for i, j in rows])
+        for (i, _), (lps, _greedy), im in zip(rows, out, recs):
+            logprobs[i].append(lps)
+            images[i].append(im)
+    return logprobs, images
+
+
+def released_logprobs(ev: Evaluator, batch: list[dict]):
+    """Token log-probs of every option's whole query (every token after the first)."""
+    def score_chunk(rows, prompt_lists):
+        seqs = []
+        for i, j in rows:
+            ex = batch[i]["example"]
+            ids = ev.encode(ex.released_queries[j])
+            if len(ids) < 2:
+                raise EvalError(f"{ex.id}: the query of option {j} ({ex.released_queries[j]!r}) "
+                                "has no token to score")
+            seqs.append(ids)
+        return ev.token_logprobs(seqs, [1] * len(seqs), prompt_lists)
+    return _per_option(ev, batch, score_chunk)
+
+
+def harness_logprobs(ev: Evaluator, batch: list[dict]):
+    """Token log-probs of every option's continuation given its context."""
+    def score_chunk(rows, prompt_lists):
+        requests = [batch[i]["example"].requests()[j] for i, j in rows]
+        return ev.continuation_logprobs([c for c, _ in requests], [x for _, x in requests], prompt_lists)
+    return _per_option(ev, batch, score_chunk)
+
+
+def make_compute(ev: Evaluator):
+    harness = ev.args.protocol == "harness"
+
+    def compute(batch: list[dict]) -> list[dict]:
+        logprobs, images = (harness_logprobs if harness else released_logprobs)(ev, batch)
+        records = []
+        for it, lps, im in zip(batch, logprobs, images):
+            ex = it["example"]
+            rec = {"id": it["id"], "protocol": ev.args.protocol}
+            if harness:
+                sc = [sum(x) for x in lps]
+                pred, pred_norm = mc_predictions(sc, ex.norm_lengths())
+                rec.update(prompt=ex.context, candidates=list(ex.choices))
+                if ex.option_contexts:
+                    rec["contexts"] = list(ex.option_contexts)
+            else:
+                mean_nll = [-sum(x) / len(x) for x in lps]
+                sc = [math.exp(x) for x in mean_nll]
+                pred, pred_norm = ppl_prediction(mean_nll), None
+                rec.update(prompt=ex.image_context, candidates=list(ex.released_queries))
+            rec.update(scores=[round(s, 6) for s in sc], prediction=pred, answer=ex.label,
+                       correct=pred == ex.label)
+            if harness:
+                rec.update(prediction_norm=pred_norm, correct_norm=pred_norm == ex.label)
+            rec["images"] = im
+            records.append(rec)
+        return records
+    return compute
+
+
+def metrics_from(records: list[dict], protocol: str) -> dict:
+    n = len(records)
+    metrics = {"acc": 100 * sum(r["correct"] for r in records) / n}
+    if protocol == "harness":
+        metrics["acc_norm"] = 100 * sum(r["correct_norm"] for r in records) / n
+    metrics["n"] = n
+    return metrics
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    examples = load_commonsense(args.testset, args.data_dir, split=args.split, limit=args.limit)
+    ev = Evaluator(args, task_name(args))
+    records = ev.run(build_items(ev, examples), make_compute(ev), desc=ev.task)
+    metrics = metrics_from(records, args.protocol)
+    table = [(k, f"{v:.2f}") for k, v in metrics.items() if k != "n"]
+    return ev.finish(metrics, table)
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,218 @@
+"""Object commonsense (the paper's Table 1): Memory Color, Color Terms, shape and relative size.
+
+The sets are VaLM's files (Wang et al., 2022, "Visually-Augmented Language Modeling"), read by
+``data.benchmarks.load_object_commonsense`` from ``--data_dir`` (required: the hub has no copy):
+``memory_color`` (108 objects), ``color_terms`` (51), ``shape`` (140) and ``relative_size`` (486
+pairs). The protocol follows VaLM's evaluation scripts (``verify_color_prediction.py`` and
+``verify_size_reason.py``); our shape templates are an extension, since the release has no shape script.
+
+Color and shape: closed-vocabulary candidate scoring
+----------------------------------------------------
+Every object is asked in each of VaLM's 9 color templates. ``{obj}`` is the object phrase: the
+descriptor and the item ("a sunflower", "the ocean"), or the bare item ("grass") when there is no
+descriptor, inserted as is::
+
+    Q: What is the color of {obj}? A: It is
+    What is the color of {obj}? It is
+    What is the usual color of {obj}?
+    What is the typical color of {obj}?
+    The color of {obj} is
+    The usual color of {obj} is
+    The common color of {obj} is
+    The typical color of {obj} is
+    {obj} usually has the color of
+
+VaLM released no shape script. The shape set uses the same 9 templates with "color" replaced by
+"shape" ("The shape of {obj} is", ...). The candidates are the set's closed vocabulary, i.e. the distinct
+answers of its file: 12 colors for Memory Color (both "gray" and "grey", as VaLM scored them), 9 for
+Color Terms and 9 shapes. The prediction is the best-scoring candidate; ties go to the first listed
+(the vocabulary is sorted alphabetically; for size, "yes" comes first).
+
+Relative size: a yes/no comparison
+----------------------------------
+Every pair is asked in VaLM's size templates, and the model answers by the next-token choice
+between "yes" and "no". The pairs come from ``size.csv``, which holds the 486 pairs of VaLM's
+``sizePairsFull.txt`` ("aeroplane" there is spelled "airplane" here), with the descriptors split out
+and a Label column. The label says that obj1 is larger than obj2 in every row.
+``{a}`` and ``{b}`` are the two object phrases ("an airplane", "an apple")::
+
+    Is {a} bigger than {b}?
+    Is {a} larger than {b}?
+    Is {a} taller than {b}?
+    {a} is bigger than {b}, is it true?
+    {a} is larger than {b}, is it true?
+    {a} is taller than {b}, is it true?
+
+The released script meant these six templates. Its last three strings lack separating commas, so
+Python joined them into one prompt and the script actually ran four. We use the six intended ones.
+VaLM asks only the direction whose answer is "yes", so a model that always says yes scores 100.
+``--size_both_directions`` also asks each pair swapped (answer "no"). Each pair then yields two
+questions per template, and the counts stay per pair.
+
+Scoring (``--scoring``)
+-----------------------
+* ``first_token`` (the default, VaLM's): the mixed log-probability, at the position after the prompt,
+  of the first token of ``" " + candidate``. It takes the better of the lower-case and capitalised
+  spellings, because VaLM's CLIP tokenizer is case-blind (it lower-cased the whole query) and scored
+  one single-token word per candidate. Prompts keep their case here.
+* ``full``: the summed log-probability of all tokens of ``" " + candidate`` (as spelled in the
+  file). It equals ``first_token`` without the capitalised variant whenever a candidate is a
+  single token. With GPT-2's BPE, "polygon" and "rhombus" are not.
+
+Metrics: accuracy per template, then the mean and std (ddof 1) over the templates, x100, per set.
+``n`` counts the set's objects (or pairs). VaLM reported the accuracy pooled over templates and
+objects, which equals our ``mean`` because every template sees the same examples.
+
+Images: with ``--image_prompt object`` (the default), the k images come from the object phrase (for
+size, "{a} and {b}"), so all templates share them. ``--image_prompt full`` uses the templated prompt instead.
+
+    python eval_scripts/object_commonsense.py --model_name gpt2 --pretrained_model output/gpt2/ft_wiki_laion_220_2 \
+        --generate_images True --k 10 --data_dir ../shared/data/object_commonsense
+"""
+from __future__ import annotations
+
+from data.benchmarks import OBJECT_SETS, load_object_commonsense, object_phrase
+from data.prompts import derive_prompts
+from eval_scripts.core import EvalError, Evaluator, build_parser, run_main
+from eval_scripts.metrics import summarize_templates
+
+TASK = "object_commonsense"
+
+COLOR_TEMPLATES = (
+    "Q: What is the color of {obj}? A: It is",
+    "What is the color of {obj}? It is",
+    "What is the usual color of {obj}?",
+    "What is the typical color of {obj}?",
+    "The color of {obj} is",
+    "The usual color of {obj} is",
+    "The common color of {obj} is",
+    "The typical color of {obj} is",
+    "{obj} usually has the color of",
+)
+SHAPE_TEMPLATES = tuple(t.replace("color", "shape") for t in COLOR_TEMPLATES)
+SIZE_TEMPLATES = (
+    "Is {a} bigger than {b}?",
+    "Is {a} larger than {b}?",
+    "Is {a} taller than {b}?",
+    "{a} is bigger than {b}, is it true?",
+    "{a} is larger than {b}, is it true?",
+    "{a} is taller than {b}, is it true?",
+)
+TEMPLATES = {"memory_color": COLOR_TEMPLATES, "color_terms": COLOR_TEMPLATES, "shape": SHAPE_TEMPLATES,
+             "relative_size": SIZE_TEMPLATES}
+SIZE_CANDIDATES = ["yes", "no"]
+
+
+def parse_args(argv=None):
+    p = build_parser(__doc__.split("\n")[0], image_prompt_choices=("object", "full"),
+                     default_image_prompt="object")
+    p.add_argument("--sets", default=",".join(OBJECT_SETS), help="comma-separated sets")
+    p.add_argument("--scoring", choices=("first_token", "full"), default="first_token")
+    p.add_argument("--size_both_directions", action="store_true",
+                   help="also ask every size pair swapped (answer 'no')")
+    args = p.parse_args(argv)
+    args.sets = [s.strip() for s in args.sets.split(",") if s.strip()]
+    unknown = [s for s in args.sets if s not in OBJECT_SETS]
+    if unknown or not args.sets:
+        raise EvalError(f"unknown object-commonsense set {unknown[0] if unknown else ''!r}; "
+                        f"choose from {', '.join(OBJECT_SETS)}")
+    if args.data_dir is None:
+        raise EvalError("object_commonsense reads local files only (there is no hub copy): pass --data_dir, "
+                        "the folder holding VaLM's CSVs or its parent with valm/ "
+                        "(e.g. ../shared/data/object_commonsense)")
+    return args
+
+
+def _questions(set_name: str, ex: dict, both_directions: bool) -> list[tuple[str, dict, str, list[str]]]:
+    """``(id suffix, template fields, answer, candidates)`` of the questions one example asks."""
+    if set_name != "relative_size":
+        return [("", {"obj": object_phrase(ex["descriptor"], ex["object"])}, ex["answer"], ex["candidates"])]
+    a, b = object_phrase(ex["descriptor1"], ex["obj1"]), object_phrase(ex["descriptor2"], ex["obj2"])
+    yes = ex["answer"] == "larger"
+    out = [("", {"a": a, "b": b}, "yes" if yes else "no", SIZE_CANDIDATES)]
+    if both_directions:
+        out.append(("/swap", {"a": b, "b": a}, "no" if yes else "yes", SIZE_CANDIDATES))
+    return out
+
+
+def load_examples(args) -> dict[str, list[dict]]:
+    """The examples of every requested set (read before any model is loaded, so bad files fail fast)."""
+    return {s: load_object_commonsense(s, args.data_dir)[:args.limit] for s in args.sets}
+
+
+def build_items(ev: Evaluator, set_name: str, examples: list[dict]) -> list[dict]:
+    """One item per example, question and template."""
+    args = ev.args
+    items = []
+    for ex in examples:
+        for suffix, fields, answer, candidates in _questions(set_name, ex, args.size_both_directions):
+            subject = fields["obj"] if "obj" in fields else f"{fields['a']} and {fields['b']}"
+            for t, template in enumerate(TEMPLATES[set_name]):
+                prompt = template.format(**fields)
+                image_prompts = []
+                if ev.use_images:
+                    image_prompts = derive_prompts(subject if args.image_prompt == "object" else prompt, args.k, "full")
+                items.append({"id": f"{ex['id']}{suffix}/t{t}", "set": set_name, "template": t, "prompt": prompt,
+                              "answer": answer, "candidates": list(candidates), "image_prompts": image_prompts})
+    return items
+
+
+def first_token_ids(tokenizer, word: str) -> list[int]:
+    """The first token of ``" word"`` and of ``" Word"``."""
+    spellings = {" " + word, " " + word[:1].upper() + word[1:]}
+    return sorted({tokenizer(s, add_special_tokens=False)["input_ids"][0] for s in spellings})
+
+
+def make_compute(ev: Evaluator):
+    tok = ev.tokenizer
+
+    def compute(batch: list[dict]) -> list[dict]:
+        prompt_lists = [it["image_prompts"] for it in batch]
+        if ev.args.scoring == "first_token":
+            logp, images = ev.next_token_logprobs([it["prompt"] for it in batch], prompt_lists)
+            scores = [[max(float(logp[i, t]) for t in first_token_ids(tok, c)) for c in it["candidates"]]
+                      for i, it in enumerate(batch)]
+        else:
+            flat = [(i, c) for i, it in enumerate(batch) for c in it["candidates"]]
+            out, flat_images = ev.continuation_logprobs([batch[i]["prompt"] for i, _ in flat],
+                                                        [" " + c for _, c in flat],
+                                                        [prompt_lists[i] for i, _ in flat])
+            scores, images = [[] for _ in batch], [[] for _ in batch]
+            for (i, _), (lps, _greedy), im in zip(flat, out, flat_images):
+                scores[i].append(sum(lps))
+                images[i] = im
+        records = []
+        for it, sc, im in zip(batch, scores, images):
+            pred = it["candidates"][max(range(len(sc)), key=lambda j: (sc[j], -j))]
+            records.append({"id": it["id"], "set": it["set"], "template": it["template"], "prompt": it["prompt"],
+                            "candidates": it["candidates"], "scores": [round(s, 6) for s in sc],
+                            "prediction": pred, "answer": it["answer"], "correct": pred == it["answer"],
+                            "images": im})
+        return records
+    return compute
+
+
+def set_metrics(set_name: str, records: list[dict], n_examples: int) -> dict:
+    """Accuracy per template (x100), their mean and std (ddof 1), and the number of examples."""
+    accs = []
+    for t in range(len(TEMPLATES[set_name])):
+        rows = [r for r in records if r["template"] == t]
+        accs.append(sum(r["correct"] for r in rows) / len(rows))
+    return {"per_template": [round(100 * a, 4) for a in accs], **summarize_templates(accs), "n": n_examples}
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    examples = load_examples(args)
+    ev = Evaluator(args, TASK, resume_keys=("sets", "scoring", "size_both_directions"))
+    compute = make_compute(ev)
+    metrics = {}
+    for set_name, exs in examples.items():
+        records = ev.run(build_items(ev, set_name, exs), compute, desc=f"{TASK}/{set_name}")
+        metrics[set_name] = set_metrics(set_name, records, len(exs))
+    table = [(name, f"{m['mean']:.2f} ± {m['std']:.2f}  (n={m['n']})") for name, m in metrics.items()]
+    return ev.finish(metrics, table)
+
+
+if __name__ == "__main__":
+    run_main(main)

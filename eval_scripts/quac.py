@@ -1,0 +1,56 @@
+"""QuAC: one-shot dialog QA by fused greedy generation, scored by the official QuAC F1.
+
+The same protocol as ``squad.py`` (prompt, question subset, ``--all_questions``, fused generation
+cut at the first newline, image prompts from the whole prompt); the prompt adds the section
+title as "Paragraph" and shows the page background. A question is unanswerable when its original
+answer is CANNOTANSWER; the default subset skips those, as vLMIG did.
+
+Scores (percent), as the official scorer computes them (``eval_scripts.metrics``): ``f1`` and
+``heq`` over the questions whose human F1 reaches 0.4 (``count`` of them), taking every reference
+answer (CANNOTANSWER when at least half of them say it, the leave-one-out maximum with several);
+``exact_match`` is the SQuAD-normalised exact match against any of those references, over all
+``n`` scored questions. The prompt's abstention answer "Not in background." is scored as
+CANNOTANSWER.
+
+Results: ``<output_dir>/<run_name>/quac.json``; each sample line holds ``id, prompt, prediction,
+answers, is_impossible, exact_match, f1, correct`` (exact match) and ``images``.
+
+    python eval_scripts/quac.py --model_name meta-llama/Meta-Llama-3-8B \\
+        --pretrained_model output/llama3/ft_wiki_laion_220_2 --generate_images True --k 10
+"""
+from __future__ import annotations
+
+from data.benchmarks import QUAC_CANNOTANSWER, load_quac
+from eval_scripts.core import EvalError, Evaluator, run_main
+from eval_scripts.metrics import exact_match, quac_f1, quac_references, quac_scores
+from eval_scripts.squad import abstained, build_items, make_compute, parse_args, select_questions
+
+
+def quac_answer(prediction: str) -> str:
+    """The prediction as scored: the abstention answer becomes CANNOTANSWER."""
+    return QUAC_CANNOTANSWER if abstained(prediction) else prediction
+
+
+def quac_example_scores(prediction: str, answers: list[str]) -> tuple[float, float]:
+    """``(exact match, official F1)`` of one prediction against its references."""
+    pred = quac_answer(prediction)
+    return exact_match(pred, quac_references(answers)), quac_f1(pred, answers)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(__doc__.split("\n")[0], argv)
+    records, skipped = select_questions(load_quac(args.data_dir, split=args.split), args.all_questions)
+    records = records[:args.limit] if args.limit is not None else records
+    if not records:
+        raise EvalError("no QuAC question to score (none has an earlier answered question in its article)")
+    ev = Evaluator(args, "quac", resume_keys=("max_new_tokens", "all_questions"))
+    results = ev.run(build_items(ev, records), make_compute(ev, quac_example_scores))
+    official = quac_scores([quac_answer(r["prediction"]) for r in results], [r["answers"] for r in results])
+    metrics = {**official, "exact_match": 100 * sum(r["exact_match"] for r in results) / len(results),
+               "n": len(results), "skipped": skipped}
+    return ev.finish(metrics, [("f1", f"{metrics['f1']:.2f}"), ("heq", f"{metrics['heq']:.2f}"),
+                               ("exact_match", f"{metrics['exact_match']:.2f}")])
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,125 @@
+"""SQuAD 2.0: one-shot extractive QA by fused greedy generation, scored by exact match and F1.
+
+Protocol (METHOD.md, section 5), shared with ``quac.py``:
+
+* The released one-shot prompt (``data.benchmarks.qa_one_shot_prompt``): the instruction, the
+  title, the background paragraph, the previous answered question of the same article with its
+  answer, then the question and ``A:``.
+* Which questions: by default those vLMIG scored, the answerable ones that have a previous
+  answered question in their article (each article's first answered question only serves as the
+  example). ``--all_questions`` adds the unanswerable ones; questions without an example in their
+  article (before its first answered question) stay unscored either way (``skipped`` counts them).
+* Greedy generation of up to ``--max_new_tokens`` (50) tokens, fused at every step; the answer is
+  cut from the generated token ids at the first newline (the evaluation core does this).
+* Exact match and F1 with the official SQuAD 2.0 normalisation, the maximum over the gold answers
+  (``eval_scripts.metrics``); an unanswerable question's gold is the empty answer. The prompt's
+  abstention answer "Not in background." is scored as the empty answer (as CANNOTANSWER for QuAC),
+  so that abstaining is right exactly on unanswerable questions. Scores are percentages.
+
+Images: k prompts derived by ``sentences`` from the whole prompt (its sentences backwards from the
+last, then its last 70 words), as the released scripts derived them from their input prompt.
+
+Results: ``<output_dir>/<run_name>/squad.json``; each sample line holds ``id, prompt, prediction,
+answers, is_impossible, exact_match, f1, correct`` (exact match) and ``images``.
+
+    python eval_scripts/squad.py --model_name meta-llama/Meta-Llama-3-8B \\
+        --pretrained_model output/llama3/ft_wiki_laion_220_2 --generate_images True --k 10
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+from data.benchmarks import load_squad, qa_one_shot_prompt
+from data.prompts import derive_prompts
+from eval_scripts.core import EvalError, Evaluator, build_parser, run_main
+from eval_scripts.metrics import exact_match, f1, normalize_answer
+
+LAST_N_WORDS = 70
+ABSTENTION = "Not in background."
+
+
+def parse_args(description: str, argv=None):
+    p = build_parser(description, image_prompt_choices=("sentences",))
+    p.add_argument("--all_questions", action="store_true",
+                   help="also score unanswerable questions (default: the released subset)")
+    p.add_argument("--max_new_tokens", type=int, default=50, help="longest generated answer, in tokens")
+    p.add_argument("--split", default=None, help="local file of that split, or hub split (default: dev/validation)")
+    args = p.parse_args(argv)
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max_new_tokens must be >= 1, got {args.max_new_tokens}")
+    return args
+
+
+def select_questions(records: list[dict], all_questions: bool) -> tuple[list[dict], int]:
+    """The questions to score (see the module docstring) and how many others have no example."""
+    with_example = [r for r in records if r["prev_question"] is not None]
+    skipped = sum(not r["is_impossible"] or all_questions for r in records if r["prev_question"] is None)
+    if all_questions:
+        return with_example, skipped
+    return [r for r in with_example if not r["is_impossible"]], skipped
+
+
+def abstained(prediction: str) -> bool:
+    return normalize_answer(prediction) == normalize_answer(ABSTENTION)
+
+
+def squad_scores(prediction: str, answers: list[str]) -> tuple[float, float]:
+    """``(exact match, F1)`` of one prediction; "Not in background." counts as the empty answer."""
+    pred = "" if abstained(prediction) else prediction
+    return exact_match(pred, answers), f1(pred, answers)
+
+
+def build_items(ev: Evaluator, records: list[dict]) -> list[dict]:
+    items = []
+    for rec in records:
+        prompt = qa_one_shot_prompt(rec)
+        items.append({"id": rec["id"], "prompt": prompt, "record": rec,
+                      "image_prompts": derive_prompts(prompt, ev.args.k, "sentences", last_n_words=LAST_N_WORDS)
+                      if ev.use_images else []})
+    return items
+
+
+def make_compute(ev: Evaluator, score: Callable[[str, list[str]], tuple[float, float]]):
+    """Generate each batch's answers and score them with ``score(prediction, answers) -> (em, f1)``."""
+    def compute(batch: list[dict]) -> list[dict]:
+        preds, images = ev.generate([it["prompt"] for it in batch], [it["image_prompts"] for it in batch],
+                                    max_new_tokens=ev.args.max_new_tokens)
+        out = []
+        for it, pred, im in zip(batch, preds, images):
+            rec = it["record"]
+            em, f = score(pred, rec["answers"])
+            out.append({"id": it["id"], "prompt": it["prompt"], "prediction": pred, "answers": rec["answers"],
+                        "is_impossible": rec["is_impossible"], "exact_match": em, "f1": f,
+                        "correct": em == 1.0, "images": im})
+        return out
+    return compute
+
+
+def group_means(records: list[dict]) -> dict:
+    """Mean exact match and F1 (percent) over all records, and per answerable/unanswerable group
+    when both occur."""
+    def means(rows):
+        return {"exact_match": 100 * sum(r["exact_match"] for r in rows) / len(rows),
+                "f1": 100 * sum(r["f1"] for r in rows) / len(rows), "n": len(rows)}
+    metrics = means(records)
+    groups = {"answerable": [r for r in records if not r["is_impossible"]],
+              "unanswerable": [r for r in records if r["is_impossible"]]}
+    if all(groups.values()):
+        metrics.update({name: means(rows) for name, rows in groups.items()})
+    return metrics
+
+
+def main(argv=None) -> dict:
+    args = parse_args(__doc__.split("\n")[0], argv)
+    records, skipped = select_questions(load_squad(args.data_dir, split=args.split), args.all_questions)
+    records = records[:args.limit] if args.limit is not None else records
+    if not records:
+        raise EvalError("no SQuAD question to score (none has an earlier answered question in its article)")
+    ev = Evaluator(args, "squad", resume_keys=("max_new_tokens", "all_questions"))
+    results = ev.run(build_items(ev, records), make_compute(ev, squad_scores))
+    metrics = {**group_means(results), "skipped": skipped}
+    return ev.finish(metrics, [("exact_match", f"{metrics['exact_match']:.2f}"), ("f1", f"{metrics['f1']:.2f}")])
+
+
+if __name__ == "__main__":
+    run_main(main)
