@@ -346,15 +346,17 @@ def _caption_rows(path: Path):
 
 class CaptionFile(Dataset):
     """A generic JSONL or CSV file: ``image`` (path, absolute or relative to the file's folder), ``caption``,
-    optional ``crop`` (``[x, y, w, h]`` or ``"x,y,w,h"``, clamped to the image). Every row is checked here:
-    a missing column or image file raises an error naming the file and line. ``max_samples`` keeps the first rows.
+    optional ``crop`` (``[x, y, w, h]`` or ``"x,y,w,h"``, clamped to the image) and optional ``prompt``
+    (text put before the caption as context only: no loss on its tokens, as in prompt/completion
+    fine-tuning). Every row is checked here: a missing column or image file raises an error naming the
+    file and line. ``max_samples`` keeps the first rows.
     """
 
     def __init__(self, train_file, *, max_samples: int | None = None):
         path = Path(train_file)
         if not path.is_file():
             raise FileNotFoundError(f"--train_file {path} not found")
-        images, captions, crops, where = [], [], [], []
+        images, captions, crops, where, prompts = [], [], [], [], []
         for line_no, row in _caption_rows(path):
             if max_samples is not None and len(images) >= max_samples:
                 break
@@ -367,12 +369,17 @@ class CaptionFile(Dataset):
                 raise FileNotFoundError(f"{here}: image {image} not found")
             images.append(str(image))
             captions.append(row["caption"].strip())
+            prompt = row.get("prompt")
+            if prompt is not None and not isinstance(prompt, str):
+                raise ValueError(f"{here}: column 'prompt' must be text")
+            prompts.append(prompt.strip() + " " if prompt and prompt.strip() else "")  # joined by one space
             crop = _parse_crop(row.get("crop"), here)
             crops.append((np.nan,) * 4 if crop is None else crop)
             where.append(here)
         if not images:
             raise ValueError(f"--train_file {path} holds no rows")
         self._images, self._captions, self._where = _Strings(images), _Strings(captions), _Strings(where)
+        self._prompts = _Strings(prompts) if any(prompts) else None
         self._crops = np.asarray(crops, dtype=np.float64)
 
     def __len__(self) -> int:
@@ -380,7 +387,10 @@ class CaptionFile(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         crop = None if np.isnan(self._crops[i, 0]) else self._crops[i]
-        return {"image": _open_rgb(self._images[i], crop, self._where[i]), "text": self._captions[i]}
+        item = {"image": _open_rgb(self._images[i], crop, self._where[i]), "text": self._captions[i]}
+        if self._prompts is not None and self._prompts[i]:
+            item["prompt"] = self._prompts[i]
+        return item
 
 
 # ----------------------------------------------------------------------------- WikiText
@@ -553,7 +563,8 @@ class CaptionCollator:
     which positions are real, so an EOS used as padding never hides a real EOS. WikiText chunks need
     ``max_length`` of at least the chunk length plus the special tokens, or they are cut.
 
-    Returns ``input_ids``, ``attention_mask``, ``labels`` (``input_ids`` with -100 on padding), all
+    Returns ``input_ids``, ``attention_mask``, ``labels`` (``input_ids`` with -100 on padding, and on
+    the tokens of an item's optional ``"prompt"``, which is put before its text as context), all
     ``[B, T]`` long, and ``pixel_values`` ``[B, 3, H, W]`` from ``image_transform`` (PIL -> tensor).
     """
 
@@ -570,9 +581,11 @@ class CaptionCollator:
             raise ValueError(f"max_length {max_length} leaves no room for text")
 
     def __call__(self, batch: list[dict]) -> dict[str, torch.Tensor]:
-        texts = [item["text"] for item in batch]
+        texts = [item.get("prompt", "") + item["text"] for item in batch]
         rows = self.tokenizer(texts, truncation=True, max_length=self.max_length - self.add_eos,
                               verbose=False)["input_ids"]
+        context = [len(self.tokenizer(item["prompt"].rstrip(), verbose=False)["input_ids"]) if item.get("prompt") else 0
+                   for item in batch]
         if self.add_eos:
             rows = [ids if ids and ids[-1] == self.eos_id else ids + [self.eos_id] for ids in rows]
         length = max(len(ids) for ids in rows)
@@ -581,9 +594,12 @@ class CaptionCollator:
         for r, ids in enumerate(rows):
             input_ids[r, :len(ids)] = torch.tensor(ids, dtype=torch.long)
             attention_mask[r, :len(ids)] = 1
+        labels = input_ids.masked_fill(attention_mask == 0, -100)
+        for r, n in enumerate(context):
+            labels[r, :n] = -100
         return {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
-            "labels": input_ids.masked_fill(attention_mask == 0, -100),
+            "labels": labels,
             "pixel_values": torch.stack([self.image_transform(item["image"]) for item in batch]),
         }

@@ -495,3 +495,14 @@ def test_dataloader_workers(vg_dir, gpt2_tokenizer):
     assert row == first
     for b in batches:
         assert (b["labels"] == -100).equal(b["attention_mask"] == 0)
+
+
+def test_prompt_column_is_context_without_loss(tmp_path, gpt2_tokenizer):
+    pattern_image(8, 8).save(tmp_path / "a.png")
+    rows = [{"image": "a.png", "prompt": "Hello", "caption": "world"}, {"image": "a.png", "caption": "Hello world"}]
+    (tmp_path / "t.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    ds = CaptionFile(tmp_path / "t.jsonl")
+    assert ds[0]["prompt"] == "Hello " and "prompt" not in ds[1]
+    batch = CaptionCollator(gpt2_tokenizer, ToTensor())([ds[0], ds[1]])
+    assert batch["input_ids"].tolist() == [[15496, 995, EOT], [15496, 995, EOT]]
+    assert batch["labels"].tolist() == [[-100, 995, EOT], [15496, 995, EOT]]  # "Hello" is context only
