@@ -338,17 +338,48 @@ def make_training_examples(n: int, seed: int, image_size: int) -> list[dict]:
     return examples
 
 
-def write_training_file(out_dir: str | Path, n: int, seed: int, image_size: int) -> Path:
-    """Write ``make_training_examples`` as ``out_dir/images/NNNNNN.png`` plus ``out_dir/train.jsonl``
-    with one ``{"image": path relative to out_dir, "caption": text}`` per line; returns the JSONL path."""
+DEMO_SUBJECTS = ("object", "thing")
+
+
+def make_qa_examples(n: int, seed: int, image_size: int, subjects: tuple[str, ...] = DEMO_SUBJECTS) -> list[dict]:
+    """``n`` visual-QA examples ``{"image", "prompt", "text"}`` about random generic shapes, split into a
+    templated question (``prompt``: context only in training) and its answer (``text``, e.g. "red.").
+
+    Few subjects and two phrasings per question type keep the number of distinct prompts small
+    (2 x 2 x 5 templates x |subjects| x answers), so a frozen LM's hidden states of every training
+    text can be computed once and reused -- what makes the CPU demo fast. Never mentions an invented object.
+    """
+    rng = np.random.default_rng(seed)
+    examples = []
+    for _ in range(n):
+        color, shape = _pick(rng, list(COLORS)), _pick(rng, SHAPES)
+        subject = _pick(rng, subjects)
+        if rng.random() < 0.5:
+            question, answer = _pick(rng, COLOR_QUESTIONS[:2]), color
+        else:
+            question, answer = _pick(rng, SHAPE_QUESTIONS[:2]), shape
+        q = question.format(a=_article(subject), the="the " + subject)
+        examples.append({"image": render(color, shape, rng, image_size),
+                         "prompt": _pick(rng, PROMPT_TEMPLATES).format(q=q), "text": f"{answer}."})
+    return examples
+
+
+def write_training_file(out_dir: str | Path, n: int, seed: int, image_size: int, qa: bool = False) -> Path:
+    """Write training examples as ``out_dir/images/NNNNNN.png`` plus ``out_dir/train.jsonl`` with one
+    ``{"image": path relative to out_dir, "caption": text}`` per line (and ``"prompt"`` with ``qa``:
+    :func:`make_qa_examples` instead of :func:`make_training_examples`); returns the JSONL path."""
     out_dir = Path(out_dir)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
     path = out_dir / "train.jsonl"
+    examples = make_qa_examples(n, seed, image_size) if qa else make_training_examples(n, seed, image_size)
     with open(path, "w", encoding="utf-8") as f:
-        for i, example in enumerate(make_training_examples(n, seed, image_size)):
+        for i, example in enumerate(examples):
             relative = f"images/{i:06d}.png"
             example["image"].save(out_dir / relative)
-            f.write(json.dumps({"image": relative, "caption": example["text"]}) + "\n")
+            row = {"image": relative, "caption": example["text"]}
+            if "prompt" in example:
+                row["prompt"] = example["prompt"]
+            f.write(json.dumps(row) + "\n")
     return path
 
 

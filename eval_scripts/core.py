@@ -27,6 +27,8 @@ from typing import Callable
 
 import torch
 
+from models.late_fusion import HiddenStateMemo
+
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # settings that must match for a re-run with the same --run_name to resume
 _RESUME_KEYS = ("model_name", "pretrained_model", "vision_encoder", "generate_images", "k", "image_prompt",
@@ -36,15 +38,12 @@ _RESUME_KEYS = ("model_name", "pretrained_model", "vision_encoder", "generate_im
 
 # The frozen LM's hidden states per token sequence, shared by every Evaluator in this process (e.g.
 # the demo's text-only, k=1, k=3 and k=6 runs score the same prompts). Bounded in bytes.
-_HIDDEN_MEMO: "OrderedDict[tuple, torch.Tensor]" = OrderedDict()
-_HIDDEN_MEMO_BYTES = [0]
-HIDDEN_MEMO_LIMIT = 512 * 2**20
+_HIDDEN_MEMO = HiddenStateMemo()
 
 
 def clear_memos() -> None:
     """Forget memoised LM hidden states (benchmarks call this to start each way from a clean state)."""
     _HIDDEN_MEMO.clear()
-    _HIDDEN_MEMO_BYTES[0] = 0
 
 
 class EvalError(Exception):
@@ -284,28 +283,10 @@ class Evaluator:
             mask[i, sl] = 1
         return ids.to(self.device), mask.to(self.device)
 
-    @torch.no_grad()
     def text_hidden(self, seqs: list[list[int]]) -> torch.Tensor:
-        """The LM's final hidden states of right-padded ``seqs`` ``[B, T, d]``; the LM runs only on the
-        sequences not already memoised (as one sub-batch)."""
-        keys = [(self._model_key, tuple(s)) for s in seqs]
-        missing = list(OrderedDict.fromkeys(k for k in keys if k not in _HIDDEN_MEMO))
-        if missing:
-            ids, mask = self._pad([list(k[1]) for k in missing])
-            hidden, _ = self.model.text_hidden(ids, mask)
-            for row, key in zip(hidden, missing):
-                _HIDDEN_MEMO[key] = row[:len(key[1])].clone()
-                _HIDDEN_MEMO_BYTES[0] += _HIDDEN_MEMO[key].numel() * _HIDDEN_MEMO[key].element_size()
-        rows = [_HIDDEN_MEMO[k] for k in keys]
-        for k in keys:
-            _HIDDEN_MEMO.move_to_end(k)
-        out = rows[0].new_zeros(len(rows), max(len(s) for s in seqs), rows[0].shape[-1])
-        for i, r in enumerate(rows):
-            out[i, :r.shape[0]] = r
-        while _HIDDEN_MEMO_BYTES[0] > HIDDEN_MEMO_LIMIT and len(_HIDDEN_MEMO) > len(keys):
-            _, old = _HIDDEN_MEMO.popitem(last=False)
-            _HIDDEN_MEMO_BYTES[0] -= old.numel() * old.element_size()
-        return out
+        """The LM's final hidden states of right-padded ``seqs`` (memoised across runs)."""
+        ids, mask = self._pad(seqs)
+        return _HIDDEN_MEMO(self.model, ids, mask, key=self._model_key)
 
     # ------------------------------------------------------------------ scoring primitives
     @torch.no_grad()

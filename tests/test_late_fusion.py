@@ -304,3 +304,23 @@ def test_missing_lm_dir_is_one_line_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="cannot load language model") as err:
         LateFusionLM.from_pretrained(str(tmp_path / "nope"), vision_dim=D_CLIP)
     assert "\n" not in str(err.value)
+
+
+def test_hidden_state_memo_runs_the_lm_once_per_distinct_row(lm_dirs):
+    from models.late_fusion import HiddenStateMemo
+    model = make_model(lm_dirs["llama"])
+    memo = HiddenStateMemo()
+    ids, mask = batch(b=2)
+    calls = []
+    model.lm.base_model.register_forward_hook(lambda *a: calls.append(1))
+    direct = model.lm.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
+    calls.clear()
+    first = memo(model, ids, mask)
+    again = memo(model, ids.flip(0), mask.flip(0))  # same rows, other order: no LM pass
+    valid = mask.bool()
+    assert len(calls) == 1 and len(memo.rows) == 2
+    torch.testing.assert_close(first[valid], direct[valid], rtol=1e-5, atol=1e-5)
+    assert torch.equal(again, first.flip(0))
+    memo.limit_bytes = 0
+    memo(model, ids[:1], mask[:1])
+    assert len(memo.rows) == 1  # evicted down to the rows in use
