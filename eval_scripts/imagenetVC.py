@@ -19,6 +19,8 @@ all 5 templates share them; ``--image_prompt full`` reproduces the release (the 
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from data.benchmarks import (IMAGENETVC_SUBSETS, IMAGENETVC_TEMPLATES, imagenetvc_prompt, load_imagenetvc,
@@ -67,10 +69,11 @@ def build_items(ev: Evaluator, subset: str) -> list[dict]:
     return items
 
 
-def first_token_ids(tokenizer, word: str) -> list[int]:
+@functools.lru_cache(maxsize=4096)
+def first_token_ids(tokenizer, word: str) -> tuple[int, ...]:
     """First token of `` word`` and of `` Word`` (the released script's capitalised variant)."""
     spellings = {" " + word, " " + word[:1].upper() + word[1:]}
-    return sorted({tokenizer(s, add_special_tokens=False)["input_ids"][0] for s in spellings})
+    return tuple(sorted({tokenizer(s, add_special_tokens=False)["input_ids"][0] for s in spellings}))
 
 
 def make_compute(ev: Evaluator):

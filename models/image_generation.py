@@ -210,7 +210,7 @@ class ImageCache:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{key[:8]}-", suffix=".tmp")
         try:
             with os.fdopen(fd, "wb") as f:
-                image.save(f, format="PNG")
+                image.save(f, format="PNG", compress_level=1)  # fast: encoding dominated cold runs
             os.chmod(tmp, 0o644)
             os.replace(tmp, path)
         except BaseException:

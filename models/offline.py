@@ -85,7 +85,9 @@ def build_tiny_clip(path: str | os.PathLike, seed: int = 0, cfg: dict | None = N
     import torch
 
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
+    if path.exists():  # open_clip would load (mismatched) weights already there
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
     (path / "open_clip_config.json").write_text(json.dumps({
         "model_cfg": cfg or TINY_CLIP_CFG,
         "preprocess_cfg": {"mean": [0.48145466, 0.4578275, 0.40821073], "std": [0.26862954, 0.26130258, 0.27577711]},

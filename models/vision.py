@@ -68,8 +68,10 @@ class VisionEncoder(nn.Module):
     @torch.no_grad()
     def image_text_similarity(self, image_embeds: torch.Tensor, texts: list[str]) -> torch.Tensor:
         """Cosine similarity of each image embedding with its own text (row-aligned)."""
-        text_embeds = self.encode_texts(texts).to(image_embeds.dtype)
-        return (image_embeds * text_embeds).sum(-1).float()
+        distinct = list(dict.fromkeys(texts))  # k images of one prompt: encode the prompt once
+        embeds = self.encode_texts(distinct).to(image_embeds.dtype)
+        index = torch.tensor([distinct.index(t) for t in texts], device=embeds.device)
+        return (image_embeds * embeds[index]).sum(-1).float()
 
     def pixels(self, images) -> torch.Tensor:
         """Preprocess a list of PIL images into a batch on this encoder's device and dtype."""

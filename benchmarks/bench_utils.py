@@ -1,0 +1,124 @@
+"""Helpers shared by the benchmark scripts: the tiny zoo, peak memory, machine facts.
+
+Nothing here is imported by the library; the scripts put the repository root on ``sys.path``
+themselves, so ``python benchmarks/eval_cost.py`` works from a plain checkout.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def shared_data(name: str) -> Path | None:
+    """``../shared/data/<name>`` (or ``./shared/data/<name>``) when present, else None."""
+    for root in (SHARED_DATA, REPO / "shared" / "data"):
+        if (root / name).is_dir():
+            return root / name
+    return None
+
+
+# ---------------------------------------------------------------------------------------------- tiny zoo
+def build_tiny_zoo(root: str | os.PathLike, arch: str = "gemma") -> dict[str, str]:
+    """Build (once) the test zoo's tiny models under ``root``; returns the flags that name them.
+
+    ``{"model_name": LM dir, "vision_encoder": "local-dir:...", "image_generator": SDXL dir}``.
+    The builders are the test zoo's own (``tests/zoo.py``, ``tests/zoo_sdxl.py``), so benchmark and
+    tests run the same shapes. A second call with the same ``root`` reuses what is there.
+    """
+    root = Path(root)
+    done = root / "zoo.json"
+    if done.is_file():
+        spec = json.loads(done.read_text())
+        if spec.get("arch") == arch:
+            return spec["flags"]
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from models.offline import build_tiny_clip, gpt2_tokenizer_dir
+    from tests.zoo import tiny_lm_config
+    from tests.zoo_sdxl import build_tiny_sdxl, write_clip_tokenizer_files
+
+    root.mkdir(parents=True, exist_ok=True)
+    tok = AutoTokenizer.from_pretrained(gpt2_tokenizer_dir(root / "gpt2_tokenizer"))
+    torch.manual_seed(0)
+    lm_dir = root / f"tiny-{arch}"
+    AutoModelForCausalLM.from_config(tiny_lm_config(arch)).save_pretrained(lm_dir)
+    tok.save_pretrained(lm_dir)
+    clip = build_tiny_clip(root / "tiny-clip")
+    build_tiny_sdxl(write_clip_tokenizer_files(root / "clip_bpe")).save_pretrained(root / "tiny-sdxl")
+    flags = {"model_name": str(lm_dir), "vision_encoder": clip, "image_generator": str(root / "tiny-sdxl")}
+    done.write_text(json.dumps({"arch": arch, "flags": flags}))
+    return flags
+
+
+# ---------------------------------------------------------------------------------------------- memory
+class PeakMemory:
+    """Peak memory of a stretch of code, in MiB.
+
+    CUDA: ``torch.cuda.max_memory_allocated`` after a reset (tensors only, not the allocator's cache).
+    CPU: the process's peak resident set (``VmHWM``) after resetting it through ``/proc/self/clear_refs``
+    (Linux >= 4.0). Where that reset is refused, ``getrusage(RUSAGE_SELF).ru_maxrss``: process-wide
+    and monotone, so a later stretch reports at least the peak of every earlier one.
+    ``kind`` says which of the three a number is.
+    """
+
+    def __init__(self, device):
+        import torch
+
+        self.cuda = torch.device(device).type == "cuda"
+        self.kind = "cuda_max_allocated"
+
+    def reset(self):
+        import torch
+
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            return
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            self.kind = "rss_peak_reset"
+        except OSError:
+            self.kind = "maxrss_process_monotone"
+
+    def peak_mib(self) -> float:
+        import torch
+
+        if self.cuda:
+            torch.cuda.synchronize()
+            return round(torch.cuda.max_memory_allocated() / 2**20, 1)
+        if self.kind == "rss_peak_reset":
+            for line in Path("/proc/self/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 1024, 1)
+        return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # KiB on Linux
+
+
+# ---------------------------------------------------------------------------------------------- machine
+def machine_info(device) -> dict:
+    import torch
+
+    info = {"python": platform.python_version(), "torch": torch.__version__, "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "platform": platform.platform(), "device": str(device)}
+    if torch.device(device).type == "cuda" and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(torch.device(device))
+    return info
+
+
+def sync(device):
+    import torch
+
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()

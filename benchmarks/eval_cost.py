@@ -1,0 +1,335 @@
+"""Where evaluation time goes: ImageNetVC run three ways in one process.
+
+Each way starts from a clean state (a new Evaluator and run name, no pipeline held by the process):
+
+* ``text``: text-only (``--generate_images False``);
+* ``cold``: k images per input, from an empty image cache (a fresh temporary directory);
+* ``warm``: the same again, on the cache the cold run filled.
+
+For each way it prints questions per second, images generated, pipeline constructions, LM and fusion
+passes, seconds in generation / CLIP / LM / fusion, and peak memory; then the ratios: images generated
+per question against the released protocol's 5 x k, warm-cache time over text-only time, and cold-cache
+time over (generation time + text-only time), i.e. how close a cold run is to its floor.
+
+"Time" is the evaluation loop: the run's wall time minus the Evaluator's construction (model and
+CLIP loading). The pipeline is built lazily on the first cache miss, so a cold run's loop time
+includes its construction. A question is one ImageNetVC question scored under all 5 templates.
+
+    python benchmarks/eval_cost.py --tiny --questions 20 --k 6            # CPU, the test zoo
+    python benchmarks/eval_cost.py --model_name google/gemma-2b --image_generator stabilityai/sdxl-turbo \\
+        --k 6 --questions 100 --device cuda --out benchmarks/results/gemma.json
+
+Flags it does not know are passed to ``eval_scripts/imagenetVC.py`` unchanged (e.g. ``--mix probs``).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import io
+import json
+import os
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_utils import PeakMemory, build_tiny_zoo, machine_info, shared_data  # noqa: E402
+
+WAYS = ("text", "cold", "warm")
+N_TEMPLATES = 5
+# flags forwarded to imagenetVC.py when given
+PASS_THROUGH = ("model_name", "vision_encoder", "image_generator", "device", "dtype", "batch_size", "gen_batch_size",
+                "image_size", "num_inference_steps", "image_prompt", "pretrained_model")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--questions", type=int, default=20, help="questions per subset (--limit)")
+    p.add_argument("--k", type=int, default=6, help="images per input")
+    p.add_argument("--subsets", default="color", help="comma-separated ImageNetVC subsets")
+    p.add_argument("--data_dir", default=None,
+                   help="ImageNetVC CSVs (default: ../shared/data/imagenetvc, else the hub)")
+    p.add_argument("--tiny", action="store_true", help="build and use the test zoo's tiny models (CPU, offline)")
+    p.add_argument("--zoo_dir", default=None, help="where --tiny builds (and reuses) its models (default: a temp dir)")
+    p.add_argument("--work_dir", default=None, help="image caches and result files (default: a temp dir)")
+    p.add_argument("--no_warmup", action="store_true",
+                   help="skip the untimed one-question text-only run that pays one-off start-up costs")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="run the ways this many times (each cold run on a new cache) and keep each way's fastest")
+    p.add_argument("--ways", default=",".join(WAYS), help="subset of text,cold,warm to run (ratios need all three)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (torch.set_num_threads); 1 gives steadier numbers on a busy machine")
+    p.add_argument("--out", default=None, help="write the numbers to this JSON file")
+    p.add_argument("--progress", action="store_true", help="show the evaluation's progress bars and tables")
+    for name in PASS_THROUGH:
+        p.add_argument(f"--{name}", default=None)
+    args, extra = p.parse_known_args(argv)
+    args.extra = extra
+    args.ways = [w.strip() for w in args.ways.split(",") if w.strip()]
+    bad = [w for w in args.ways if w not in WAYS]
+    if bad or not args.ways:
+        p.error(f"--ways: unknown way {bad[0] if bad else ''!r}; choose from {', '.join(WAYS)}")
+    if min(args.questions, args.k, args.repeats) < 1:
+        p.error("--questions, --k and --repeats must be >= 1")
+    return args
+
+
+def distinct_image_prompts(args) -> int:
+    """Distinct image prompts of the selected questions: what a protocol that generates each once needs."""
+    from data.benchmarks import IMAGENETVC_TEMPLATES, imagenetvc_prompt, load_imagenetvc
+
+    prompts = set()
+    for subset in args.subsets.split(","):
+        for ex in load_imagenetvc(subset.strip(), args.data_dir, args.questions):
+            if (args.image_prompt or "question") == "question":
+                prompts.add(ex["question"])
+            else:
+                prompts.update(imagenetvc_prompt(ex["question"], t) for t in range(len(IMAGENETVC_TEMPLATES)))
+    return len(prompts)
+
+
+def _argv(args, *, images: bool, cache: Path, out_dir: Path, run_name: str, limit: int) -> list[str]:
+    argv = ["--k", str(args.k), "--limit", str(limit), "--subsets", args.subsets,
+            "--generate_images", str(images), "--image_cache", str(cache), "--output_dir", str(out_dir),
+            "--run_name", run_name]
+    if args.data_dir:
+        argv += ["--data_dir", str(args.data_dir)]
+    for name in PASS_THROUGH:
+        if getattr(args, name) is not None:
+            argv += [f"--{name}", str(getattr(args, name))]
+    return argv + list(args.extra)
+
+
+# (module, class or None, attribute, record key): calls timed inside one run, to split the phases further
+_TIMED = (("eval_scripts.core", "Evaluator", "__init__", "setup_s"),
+          ("models.image_generation", None, "_load_pipeline", "pipeline_s"),
+          ("models.image_generation", "DiffusersGenerator", "generate", "generator_s"),
+          ("data.toyworld", "ToyWorldGenerator", "generate", "generator_s"),
+          ("models.image_generation", "ImageCache", "put", "cache_write_s"),
+          ("models.image_generation", "ImageCache", "get", "cache_read_s"),
+          ("models.vision", "VisionEncoder", "pixels", "clip_preprocess_s"),
+          ("models.vision", "VisionEncoder", "image_text_similarity", "clip_text_s"))
+
+
+@contextlib.contextmanager
+def _instrumented(record: dict, device: str):
+    """Time the calls in ``_TIMED`` (synchronising CUDA): model loading, pipeline construction, generator
+    calls, cache writes and reads, CLIP preprocessing and CLIP text encoding."""
+    import importlib
+
+    import torch
+
+    cuda = str(device).startswith("cuda") and torch.cuda.is_available()
+    patched = []
+    record.update({key: 0.0 for *_, key in _TIMED})
+
+    def timed(key, fn):
+        def wrapper(*a, **kw):
+            t = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                if cuda:
+                    torch.cuda.synchronize()
+                record[key] += time.perf_counter() - t
+        wrapper.__wrapped__ = fn
+        return wrapper
+
+    for module_name, cls_name, attr, key in _TIMED:
+        owner = importlib.import_module(module_name)
+        owner = getattr(owner, cls_name) if cls_name else owner
+        if attr not in vars(owner):  # inherited: the base class's wrapper times it
+            continue
+        patched.append((owner, attr, vars(owner)[attr]))
+        setattr(owner, attr, timed(key, vars(owner)[attr]))
+    try:
+        yield
+    finally:
+        for owner, attr, original in reversed(patched):
+            setattr(owner, attr, original)
+
+
+@contextlib.contextmanager
+def _quiet(enabled: bool):
+    """Swallow the evaluation's tables and progress bars; show what was swallowed if it fails."""
+    if not enabled:
+        yield
+        return
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            yield
+    except BaseException:
+        sys.stderr.write(err.getvalue()[-4000:])
+        raise
+
+
+def _clean_state(device):
+    """Forget the pipelines and memoised LM states this process holds and free memory, so each way
+    pays its own costs."""
+    import torch
+
+    from eval_scripts import core
+    from models import image_generation
+
+    image_generation._PIPELINES.clear()
+    core.clear_memos()
+    gc.collect()
+    if str(device).startswith("cuda") and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def run_way(args, way: str, cache: Path, out_dir: Path, device: str, limit: int | None = None) -> dict:
+    from eval_scripts import imagenetVC
+    from models import image_generation
+
+    _clean_state(device)
+    memory = PeakMemory(device)
+    record: dict = {}
+    argv = _argv(args, images=way != "text", cache=cache, out_dir=out_dir,
+                 run_name=f"{way}-{uuid.uuid4().hex[:8]}", limit=limit or args.questions)
+    loads_before = image_generation.PIPELINE_LOADS
+    memory.reset()
+    t = time.perf_counter()
+    with _instrumented(record, device), _quiet(not args.progress):
+        result = imagenetVC.main(argv)
+    wall = time.perf_counter() - t
+    peak = memory.peak_mib()
+    counts, timing = result["counts"], result["timing"]
+    questions = counts["examples"] // N_TEMPLATES
+    loop = wall - record["setup_s"]
+    return {
+        "way": way,
+        "questions": questions,
+        "scored_prompts": counts["examples"],
+        "wall_s": round(wall, 4),
+        "setup_s": round(record["setup_s"], 4),
+        "loop_s": round(loop, 4),
+        "questions_per_s": round(questions / loop, 3),
+        "ms_per_question": round(1000 * loop / questions, 2),
+        "ms_per_scored_prompt": round(1000 * loop / counts["examples"], 2),
+        # what a long run amortises to: the one-off pipeline construction left out
+        "ms_per_question_no_construction": round(1000 * (loop - record["pipeline_s"]) / questions, 2),
+        "images_generated": counts["images_generated"],
+        "images_from_cache": counts["images_cached"],
+        "pipeline_constructions": image_generation.PIPELINE_LOADS - loads_before,
+        "pipeline_construction_s": round(record["pipeline_s"], 4),
+        "lm_passes": counts["lm_passes"],
+        "fusion_passes": counts["fusion_passes"],
+        "seconds": {k: timing[k] for k in ("generation", "clip", "lm", "fusion")},
+        # inside generation: construction, generator calls (construction excluded), cache writes and reads;
+        # inside clip: PIL preprocessing and the text tower (the image tower is the rest)
+        "split_s": {"pipeline_construction": round(record["pipeline_s"], 4),
+                    "generator_calls": round(record["generator_s"] - record["pipeline_s"], 4),
+                    "cache_write": round(record["cache_write_s"], 4), "cache_read": round(record["cache_read_s"], 4),
+                    "clip_preprocess": round(record["clip_preprocess_s"], 4),
+                    "clip_text": round(record["clip_text_s"], 4)},
+        "peak_memory_mib": peak,
+        "peak_memory_kind": memory.kind,
+        "accuracy": result["metrics"]["overall"]["mean"],
+    }
+
+
+def ratios(ways: dict, k: int, distinct: int) -> dict:
+    out = {}
+    cold, text, warm = ways.get("cold"), ways.get("text"), ways.get("warm")
+    if cold:
+        out["images_per_question"] = cold["images_generated"] / cold["questions"]
+        out["released_images_per_question"] = N_TEMPLATES * k
+        out["images_over_floor"] = cold["images_generated"] / (k * distinct)
+    if warm and text:
+        out["warm_over_text"] = round(warm["loop_s"] / text["loop_s"], 3)
+    if cold and text:
+        out["cold_over_floor"] = round(cold["loop_s"] / (cold["seconds"]["generation"] + text["loop_s"]), 3)
+    return out
+
+
+def report(ways: dict, r: dict, k: int, distinct: int, memory_kind: str) -> str:
+    rows = [("questions/s", "questions_per_s"), ("ms/question", "ms_per_question"),
+            ("ms/question w/o constr.", "ms_per_question_no_construction"),
+            ("ms/scored prompt", "ms_per_scored_prompt"), ("loop s", "loop_s"), ("setup s", "setup_s"),
+            ("images generated", "images_generated"), ("images from cache", "images_from_cache"),
+            ("pipeline constructions", "pipeline_constructions"),
+            ("pipeline construction s", "pipeline_construction_s"), ("LM passes", "lm_passes"),
+            ("fusion passes", "fusion_passes")]
+    names = list(ways)
+    lines = [f"{'':<24}" + "".join(f"{n:>12}" for n in names)]
+    for label, key in rows:
+        lines.append(f"{label:<24}" + "".join(f"{ways[n][key]:>12}" for n in names))
+    for phase in ("generation", "clip", "lm", "fusion"):
+        lines.append(f"{phase + ' s':<24}" + "".join(f"{ways[n]['seconds'][phase]:>12.3f}" for n in names))
+    for part in ("generator_calls", "cache_write", "cache_read", "clip_preprocess", "clip_text"):
+        lines.append(f"{'  ' + part.replace('_', ' ') + ' s':<24}" + "".join(f"{ways[n]['split_s'][part]:>12.3f}"
+                                                                          for n in names))
+    lines.append(f"{'peak memory MiB':<24}" + "".join(f"{ways[n]['peak_memory_mib']:>12}" for n in names))
+    lines.append(f"(peak memory: {memory_kind}" + (", process-wide and monotone: each way reports at least "
+                                                    "the peak of the ways before it)"
+                                                    if memory_kind == "maxrss_process_monotone" else ")"))
+    if "images_per_question" in r:
+        lines.append(f"images per question: {r['images_per_question']:g} "
+                     f"(released protocol: 5 x k = {r['released_images_per_question']}; "
+                     f"{r['released_images_per_question'] / max(r['images_per_question'], 1e-9):.1f}x fewer)")
+        lines.append(f"images generated / (k x distinct image prompts = {k} x {distinct}): "
+                     f"{r['images_over_floor']:g}")
+    if "warm_over_text" in r:
+        lines.append(f"warm-cache time / text-only time: {r['warm_over_text']:.3f}")
+    if "cold_over_floor" in r:
+        lines.append(f"cold-cache time / (generation time + text-only time): {r['cold_over_floor']:.3f}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    with contextlib.ExitStack() as stack:
+        if args.tiny:
+            os.environ.setdefault("HF_HUB_OFFLINE", "1")
+            zoo = args.zoo_dir or stack.enter_context(tempfile.TemporaryDirectory(prefix="tiny-zoo-"))
+            for name, value in build_tiny_zoo(zoo).items():
+                if getattr(args, name) is None:
+                    setattr(args, name, value)
+            args.device = args.device or "cpu"
+            args.image_size = args.image_size or "64"
+        if args.data_dir is None and shared_data("imagenetvc") is not None:
+            args.data_dir = str(shared_data("imagenetvc"))
+        work = Path(args.work_dir or stack.enter_context(tempfile.TemporaryDirectory(prefix="eval-cost-")))
+        import torch
+
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        args.device = device
+        distinct = distinct_image_prompts(args)
+        if not args.no_warmup:
+            run_way(args, "text", work / "warmup-cache", work / "out", device, limit=1)
+        runs: dict[str, list[dict]] = {way: [] for way in WAYS if way in args.ways}
+        for _ in range(args.repeats):
+            cache = work / f"image-cache-{uuid.uuid4().hex[:8]}"  # empty: the cold run fills it
+            for way in runs:
+                runs[way].append(run_way(args, way, cache, work / "out", device))
+        ways = {way: {**min(rs, key=lambda r: r["loop_s"]), "loop_s_runs": [r["loop_s"] for r in rs]}
+                for way, rs in runs.items()}
+    r = ratios(ways, args.k, distinct)
+    kind = next(iter(ways.values()))["peak_memory_kind"]
+    print(f"ImageNetVC {args.subsets}: {next(iter(ways.values()))['questions']} questions x {N_TEMPLATES} templates, "
+          f"k = {args.k}, LM {args.model_name}, device {device}")
+    print(report(ways, r, args.k, distinct, kind))
+    result = {"benchmark": "eval_cost", "k": args.k, "subsets": args.subsets, "questions_per_subset": args.questions,
+              "distinct_image_prompts": distinct,
+              "flags": {name: getattr(args, name) for name in PASS_THROUGH} | {"extra": args.extra},
+              "repeats": args.repeats, "machine": machine_info(device), "load_average": os.getloadavg(),
+              "ways": ways, "ratios": r,
+              "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        print(f"numbers: {args.out}")
+    return result
+
+
+if __name__ == "__main__":
+    from eval_scripts.core import run_main
+
+    run_main(main)

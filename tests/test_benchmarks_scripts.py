@@ -1,0 +1,90 @@
+"""Smoke tests of the benchmark scripts on the tiny zoo: they run, print their ratio lines, and count
+what the protocol says they must (the timings themselves are not checked)."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import re
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _load(name: str):
+    """Import a benchmark script by path: pysbd installs an unrelated top-level ``benchmarks`` package."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+eval_cost, train_cost = _load("eval_cost"), _load("train_cost")
+
+
+@pytest.fixture(scope="module")
+def zoo_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("bench-zoo")
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    """The scripts' ``--threads 1`` (much faster on a busy 2-core machine) is process-wide: undo it."""
+    import torch
+
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def test_eval_cost_counts_and_ratios(zoo_dir, tmp_path, capsys):
+    k, questions, batch = 2, 2, 8
+    out = tmp_path / "eval.json"
+    result = eval_cost.main(["--tiny", "--zoo_dir", str(zoo_dir), "--work_dir", str(tmp_path / "work"),
+                             "--questions", str(questions), "--k", str(k), "--batch_size", str(batch),
+                             "--no_warmup", "--threads", "1", "--out", str(out)])
+    text = capsys.readouterr().out
+    per_question = re.search(r"^images per question: (\S+) \(released protocol: 5 x k = (\d+)", text, re.M)
+    assert per_question and float(per_question.group(1)) == k and int(per_question.group(2)) == 5 * k
+    assert re.search(r"^images generated / \(k x distinct image prompts = 2 x 2\): 1$", text, re.M)
+    assert re.search(r"^warm-cache time / text-only time: \d+\.\d{3}$", text, re.M)
+    assert re.search(r"^cold-cache time / \(generation time \+ text-only time\): \d+\.\d{3}$", text, re.M)
+
+    ways = result["ways"]
+    items = questions * 5
+    assert {w: ways[w]["questions"] for w in ways} == {"text": 2, "cold": 2, "warm": 2}
+    assert ways["cold"]["images_generated"] == k * questions  # each question's k images, once for 5 templates
+    assert ways["warm"]["images_generated"] == 0
+    assert ways["warm"]["images_from_cache"] == items * k
+    assert [ways[w]["pipeline_constructions"] for w in ("text", "cold", "warm")] == [0, 1, 0]
+    assert ways["text"]["lm_passes"] == math.ceil(items / batch) and ways["text"]["fusion_passes"] == 0
+    assert ways["cold"]["lm_passes"] == ways["warm"]["lm_passes"] == math.ceil(items / batch)  # no memo carried over
+    assert ways["warm"]["seconds"]["generation"] < ways["cold"]["seconds"]["generation"]
+    r = result["ratios"]
+    assert r["warm_over_text"] == round(ways["warm"]["loop_s"] / ways["text"]["loop_s"], 3)
+    floor = ways["cold"]["seconds"]["generation"] + ways["text"]["loop_s"]
+    assert r["cold_over_floor"] == round(ways["cold"]["loop_s"] / floor, 3)
+    assert json.loads(out.read_text())["ratios"] == r
+
+
+def test_train_cost_configs(zoo_dir, tmp_path, capsys):
+    out = tmp_path / "train.json"
+    result = train_cost.main(["--tiny", "--zoo_dir", str(zoo_dir), "--work_dir", str(tmp_path), "--batch_size", "4",
+                              "--steps", "2", "--warmup", "1", "--threads", "1", "--out", str(out)])
+    text = capsys.readouterr().out
+    rows = {r["config"]: r for r in result["configs"]}
+    assert list(rows) == ["base", "workers", "precomputed", "bf16"]
+    assert (rows["workers"]["workers"], rows["bf16"]["lm_dtype"], rows["precomputed"]["features"]) == \
+        (2, "bf16", "precomputed")
+    for name, row in rows.items():
+        split = row["split_ms"]
+        assert abs(sum(split.values()) - row["step_ms"]) < 0.05
+        assert row["samples_per_s"] == pytest.approx(4 / (row["step_ms"] / 1000), rel=1e-3)
+        assert len(row["losses"]) == 3 and all(math.isfinite(x) for x in row["losses"])
+        assert re.search(rf"^{name}\s+{row['workers']}\s+{row['lm_dtype']}\s", text, re.M)
+    assert rows["precomputed"]["split_ms"]["data"] == rows["precomputed"]["split_ms"]["vision"] == 0.0
+    assert rows["base"]["split_ms"]["lm"] > 0 and rows["base"]["split_ms"]["vision"] > 0
+    assert re.search(r"^precomputed vs base: \d+\.\d\dx samples/s$", text, re.M)
+    assert json.loads(out.read_text())["configs"] == result["configs"]
