@@ -26,7 +26,7 @@ test-all: install
 	$(PY) -m pytest -q
 
 demo: install
-	$(PY) -m data.demo --output_dir output/demo
+	$(PY) demo.py --output_dir output/demo
 
 clean:
 	rm -rf $(VENV) output *.egg-info
