@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from data.benchmarks import boolq_context, boolq_released_prompt, load_boolq
 from data.prompts import derive_prompts
-from eval_scripts.core import Evaluator, build_parser, run_main
+from eval_scripts.core import Evaluator, build_parser, first_token_ids, run_main
 
 CANDIDATES = ("yes", "no")
 LAST_N_WORDS = 60
@@ -37,12 +37,6 @@ def parse_args(argv=None):
     p.add_argument("--prompt_format", choices=tuple(PROMPTS), default="released")
     p.add_argument("--split", default=None, help="local file {split}.jsonl or hub split (default: dev/validation)")
     return p.parse_args(argv)
-
-
-def answer_token_ids(tokenizer, word: str) -> list[int]:
-    """First tokens of `` word`` and `` Word``."""
-    spellings = (" " + word, " " + word.capitalize())
-    return sorted({tokenizer(s, add_special_tokens=False)["input_ids"][0] for s in spellings})
 
 
 def build_items(ev: Evaluator, records: list[dict]) -> list[dict]:
@@ -57,7 +51,7 @@ def build_items(ev: Evaluator, records: list[dict]) -> list[dict]:
 
 
 def make_compute(ev: Evaluator):
-    token_ids = [answer_token_ids(ev.tokenizer, c) for c in CANDIDATES]
+    token_ids = [first_token_ids(ev.tokenizer, c) for c in CANDIDATES]
 
     def compute(batch: list[dict]) -> list[dict]:
         logp, images = ev.next_token_logprobs([it["prompt"] for it in batch], [it["image_prompts"] for it in batch])

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import functools
 import json
 import os
 import subprocess
@@ -337,6 +338,30 @@ class Evaluator:
             starts.append(max(start, 1))
         return self.token_logprobs(seqs, starts, prompt_lists)
 
+    def score_candidates(self, prompts: list[str], candidate_lists: list[list[str]],
+                         prompt_lists: list[list[str]], scoring: str = "first_token"):
+        """A score per candidate of each prompt, and the image records of each prompt.
+
+        ``first_token`` (the released protocol): the mixed log-probability of the candidate's first
+        token (with a leading space) at the next position, the better of ``" word"`` and ``" Word"``.
+        ``full``: the summed log-likelihood of all of ``" word"``'s tokens (multi-token candidates).
+        """
+        if scoring == "first_token":
+            logp, images = self.next_token_logprobs(prompts, prompt_lists)
+            scores = [[max(float(logp[i, t]) for t in first_token_ids(self.tokenizer, c)) for c in cands]
+                      for i, cands in enumerate(candidate_lists)]
+            return scores, images
+        if scoring != "full":
+            raise EvalError(f"unknown scoring {scoring!r}; use first_token or full")
+        flat = [(i, c) for i, cands in enumerate(candidate_lists) for c in cands]
+        out, flat_images = self.continuation_logprobs([prompts[i] for i, _ in flat], [" " + c for _, c in flat],
+                                                      [prompt_lists[i] for i, _ in flat])
+        scores, images = [[] for _ in prompts], [[] for _ in prompts]
+        for (i, _), (lps, _greedy), im in zip(flat, out, flat_images):
+            scores[i].append(sum(lps))
+            images[i] = im
+        return scores, images
+
     @torch.no_grad()
     def generate(self, prompts: list[str], prompt_lists: list[list[str]], max_new_tokens: int = 50):
         """Fused greedy generation, cut at the first newline (cut from the generated ids)."""
@@ -505,6 +530,13 @@ class Evaluator:
             print(f"{k:<{width}}  {v}")
         print(f"results: {out}")
         return result
+
+
+@functools.lru_cache(maxsize=8192)
+def first_token_ids(tokenizer, word: str) -> tuple[int, ...]:
+    """The first token of ``" word"`` and of ``" Word"`` (the released scripts' capitalised variant)."""
+    spellings = {" " + word, " " + word[:1].upper() + word[1:]}
+    return tuple(sorted({tokenizer(s, add_special_tokens=False)["input_ids"][0] for s in spellings}))
 
 
 def _blank_image():

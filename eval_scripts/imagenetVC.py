@@ -19,10 +19,6 @@ all 5 templates share them; ``--image_prompt full`` reproduces the release (the 
 """
 from __future__ import annotations
 
-import functools
-
-import torch
-
 from data.benchmarks import (IMAGENETVC_SUBSETS, IMAGENETVC_TEMPLATES, imagenetvc_prompt, load_imagenetvc,
                              load_imagenetvc_demos)
 from data.prompts import derive_prompts
@@ -69,34 +65,13 @@ def build_items(ev: Evaluator, subset: str) -> list[dict]:
     return items
 
 
-@functools.lru_cache(maxsize=4096)
-def first_token_ids(tokenizer, word: str) -> tuple[int, ...]:
-    """First token of `` word`` and of `` Word`` (the released script's capitalised variant)."""
-    spellings = {" " + word, " " + word[:1].upper() + word[1:]}
-    return tuple(sorted({tokenizer(s, add_special_tokens=False)["input_ids"][0] for s in spellings}))
-
-
 def make_compute(ev: Evaluator):
-    tok = ev.tokenizer
-
     def compute(batch: list[dict]) -> list[dict]:
-        prompt_lists = [it["image_prompts"] for it in batch]
-        if ev.args.scoring == "first_token":
-            logp, images = ev.next_token_logprobs([it["prompt"] for it in batch], prompt_lists)
-            scores = [[max(float(logp[i, t]) for t in first_token_ids(tok, c)) for c in it["candidates"]]
-                      for i, it in enumerate(batch)]
-        else:
-            flat = [(i, c) for i, it in enumerate(batch) for c in it["candidates"]]
-            out, flat_images = ev.continuation_logprobs([batch[i]["prompt"] for i, _ in flat],
-                                                        [" " + c for _, c in flat], [prompt_lists[i] for i, _ in flat])
-            scores = [[] for _ in batch]
-            images = [[] for _ in batch]
-            for (i, _), (lps, _greedy), im in zip(flat, out, flat_images):
-                scores[i].append(sum(lps))
-                images[i] = im
+        scores, images = ev.score_candidates([it["prompt"] for it in batch], [it["candidates"] for it in batch],
+                                             [it["image_prompts"] for it in batch], ev.args.scoring)
         records = []
         for it, sc, im in zip(batch, scores, images):
-            pred = it["candidates"][int(torch.tensor(sc).argmax())]
+            pred = it["candidates"][max(range(len(sc)), key=lambda j: (sc[j], -j))]  # ties: the first
             records.append({"id": it["id"], "subset": it["subset"], "template": it["template"],
                             "prompt": it["prompt"], "candidates": it["candidates"],
                             "scores": [round(s, 6) for s in sc], "prediction": pred, "answer": it["answer"],

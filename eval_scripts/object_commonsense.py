@@ -157,30 +157,10 @@ def build_items(ev: Evaluator, set_name: str, examples: list[dict]) -> list[dict
     return items
 
 
-def first_token_ids(tokenizer, word: str) -> list[int]:
-    """The first token of ``" word"`` and of ``" Word"``."""
-    spellings = {" " + word, " " + word[:1].upper() + word[1:]}
-    return sorted({tokenizer(s, add_special_tokens=False)["input_ids"][0] for s in spellings})
-
-
 def make_compute(ev: Evaluator):
-    tok = ev.tokenizer
-
     def compute(batch: list[dict]) -> list[dict]:
-        prompt_lists = [it["image_prompts"] for it in batch]
-        if ev.args.scoring == "first_token":
-            logp, images = ev.next_token_logprobs([it["prompt"] for it in batch], prompt_lists)
-            scores = [[max(float(logp[i, t]) for t in first_token_ids(tok, c)) for c in it["candidates"]]
-                      for i, it in enumerate(batch)]
-        else:
-            flat = [(i, c) for i, it in enumerate(batch) for c in it["candidates"]]
-            out, flat_images = ev.continuation_logprobs([batch[i]["prompt"] for i, _ in flat],
-                                                        [" " + c for _, c in flat],
-                                                        [prompt_lists[i] for i, _ in flat])
-            scores, images = [[] for _ in batch], [[] for _ in batch]
-            for (i, _), (lps, _greedy), im in zip(flat, out, flat_images):
-                scores[i].append(sum(lps))
-                images[i] = im
+        scores, images = ev.score_candidates([it["prompt"] for it in batch], [it["candidates"] for it in batch],
+                                             [it["image_prompts"] for it in batch], ev.args.scoring)
         records = []
         for it, sc, im in zip(batch, scores, images):
             pred = it["candidates"][max(range(len(sc)), key=lambda j: (sc[j], -j))]
