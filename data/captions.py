@@ -97,9 +97,16 @@ class _Strings:
         return self._blob[self._offsets[i]:self._offsets[i + 1]].decode("utf-8")
 
 
+_HINTS = {
+    "Visual Genome directory (--vg_dir)": " (a folder with region_descriptions.json, image_data.json and the "
+                                          "VG_100K/ and VG_100K_2/ images from the Visual Genome site; no hub "
+                                          "copy loads with current `datasets`)",
+}
+
+
 def _require_dir(path, what: str) -> Path:
     if path is None:
-        raise ValueError(f"{what} is required for this dataset")
+        raise ValueError(f"{what} is required for this dataset{_HINTS.get(what, '')}")
     if not Path(path).is_dir():
         raise FileNotFoundError(f"{what} {path} is not a directory")
     return Path(path)
