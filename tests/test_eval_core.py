@@ -11,6 +11,7 @@ from eval_scripts.core import EvalError, Evaluator, _bool_word, build_parser, ru
 from eval_scripts.imagenetVC import main, parse_args
 from models.checkpoints import save_trainable
 from models.late_fusion import LateFusionLM
+from tests.zoo import boost_fusion
 
 VC = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "imagenetvc"
 QUESTIONS = 2  # color questions per run: 10 items with the 5 templates
@@ -20,13 +21,7 @@ def read_jsonl(path):
     return [json.loads(line) for line in Path(path).read_text().splitlines()]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine: intra-op threads only add spin-waiting."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -34,11 +29,7 @@ def zoo(one_thread, tmp_path_factory, lm_dirs, tiny_clip_spec, tiny_sdxl_dir):
     root = tmp_path_factory.mktemp("core")
     torch.manual_seed(1)
     model = LateFusionLM.from_pretrained(lm_dirs["llama"], vision_dim=48)
-    with torch.no_grad():  # make the visual path move the prediction
-        for p in model.mm_proj.parameters():
-            p.mul_(20.0)
-        for p in model.fusion_layer.parameters():
-            p.add_(torch.randn_like(p) * 0.3)
+    boost_fusion(model)
     ckpt = save_trainable(model, root / "ckpt", base_model=lm_dirs["llama"], vision_encoder=tiny_clip_spec)
     return {"lm": lm_dirs["llama"], "clip": tiny_clip_spec, "sdxl": str(tiny_sdxl_dir), "ckpt": str(ckpt),
             "cache": str(root / "cache"), "out": root / "out"}
@@ -73,7 +64,7 @@ def test_generate_images_is_a_switch_and_takes_the_released_true_false():
     assert p.parse_args([]).generate_images is False
     assert p.parse_args(["--generate_images"]).generate_images is True
     assert p.parse_args(["--generate_images", "True"]).generate_images is True
-    assert p.parse_args(["--generate_images", "False"]).generate_images is False  # not type=bool's True
+    assert p.parse_args(["--generate_images", "False"]).generate_images is False  # a plain bool() would say True
     assert p.parse_args(["--generate_images", "--k", "3"]).generate_images is True
     with pytest.raises(SystemExit):
         p.parse_args(["--generate_images", "maybe"])

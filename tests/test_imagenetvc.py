@@ -16,6 +16,7 @@ from eval_scripts.core import run_main
 from eval_scripts.imagenetVC import main, make_compute, parse_args
 from models.checkpoints import save_trainable
 from models.late_fusion import LateFusionLM
+from tests.zoo import boost_fusion
 
 REPO = Path(__file__).resolve().parents[1]
 VC = REPO.parent / "shared" / "data" / "imagenetvc"
@@ -48,13 +49,7 @@ def first_questions(limit=LIMIT):
     return {s: [r["question"] for r in csv_rows(VC / f"{s}.csv", limit)] for s in SUBSETS}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine: intra-op threads only add spin-waiting (100x slower under load)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -63,11 +58,7 @@ def zoo(one_thread, tmp_path_factory, lm_dirs, tiny_clip_spec, tiny_sdxl_dir):
     root = tmp_path_factory.mktemp("vc")
     torch.manual_seed(0)
     model = LateFusionLM.from_pretrained(lm_dirs["llama"], vision_dim=48)
-    with torch.no_grad():  # random fusion weights barely move the residual stream: make images matter
-        for p in model.mm_proj.parameters():
-            p.mul_(20.0)
-        for p in model.fusion_layer.parameters():
-            p.add_(torch.randn_like(p) * 0.3)
+    boost_fusion(model)
     ckpt = save_trainable(model, root / "ckpt", base_model=lm_dirs["llama"], vision_encoder=tiny_clip_spec)
     released = root / "released"
     released.mkdir()

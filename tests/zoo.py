@@ -37,6 +37,27 @@ def tiny_lm_config(arch: str):
 
 ARCHS = ("gpt2", "llama", "gemma", "opt", "qwen2")
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models on a shared 2-core machine: intra-op threads only add spin-waiting (up to 100x
+    slower when other processes compete). Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def boost_fusion(model, seed: int = 0, scale: float = 20.0):
+    """Make the visual path move the prediction: random fusion weights barely change the residual stream."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.mm_proj.parameters():
+            p.mul_(scale)
+        for p in model.fusion_layer.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.3)
+    return model
+
+
 @pytest.fixture(scope="session")
 def tokenizer_dir(gpt2_tokenizer_dir):
     return str(gpt2_tokenizer_dir)
