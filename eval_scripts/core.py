@@ -152,7 +152,7 @@ class Evaluator:
         from accelerate import PartialState
         from transformers import AutoTokenizer
 
-        from models.checkpoints import load_state, load_trainable, read_checkpoint_config
+        from models.checkpoints import load_state, load_trainable
         from models.late_fusion import LateFusionLM
         from models.vision import DEFAULT_VISION_ENCODER
 
@@ -200,8 +200,8 @@ class Evaluator:
         self.model = LateFusionLM.from_pretrained(args.model_name, vision_dim=vision_dim or 768,
                                                   proj_hidden=proj_hidden, torch_dtype=self.dtype)
         if args.pretrained_model:
-            load_trainable(self.model, args.pretrained_model)
-            read_checkpoint_config  # noqa: B018 - config already read with the state
+            load_trainable(self.model, args.pretrained_model, loaded=(ckpt_state, ckpt_cfg))
+            del ckpt_state
         self.model.to(self.device, self.dtype).eval()
         self._model_key = (args.model_name, str(self.dtype), str(self.device))
         self.watch.hook(self.model.lm.base_model, "lm")

@@ -77,6 +77,17 @@ def _resolve(path: str | os.PathLike) -> Path:
     raise FileNotFoundError(f"checkpoint {str(p)!r} not found (also tried {p.name}.bin)")
 
 
+def _torch_load(f: Path):
+    """``torch.load`` with ``weights_only``; memory-mapped when the file's format allows, since a
+    released file holds the whole LM (16.7 GB for Llama-3) of which only ~0.5 GB is read."""
+    try:
+        return torch.load(str(f), map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as e:
+        if "mmap" not in str(e):
+            raise
+        return torch.load(str(f), map_location="cpu", weights_only=True)  # legacy (non-zip) format
+
+
 def load_state(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
     """The trainable part of a checkpoint (ours or a released ``.bin``) and its config, if any."""
     f = _resolve(path)
@@ -85,7 +96,7 @@ def load_state(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
         state = load_file(str(f))
     else:
         try:
-            state = torch.load(str(f), map_location="cpu", weights_only=True)
+            state = _torch_load(f)
         except Exception as e:  # noqa: BLE001 - report any unpickling failure as one line
             raise CheckpointMismatchError(f"checkpoint {str(f)!r} cannot be read: {str(e).splitlines()[0]}") from None
         if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
@@ -112,9 +123,10 @@ def _describe(state: dict[str, torch.Tensor]) -> str:
     return f"it looks like a {arch or 'unknown'} fusion layer with {width}"
 
 
-def load_trainable(model, path: str | os.PathLike) -> dict:
-    """Strictly load trainable weights into ``model``; returns the checkpoint's config (may be empty)."""
-    state, config = load_state(path)
+def load_trainable(model, path: str | os.PathLike, loaded: tuple[dict, dict] | None = None) -> dict:
+    """Strictly load trainable weights into ``model``; returns the checkpoint's config (may be empty).
+    ``loaded``: what :func:`load_state` already returned for ``path`` (to read a large file once)."""
+    state, config = loaded if loaded is not None else load_state(path)
     expected = model.trainable_state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))

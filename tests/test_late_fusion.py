@@ -324,3 +324,11 @@ def test_hidden_state_memo_runs_the_lm_once_per_distinct_row(lm_dirs):
     memo.limit_bytes = 0
     memo(model, ids[:1], mask[:1])
     assert len(memo.rows) == 1  # evicted down to the rows in use
+
+
+def test_legacy_torch_save_format_loads(lm_dirs, tmp_path):
+    src = make_model(lm_dirs["gpt2"], seed=5, scale=2.0)
+    torch.save(src.state_dict(), tmp_path / "old.bin", _use_new_zipfile_serialization=False)
+    dst = make_model(lm_dirs["gpt2"], seed=6)
+    load_trainable(dst, tmp_path / "old.bin")
+    assert all(torch.equal(v, dst.trainable_state_dict()[k]) for k, v in src.trainable_state_dict().items())
