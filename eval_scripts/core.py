@@ -528,6 +528,10 @@ class Evaluator:
         width = max([len(k) for k, _ in (table or [])] + [8])
         for k, v in table or []:
             print(f"{k:<{width}}  {v}")
+        if self.use_images:
+            c = result["counts"]
+            print(f"images: {c['images_generated']} generated, {c['images_cached']} from the cache, "
+                  f"pipeline loaded {c['pipeline_loads']} time(s)")
         print(f"results: {out}")
         return result
 
