@@ -122,3 +122,17 @@ def sync(device):
 
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
+
+
+def finish(result: dict, out: str | None) -> dict:
+    """Stamp a benchmark's result with the machine's load and the date, and write it to ``out`` as JSON."""
+    import json
+    import time
+    from pathlib import Path
+
+    result.update(load_average=os.getloadavg(), date=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(result, indent=2) + "\n")
+        print(f"numbers: {out}")
+    return result

@@ -27,7 +27,6 @@ import argparse
 import contextlib
 import gc
 import io
-import json
 import os
 import sys
 import tempfile
@@ -36,7 +35,7 @@ import uuid
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_utils import PeakMemory, build_tiny_zoo, machine_info, shared_data  # noqa: E402
+from bench_utils import PeakMemory, finish, build_tiny_zoo, machine_info, shared_data  # noqa: E402
 
 WAYS = ("text", "cold", "warm")
 N_TEMPLATES = 5
@@ -319,14 +318,9 @@ def main(argv=None) -> dict:
     result = {"benchmark": "eval_cost", "k": args.k, "subsets": args.subsets, "questions_per_subset": args.questions,
               "distinct_image_prompts": distinct,
               "flags": {name: getattr(args, name) for name in PASS_THROUGH} | {"extra": args.extra},
-              "repeats": args.repeats, "machine": machine_info(device), "load_average": os.getloadavg(),
-              "ways": ways, "ratios": r,
-              "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-        print(f"numbers: {args.out}")
-    return result
+              "repeats": args.repeats, "machine": machine_info(device),
+              "ways": ways, "ratios": r}
+    return finish(result, args.out)
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_utils import PeakMemory, build_tiny_zoo, machine_info, shared_data, sync  # noqa: E402
+from bench_utils import PeakMemory, finish, build_tiny_zoo, machine_info, shared_data, sync  # noqa: E402
 
 CONFIGS = {  # bf16 last: the LM is cast once
     "base": {"workers": 0, "dtype": "fp32", "features": "on_the_fly"},
@@ -279,13 +279,8 @@ def main(argv=None) -> dict:
     print(report(rows))
     result = {"benchmark": "train_cost", "batch_size": args.batch_size, "steps": args.steps, "warmup": args.warmup,
               "max_length": args.max_length, "model_name": args.model_name, "vision_encoder": args.vision_encoder,
-              "machine": machine_info(device), "load_average": os.getloadavg(), "configs": rows,
-              "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-        print(f"numbers: {args.out}")
-    return result
+              "machine": machine_info(device), "configs": rows}
+    return finish(result, args.out)
 
 
 if __name__ == "__main__":

@@ -362,6 +362,20 @@ class Evaluator:
             images[i] = im
         return scores, images
 
+    def candidate_records(self, batch: list[dict], keep: tuple[str, ...] = ()) -> list[dict]:
+        """Score the ``candidates`` of each item (``--scoring``) and build its sample record; the
+        prediction is the best-scoring candidate (ties: the first). ``keep``: item fields to copy."""
+        scores, images = self.score_candidates([it["prompt"] for it in batch], [it["candidates"] for it in batch],
+                                               [it["image_prompts"] for it in batch], self.args.scoring)
+        records = []
+        for it, sc, im in zip(batch, scores, images):
+            pred = it["candidates"][max(range(len(sc)), key=lambda j: (sc[j], -j))]
+            records.append({"id": it["id"], **{k: it[k] for k in keep}, "prompt": it["prompt"],
+                            "candidates": it["candidates"], "scores": [round(x, 6) for x in sc],
+                            "prediction": pred, "answer": it["answer"], "correct": pred == it["answer"],
+                            "images": im})
+        return records
+
     @torch.no_grad()
     def generate(self, prompts: list[str], prompt_lists: list[list[str]], max_new_tokens: int = 50):
         """Fused greedy generation, cut at the first newline (cut from the generated ids)."""

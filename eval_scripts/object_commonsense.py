@@ -158,18 +158,7 @@ def build_items(ev: Evaluator, set_name: str, examples: list[dict]) -> list[dict
 
 
 def make_compute(ev: Evaluator):
-    def compute(batch: list[dict]) -> list[dict]:
-        scores, images = ev.score_candidates([it["prompt"] for it in batch], [it["candidates"] for it in batch],
-                                             [it["image_prompts"] for it in batch], ev.args.scoring)
-        records = []
-        for it, sc, im in zip(batch, scores, images):
-            pred = it["candidates"][max(range(len(sc)), key=lambda j: (sc[j], -j))]
-            records.append({"id": it["id"], "set": it["set"], "template": it["template"], "prompt": it["prompt"],
-                            "candidates": it["candidates"], "scores": [round(s, 6) for s in sc],
-                            "prediction": pred, "answer": it["answer"], "correct": pred == it["answer"],
-                            "images": im})
-        return records
-    return compute
+    return lambda batch: ev.candidate_records(batch, keep=("set", "template"))
 
 
 def set_metrics(set_name: str, records: list[dict], n_examples: int) -> dict:
