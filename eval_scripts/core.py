@@ -194,7 +194,11 @@ class Evaluator:
                 raise EvalError(f"--pretrained_model {args.pretrained_model!r} expects vision width {vision_dim}, "
                                 f"but {args.vision_encoder!r} gives {self.vision.hidden_size}")
             vision_dim = self.vision.hidden_size
-        self.tokenizer = AutoTokenizer.from_pretrained(args.model_name)
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(args.model_name)
+        except (OSError, ValueError) as e:
+            raise EvalError(f"cannot load the tokenizer of --model_name {args.model_name!r}: "
+                            f"{str(e).splitlines()[0]}") from None
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.model = LateFusionLM.from_pretrained(args.model_name, vision_dim=vision_dim or 768,

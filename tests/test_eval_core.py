@@ -143,3 +143,13 @@ def test_text_only_never_runs_the_fusion_layer(zoo):
     result = main(args_for(zoo, "passes_text", images=False, batch_size=4))
     assert result["counts"]["lm_passes"] == 3 and result["counts"]["fusion_passes"] == 0
     assert result["counts"]["images_generated"] == 0 and result["counts"]["pipeline_loads"] == 0
+
+
+def test_missing_model_is_one_line_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as err:
+        run_main(main, ["--model_name", str(tmp_path / "no-such-model"), "--data_dir", str(VC), "--limit", "1",
+                        "--output_dir", str(tmp_path / "out"), "--device", "cpu"])
+    assert err.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: cannot load the tokenizer")
+    assert not (tmp_path / "out").exists()  # nothing half-written
