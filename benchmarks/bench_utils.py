@@ -136,3 +136,16 @@ def finish(result: dict, out: str | None) -> dict:
         Path(out).write_text(json.dumps(result, indent=2) + "\n")
         print(f"numbers: {out}")
     return result
+
+
+def use_tiny_zoo(args, stack, names) -> None:
+    """``--tiny``: build (or reuse ``--zoo_dir``) the offline tiny zoo, fill the flags in ``names`` that were
+    not given from it, and run on the CPU unless ``--device`` says otherwise."""
+    import tempfile
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    zoo = build_tiny_zoo(args.zoo_dir or stack.enter_context(tempfile.TemporaryDirectory(prefix="tiny-zoo-")))
+    for name in names:
+        if getattr(args, name) is None:
+            setattr(args, name, zoo[name])
+    args.device = args.device or "cpu"

@@ -27,7 +27,6 @@ import argparse
 import contextlib
 import gc
 import io
-import os
 import sys
 import tempfile
 import time
@@ -35,7 +34,7 @@ import uuid
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_utils import PeakMemory, finish, build_tiny_zoo, machine_info, shared_data  # noqa: E402
+from bench_utils import PeakMemory, finish, machine_info, shared_data, use_tiny_zoo  # noqa: E402
 
 WAYS = ("text", "cold", "warm")
 N_TEMPLATES = 5
@@ -284,12 +283,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     with contextlib.ExitStack() as stack:
         if args.tiny:
-            os.environ.setdefault("HF_HUB_OFFLINE", "1")
-            zoo = args.zoo_dir or stack.enter_context(tempfile.TemporaryDirectory(prefix="tiny-zoo-"))
-            for name, value in build_tiny_zoo(zoo).items():
-                if getattr(args, name) is None:
-                    setattr(args, name, value)
-            args.device = args.device or "cpu"
+            use_tiny_zoo(args, stack, ("model_name", "vision_encoder", "image_generator"))
             args.image_size = args.image_size or "64"
         if args.data_dir is None and shared_data("imagenetvc") is not None:
             args.data_dir = str(shared_data("imagenetvc"))

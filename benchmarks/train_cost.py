@@ -31,7 +31,6 @@ import argparse
 import contextlib
 import json
 import math
-import os
 import random
 import sys
 import tempfile
@@ -39,7 +38,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_utils import PeakMemory, finish, build_tiny_zoo, machine_info, shared_data, sync  # noqa: E402
+from bench_utils import PeakMemory, finish, machine_info, shared_data, sync, use_tiny_zoo  # noqa: E402
 
 CONFIGS = {  # bf16 last: the LM is cast once
     "base": {"workers": 0, "dtype": "fp32", "features": "on_the_fly"},
@@ -243,11 +242,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     with contextlib.ExitStack() as stack:
         if args.tiny:
-            os.environ.setdefault("HF_HUB_OFFLINE", "1")
-            zoo = build_tiny_zoo(args.zoo_dir or stack.enter_context(tempfile.TemporaryDirectory(prefix="tiny-zoo-")))
-            args.model_name = args.model_name or zoo["model_name"]
-            args.vision_encoder = args.vision_encoder or zoo["vision_encoder"]
-            args.device = args.device or "cpu"
+            use_tiny_zoo(args, stack, ("model_name", "vision_encoder"))
         import torch
         from transformers import AutoTokenizer
 

@@ -85,7 +85,7 @@ def _located(where: str, fn, *args):
         raise ValueError(f"{where}: {e}") from None
 
 
-def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
+def read_jsonl(path: Path) -> list[tuple[int, dict]]:
     """``(line_number, object)`` for each non-blank line."""
     rows = []
     with open(path, encoding="utf-8") as f:
@@ -340,7 +340,7 @@ def load_vicomte(relation: str, data_dir) -> list[dict]:
         raise ValueError(f"unknown ViComTe relation {relation!r}; expected one of {VICOMTE_RELATIONS}")
     path = _find_file([Path(data_dir), Path(data_dir) / "vicomte"], f"{relation}.jsonl", "ViComTe")
     records = []
-    for i, (line, raw) in enumerate(_read_jsonl(path)):
+    for i, (line, raw) in enumerate(read_jsonl(path)):
         try:
             sub, obj, alt = _text(raw, "sub").strip(), _text(raw, "obj").strip(), _text(raw, "alt").strip()
         except ValueError as e:
@@ -536,7 +536,7 @@ def _local_rows(testset: str, folder: Path, split: str) -> list[tuple[str, dict]
     else:
         filename = {"cqa": f"{split}_rand_split.jsonl", "hs": f"hellaswag_{split}.jsonl"}.get(testset, f"{split}.jsonl")
         path = _require_file(folder / filename, testset)
-    rows = _read_jsonl(path)
+    rows = read_jsonl(path)
     labels_path = folder / f"{split}-labels.lst"
     labels = None
     if testset in ("piqa", "siqa") or (testset == "winogrande" and labels_path.is_file()):
@@ -635,7 +635,7 @@ def load_boolq(data_dir=None, limit: int | None = None, split: str | None = None
     verbatim (no lower-casing or capitalisation)."""
     if data_dir is not None:
         path = _require_file(Path(data_dir) / f"{split or 'dev'}.jsonl", "BoolQ")
-        rows = [(f"{path}:{line}", raw) for line, raw in _read_jsonl(path)]
+        rows = [(f"{path}:{line}", raw) for line, raw in read_jsonl(path)]
     else:
         hub, name, default = BOOLQ_HUB
         where = _hub_where(hub, name, split or default)
@@ -707,6 +707,15 @@ def _load_json(path: Path) -> list:
     return data["data"]
 
 
+def _official_qas(file: Path):
+    """``(where, article, paragraph, turn index, qa)`` for every question of an official SQuAD/QuAC
+    JSON file (``data`` > ``paragraphs`` > ``qas``); ``where`` is its JSON path, for error messages."""
+    for a, article in enumerate(_load_json(file)):
+        for p, par in enumerate(article.get("paragraphs", [])):
+            for q, qa in enumerate(par.get("qas", [])):
+                yield f"{file}: data[{a}].paragraphs[{p}].qas[{q}]", article, par, q, qa
+
+
 def _answer_texts(answers, where: str) -> list[str]:
     if not isinstance(answers, list) or not all(isinstance(a, dict) and isinstance(a.get("text"), str) for a in answers):
         raise ValueError(f"{where}: 'answers' must be a list of {{text, answer_start}}")
@@ -724,15 +733,12 @@ def load_squad(data_dir=None, path=None, split: str | None = None, limit: int | 
     records = []
     if path is not None or data_dir is not None:
         file = _require_file(Path(path) if path is not None else Path(data_dir) / f"{split or 'dev'}-v2.0.json", "SQuAD")
-        for a, article in enumerate(_load_json(file)):
-            for p, par in enumerate(article.get("paragraphs", [])):
-                for q, qa in enumerate(par.get("qas", [])):
-                    where = f"{file}: data[{a}].paragraphs[{p}].qas[{q}]"
-                    answers = _answer_texts(qa.get("answers"), where)
-                    raw = {"id": qa.get("id"), "title": article.get("title"), "context": par.get("context"),
-                           "question": qa.get("question"), "answers": answers,
-                           "is_impossible": qa.get("is_impossible", not answers)}
-                    records.append(_located(where, _squad_record, raw))
+        for where, article, par, _, qa in _official_qas(file):
+            answers = _answer_texts(qa.get("answers"), where)
+            raw = {"id": qa.get("id"), "title": article.get("title"), "context": par.get("context"),
+                   "question": qa.get("question"), "answers": answers,
+                   "is_impossible": qa.get("is_impossible", not answers)}
+            records.append(_located(where, _squad_record, raw))
     else:
         hub, name, default = SQUAD_HUB
         where = _hub_where(hub, name, split or default)
@@ -766,18 +772,15 @@ def load_quac(data_dir=None, path=None, split: str | None = None, limit: int | N
     records = []
     if path is not None or data_dir is not None:
         file = _require_file(Path(path) if path is not None else Path(data_dir) / f"{split or 'val'}_v0.2.json", "QuAC")
-        for a, dialog in enumerate(_load_json(file)):
-            for p, par in enumerate(dialog.get("paragraphs", [])):
-                for q, qa in enumerate(par.get("qas", [])):
-                    where = f"{file}: data[{a}].paragraphs[{p}].qas[{q}]"
-                    orig = qa.get("orig_answer")
-                    raw = {"id": qa.get("id"), "dialog_id": par.get("id"), "title": dialog.get("title"),
-                           "section_title": dialog.get("section_title"), "context": dialog.get("background"),
-                           "section_text": par.get("context"), "question": qa.get("question"),
-                           "answers": _answer_texts(qa.get("answers"), where),
-                           "orig_answer": orig.get("text") if isinstance(orig, dict) else None,
-                           "followup": qa.get("followup"), "yesno": qa.get("yesno"), "turn_index": q}
-                    records.append(_located(where, _quac_record, raw))
+        for where, dialog, par, q, qa in _official_qas(file):
+            orig = qa.get("orig_answer")
+            raw = {"id": qa.get("id"), "dialog_id": par.get("id"), "title": dialog.get("title"),
+                   "section_title": dialog.get("section_title"), "context": dialog.get("background"),
+                   "section_text": par.get("context"), "question": qa.get("question"),
+                   "answers": _answer_texts(qa.get("answers"), where),
+                   "orig_answer": orig.get("text") if isinstance(orig, dict) else None,
+                   "followup": qa.get("followup"), "yesno": qa.get("yesno"), "turn_index": q}
+            records.append(_located(where, _quac_record, raw))
     else:
         hub, name, default, revision = QUAC_HUB
         where = _hub_where(hub, name, split or default)

@@ -331,24 +331,18 @@ def _parse_crop(value, where: str):
 
 def _caption_rows(path: Path):
     """``(line number, row dict)`` for each record of a JSONL or CSV file."""
+    from data.benchmarks import read_jsonl
+
     suffix = path.suffix.lower()
-    with open(path, encoding="utf-8", newline="") as f:
-        if suffix == ".jsonl":
-            for line_no, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        row = json.loads(line)
-                    except json.JSONDecodeError as err:
-                        raise ValueError(f"{path}:{line_no}: invalid JSON ({err.msg})") from None
-                    if not isinstance(row, dict):
-                        raise ValueError(f"{path}:{line_no}: expected a JSON object")
-                    yield line_no, row
-        elif suffix == ".csv":
+    if suffix == ".jsonl":
+        yield from read_jsonl(path)
+    elif suffix == ".csv":
+        with open(path, encoding="utf-8", newline="") as f:
             reader = csv.DictReader(f)
             for row in reader:
                 yield reader.line_num, row
-        else:
-            raise ValueError(f"{path}: unsupported file type {suffix!r} (use .jsonl or .csv)")
+    else:
+        raise ValueError(f"{path}: unsupported file type {suffix!r} (use .jsonl or .csv)")
 
 
 class CaptionFile(Dataset):

@@ -101,6 +101,15 @@ def build_parser(description: str, *, image_prompt_choices=("sentences", "full",
     return p
 
 
+def parse_choices(value: str, allowed, what: str) -> list[str]:
+    """A comma-separated flag value, every item checked against ``allowed``."""
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    unknown = [v for v in items if v not in allowed]
+    if unknown or not items:
+        raise EvalError(f"unknown {what} {unknown[0] if unknown else value!r}; choose from {', '.join(allowed)}")
+    return items
+
+
 def run_main(main: Callable[[list[str] | None], dict], argv=None) -> dict:
     """Run a script's main and turn bad input into one line on stderr and exit status 2."""
     try:

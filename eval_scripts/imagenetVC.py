@@ -22,7 +22,7 @@ from __future__ import annotations
 from data.benchmarks import (IMAGENETVC_SUBSETS, IMAGENETVC_TEMPLATES, imagenetvc_prompt, load_imagenetvc,
                              load_imagenetvc_demos)
 from data.prompts import derive_prompts
-from eval_scripts.core import EvalError, Evaluator, build_parser, run_main
+from eval_scripts.core import Evaluator, build_parser, parse_choices, run_main
 from eval_scripts.metrics import summarize_templates
 
 TASK = "imagenetvc"
@@ -36,11 +36,7 @@ def parse_args(argv=None):
                    help="prepend the dev/ in-context demonstrations")
     p.add_argument("--scoring", choices=("first_token", "full"), default="first_token")
     args = p.parse_args(argv)
-    args.subsets = [s.strip() for s in args.subsets.split(",") if s.strip()]
-    unknown = [s for s in args.subsets if s not in IMAGENETVC_SUBSETS]
-    if unknown or not args.subsets:
-        raise EvalError(f"unknown ImageNetVC subset {unknown[0] if unknown else ''!r}; "
-                        f"choose from {', '.join(IMAGENETVC_SUBSETS)}")
+    args.subsets = parse_choices(args.subsets, IMAGENETVC_SUBSETS, "ImageNetVC subset")
     return args
 
 

@@ -73,7 +73,7 @@ from __future__ import annotations
 
 from data.benchmarks import OBJECT_SETS, load_object_commonsense, object_phrase
 from data.prompts import derive_prompts
-from eval_scripts.core import EvalError, Evaluator, build_parser, run_main
+from eval_scripts.core import EvalError, Evaluator, build_parser, parse_choices, run_main
 from eval_scripts.metrics import summarize_templates
 
 TASK = "object_commonsense"
@@ -111,11 +111,7 @@ def parse_args(argv=None):
     p.add_argument("--size_both_directions", action="store_true",
                    help="also ask every size pair swapped (answer 'no')")
     args = p.parse_args(argv)
-    args.sets = [s.strip() for s in args.sets.split(",") if s.strip()]
-    unknown = [s for s in args.sets if s not in OBJECT_SETS]
-    if unknown or not args.sets:
-        raise EvalError(f"unknown object-commonsense set {unknown[0] if unknown else ''!r}; "
-                        f"choose from {', '.join(OBJECT_SETS)}")
+    args.sets = parse_choices(args.sets, OBJECT_SETS, "object-commonsense set")
     if args.data_dir is None:
         raise EvalError("object_commonsense reads local files only (there is no hub copy): pass --data_dir, "
                         "the folder holding VaLM's CSVs or its parent with valm/ "

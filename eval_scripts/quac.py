@@ -21,9 +21,9 @@ answers, is_impossible, exact_match, f1, correct`` (exact match) and ``images``.
 from __future__ import annotations
 
 from data.benchmarks import QUAC_CANNOTANSWER, load_quac
-from eval_scripts.core import EvalError, Evaluator, run_main
+from eval_scripts.core import run_main
 from eval_scripts.metrics import exact_match, quac_f1, quac_references, quac_scores
-from eval_scripts.squad import abstained, build_items, make_compute, parse_args, select_questions
+from eval_scripts.squad import abstained, parse_args, run_generation
 
 
 def quac_answer(prediction: str) -> str:
@@ -39,12 +39,8 @@ def quac_example_scores(prediction: str, answers: list[str]) -> tuple[float, flo
 
 def main(argv=None) -> dict:
     args = parse_args(__doc__.split("\n")[0], argv)
-    records, skipped = select_questions(load_quac(args.data_dir, split=args.split), args.all_questions)
-    records = records[:args.limit] if args.limit is not None else records
-    if not records:
-        raise EvalError("no QuAC question to score (none has an earlier answered question in its article)")
-    ev = Evaluator(args, "quac", resume_keys=("max_new_tokens", "all_questions"))
-    results = ev.run(build_items(ev, records), make_compute(ev, quac_example_scores))
+    ev, results, skipped = run_generation(args, "QuAC", load_quac(args.data_dir, split=args.split),
+                                          quac_example_scores)
     official = quac_scores([quac_answer(r["prediction"]) for r in results], [r["answers"] for r in results])
     metrics = {**official, "exact_match": 100 * sum(r["exact_match"] for r in results) / len(results),
                "n": len(results), "skipped": skipped}

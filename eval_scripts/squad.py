@@ -59,6 +59,17 @@ def select_questions(records: list[dict], all_questions: bool) -> tuple[list[dic
     return [r for r in with_example if not r["is_impossible"]], skipped
 
 
+def run_generation(args, task: str, records: list[dict], score: Callable) -> tuple[Evaluator, list[dict], int]:
+    """Select the questions to score, then generate and score them: the evaluator, the sample
+    records and the number of questions skipped for lack of a one-shot example."""
+    records, skipped = select_questions(records, args.all_questions)
+    records = records[:args.limit] if args.limit is not None else records
+    if not records:
+        raise EvalError(f"no {task} question to score (none has an earlier answered question in its article)")
+    ev = Evaluator(args, task.lower(), resume_keys=("max_new_tokens", "all_questions"))
+    return ev, ev.run(build_items(ev, records), make_compute(ev, score)), skipped
+
+
 def abstained(prediction: str) -> bool:
     return normalize_answer(prediction) == normalize_answer(ABSTENTION)
 
@@ -111,12 +122,7 @@ def group_means(records: list[dict]) -> dict:
 
 def main(argv=None) -> dict:
     args = parse_args(__doc__.split("\n")[0], argv)
-    records, skipped = select_questions(load_squad(args.data_dir, split=args.split), args.all_questions)
-    records = records[:args.limit] if args.limit is not None else records
-    if not records:
-        raise EvalError("no SQuAD question to score (none has an earlier answered question in its article)")
-    ev = Evaluator(args, "squad", resume_keys=("max_new_tokens", "all_questions"))
-    results = ev.run(build_items(ev, records), make_compute(ev, squad_scores))
+    ev, results, skipped = run_generation(args, "SQuAD", load_squad(args.data_dir, split=args.split), squad_scores)
     metrics = {**group_means(results), "skipped": skipped}
     return ev.finish(metrics, [("exact_match", f"{metrics['exact_match']:.2f}"), ("f1", f"{metrics['f1']:.2f}")])
 

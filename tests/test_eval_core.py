@@ -9,9 +9,7 @@ import torch
 from eval_scripts import core
 from eval_scripts.core import EvalError, Evaluator, _bool_word, build_parser, run_main
 from eval_scripts.imagenetVC import main, parse_args
-from models.checkpoints import save_trainable
-from models.late_fusion import LateFusionLM
-from tests.zoo import boost_fusion
+from tests.zoo import boosted_checkpoint
 
 VC = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "imagenetvc"
 QUESTIONS = 2  # color questions per run: 10 items with the 5 templates
@@ -27,10 +25,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def zoo(one_thread, tmp_path_factory, lm_dirs, tiny_clip_spec, tiny_sdxl_dir):
     root = tmp_path_factory.mktemp("core")
-    torch.manual_seed(1)
-    model = LateFusionLM.from_pretrained(lm_dirs["llama"], vision_dim=48)
-    boost_fusion(model)
-    ckpt = save_trainable(model, root / "ckpt", base_model=lm_dirs["llama"], vision_encoder=tiny_clip_spec)
+    model, ckpt = boosted_checkpoint(root, lm_dirs["llama"], tiny_clip_spec, seed=1)
     return {"lm": lm_dirs["llama"], "clip": tiny_clip_spec, "sdxl": str(tiny_sdxl_dir), "ckpt": str(ckpt),
             "cache": str(root / "cache"), "out": root / "out"}
 

@@ -14,9 +14,7 @@ import torch
 from eval_scripts import core
 from eval_scripts.core import run_main
 from eval_scripts.imagenetVC import main, make_compute, parse_args
-from models.checkpoints import save_trainable
-from models.late_fusion import LateFusionLM
-from tests.zoo import boost_fusion
+from tests.zoo import boosted_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 VC = REPO.parent / "shared" / "data" / "imagenetvc"
@@ -56,10 +54,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def zoo(one_thread, tmp_path_factory, lm_dirs, tiny_clip_spec, tiny_sdxl_dir):
     """A trained-looking checkpoint (our format and the released .bin) and shared paths."""
     root = tmp_path_factory.mktemp("vc")
-    torch.manual_seed(0)
-    model = LateFusionLM.from_pretrained(lm_dirs["llama"], vision_dim=48)
-    boost_fusion(model)
-    ckpt = save_trainable(model, root / "ckpt", base_model=lm_dirs["llama"], vision_encoder=tiny_clip_spec)
+    model, ckpt = boosted_checkpoint(root, lm_dirs["llama"], tiny_clip_spec, seed=0)
     released = root / "released"
     released.mkdir()
     torch.save({f"module.{k}": v for k, v in model.state_dict().items()}, released / "ft_wiki_laion_220_2.bin")

@@ -58,6 +58,17 @@ def boost_fusion(model, seed: int = 0, scale: float = 20.0):
     return model
 
 
+def boosted_checkpoint(root, lm_dir: str, clip_spec: str, seed: int = 0):
+    """A tiny-Llama late-fusion model whose images matter, saved as trainable weights under ``root/ckpt``;
+    returns ``(model, checkpoint dir)``."""
+    from models.checkpoints import save_trainable
+    from models.late_fusion import LateFusionLM
+
+    torch.manual_seed(seed)
+    model = boost_fusion(LateFusionLM.from_pretrained(lm_dir, vision_dim=48), seed=seed)
+    return model, save_trainable(model, root / "ckpt", base_model=lm_dir, vision_encoder=clip_spec)
+
+
 @pytest.fixture(scope="session")
 def tokenizer_dir(gpt2_tokenizer_dir):
     return str(gpt2_tokenizer_dir)
