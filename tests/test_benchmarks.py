@@ -1,4 +1,5 @@
-"""Benchmark readers against the real files in ../shared/data and small fixtures in original layouts."""
+"""Benchmark readers against the shipped evaluation files, the trimmed real samples in tests/data, and small
+fixtures in original layouts."""
 
 import csv
 import json
@@ -8,7 +9,7 @@ import pytest
 
 from data import benchmarks as B
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+from tests.paths import EVAL_DATA, TEST_DATA
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> Path:
@@ -29,17 +30,17 @@ def test_imagenetvc_counts_match_the_files():
     # ImageNetVC paper's total is 4,076 = 557 + 424 + 430 + 1114 + 1551.
     expected = {"color": 557, "shape": 424, "material": 430, "component": 1114, "others": 1551}
     for subset, n in expected.items():
-        records = B.load_imagenetvc(subset, DATA / "imagenetvc")
-        assert len(records) == n == _csv_rows(DATA / "imagenetvc" / f"{subset}.csv")
+        records = B.load_imagenetvc(subset, EVAL_DATA / "imagenetvc")
+        assert len(records) == n == _csv_rows(EVAL_DATA / "imagenetvc" / f"{subset}.csv")
     assert sum(expected.values()) == 4076
 
 
 def test_imagenetvc_record_and_others_groups():
-    first = B.load_imagenetvc("color", DATA / "imagenetvc")[0]
+    first = B.load_imagenetvc("color", EVAL_DATA / "imagenetvc")[0]
     assert first == {"id": "color-0", "category": "tench", "question": "What's the color of a tench?",
                      "answer": "green", "candidates": list(B.IMAGENETVC_CANDIDATES["color"]), "group": "color"}
-    others = B.load_imagenetvc("others", DATA / "imagenetvc")
-    with open(DATA / "imagenetvc" / "others.csv", newline="") as f:
+    others = B.load_imagenetvc("others", EVAL_DATA / "imagenetvc")
+    with open(EVAL_DATA / "imagenetvc" / "others.csv", newline="") as f:
         answers = [r["answer"] for r in csv.DictReader(f)]
     n_yes = sum(a in ("yes", "no") for a in answers)
     n_num = sum(a in ("2", "4", "6", "1", "8", "3", "5") for a in answers)
@@ -48,7 +49,7 @@ def test_imagenetvc_record_and_others_groups():
     assert groups.count("others_number") == n_num
     assert groups.count("others_other") == len(answers) - n_yes - n_num
     assert others[3]["answer"] == "short" and others[3]["group"] == "others_other"
-    assert B.load_imagenetvc("shape", DATA / "imagenetvc", limit=3)[2]["id"] == "shape-2"
+    assert B.load_imagenetvc("shape", EVAL_DATA / "imagenetvc", limit=3)[2]["id"] == "shape-2"
 
 
 def test_imagenetvc_candidates_and_templates():
@@ -70,12 +71,12 @@ def test_imagenetvc_candidates_and_templates():
 
 
 def test_imagenetvc_demos_by_group():
-    numbers = B.load_imagenetvc_demos("others", DATA / "imagenetvc", answer="4")
+    numbers = B.load_imagenetvc_demos("others", EVAL_DATA / "imagenetvc", answer="4")
     assert [d["answer"] for d in numbers] == ["4", "2", "10", "1", "3"]  # "10" is kept
     assert numbers[0] == {"category": "tree frog", "question": "How many legs does the tree frog have?",
                           "answer": "4"}
-    assert len(B.load_imagenetvc_demos("others_yes", DATA / "imagenetvc")) == 5
-    assert B.load_imagenetvc_demos("color", DATA / "imagenetvc")[0]["category"] == "hammerhead"
+    assert len(B.load_imagenetvc_demos("others_yes", EVAL_DATA / "imagenetvc")) == 5
+    assert B.load_imagenetvc_demos("color", EVAL_DATA / "imagenetvc")[0]["category"] == "hammerhead"
 
 
 def test_imagenetvc_bad_rows(tmp_path):
@@ -106,10 +107,10 @@ def test_imagenetvc_hub_path(monkeypatch):
 
 
 def test_object_commonsense_counts_and_records():
-    valm = DATA / "object_commonsense" / "valm"
+    valm = EVAL_DATA / "object_commonsense" / "valm"
     files = {"memory_color": "memory_color_data.csv", "color_terms": "color-concrete-objects.csv",
              "shape": "shape.csv", "relative_size": "size.csv"}
-    counts = {name: len(B.load_object_commonsense(name, DATA / "object_commonsense")) for name in B.OBJECT_SETS}
+    counts = {name: len(B.load_object_commonsense(name, EVAL_DATA / "object_commonsense")) for name in B.OBJECT_SETS}
     assert counts == {name: _csv_rows(valm / f) for name, f in files.items()}
     assert counts == {"memory_color": 108, "color_terms": 51, "shape": 140, "relative_size": 486}
 
@@ -140,10 +141,10 @@ def test_object_commonsense_fixtures(tmp_path):
 
 
 def test_vicomte_counts_and_records():
-    folder = DATA / "object_commonsense" / "vicomte"
+    folder = EVAL_DATA / "object_commonsense" / "vicomte"
     for relation in B.VICOMTE_RELATIONS:
         n_lines = sum(1 for line in open(folder / f"{relation}.jsonl") if line.strip())
-        assert len(B.load_vicomte(relation, DATA / "object_commonsense")) == n_lines
+        assert len(B.load_vicomte(relation, EVAL_DATA / "object_commonsense")) == n_lines
     color = B.load_vicomte("color", folder)
     assert len(color) == 2303
     assert color[0]["object"] == "clock" and color[0]["answer"] == "white" and color[0]["distractor"] == "silver"
@@ -156,11 +157,11 @@ def test_vicomte_counts_and_records():
 
 
 def test_piqa_real_file():
-    examples = B.load_commonsense("piqa", DATA / "piqa")
-    labels = [int(x) for x in (DATA / "piqa" / "valid-labels.lst").read_text().split()]
-    assert len(examples) == 1838 == len(labels)
+    examples = B.load_commonsense("piqa", TEST_DATA / "piqa")
+    labels = [int(x) for x in (TEST_DATA / "piqa" / "valid-labels.lst").read_text().split()]
+    assert len(examples) == 200 == len(labels)  # the trimmed sample: the first 200 rows
     assert [e.label for e in examples] == labels
-    first = json.loads((DATA / "piqa" / "valid.jsonl").open().readline())
+    first = json.loads((TEST_DATA / "piqa" / "valid.jsonl").open().readline())
     ex = examples[0]
     assert ex.id == "piqa-0"
     assert ex.context == f"Question: {first['goal']}\nAnswer:"
@@ -169,12 +170,12 @@ def test_piqa_real_file():
     assert ex.image_context == first["goal"]
     assert ex.requests() == [(ex.context, ex.choices[0]), (ex.context, ex.choices[1])]
     assert ex.norm_lengths() == [len(first["sol1"]), len(first["sol2"])]
-    assert len(B.load_commonsense("piqa", DATA / "piqa", limit=5)) == 5
+    assert len(B.load_commonsense("piqa", TEST_DATA / "piqa", limit=5)) == 5
 
 
 def test_arc_easy_dev_real_file():
-    examples = B.load_commonsense("arc_easy", DATA / "arc", split="dev")
-    assert len(examples) == 570
+    examples = B.load_commonsense("arc_easy", TEST_DATA / "arc", split="dev")
+    assert len(examples) == 100  # the trimmed sample
     ex = examples[0]
     assert ex.id == "MCAS_2000_4_6"
     assert ex.context == "Question: Which technology was developed most recently?\nAnswer:"
@@ -184,12 +185,12 @@ def test_arc_easy_dev_real_file():
     assert numeric.label == 1 and numeric.choices[1] == " pedigree chart"
     assert numeric.released_queries[1] == "Which model can be used to trace genetic inheritance? pedigree chart"
     with pytest.raises(FileNotFoundError, match="ARC-Easy-Test.jsonl"):
-        B.load_commonsense("arc_easy", DATA / "arc")  # the default split is test
+        B.load_commonsense("arc_easy", TEST_DATA / "arc")  # the default split is test
 
 
 def test_commonsenseqa_real_file():
-    examples = B.load_commonsense("cqa", DATA / "commonsenseqa")
-    assert len(examples) == 1221
+    examples = B.load_commonsense("cqa", TEST_DATA / "commonsenseqa")
+    assert len(examples) == 100  # the trimmed sample
     ex = examples[0]
     stem = "A revolving door is convenient for two direction travel, but it also serves as a security measure at a what?"
     assert ex.context == (f"Question: {stem}\nA. bank\nB. library\nC. department store\nD. mall\nE. new york\nAnswer:")
@@ -360,9 +361,9 @@ def test_commonsense_hub_layouts(monkeypatch):
 
 
 def test_boolq_real_file_keeps_case():
-    records = B.load_boolq(DATA / "boolq")
-    assert len(records) == 3270
-    raw = [json.loads(line) for line in (DATA / "boolq" / "dev.jsonl").open()]
+    records = B.load_boolq(TEST_DATA / "boolq")
+    assert len(records) == 100  # the trimmed sample
+    raw = [json.loads(line) for line in (TEST_DATA / "boolq" / "dev.jsonl").open()]
     assert [r["passage"] for r in records] == [r["passage"] for r in raw]
     assert sum(r["answer"] for r in records) == sum(r["answer"] for r in raw)
     rec = records[0]
@@ -397,17 +398,17 @@ def _released_squad_ids(records):
 
 
 def test_squad_sample():
-    records = B.load_squad(DATA / "squad_v2_sample")
-    assert len(records) == 706
-    assert sum(r["is_impossible"] for r in records) == 320
-    assert [r["title"] for r in records].count("Normans") == 208
+    records = B.load_squad(TEST_DATA / "squad_v2")
+    assert len(records) == 121  # the trimmed sample: 6 paragraphs of each of the 2 articles
+    assert sum(r["is_impossible"] for r in records) == 49
+    assert [r["title"] for r in records].count("Normans") == 36
     first, second = records[0], records[1]
     assert first["question"] == "In what country is Normandy located?" and first["answers"][0] == "France"
     assert first["prev_question"] is None and first["index_in_article"] == 0
     assert second["prev_question"] == "In what country is Normandy located?" and second["prev_answer"] == "France"
     scored = [r["id"] for r in records if not r["is_impossible"] and r["prev_question"] is not None]
     assert scored == _released_squad_ids(records)
-    assert len(scored) == 706 - 320 - 2
+    assert len(scored) == 121 - 49 - 2
     rhine = [r for r in records if r["title"] == "Rhine"]
     assert rhine[0]["index_in_article"] == 0 and rhine[0]["prev_question"] is None
     prompt = B.qa_one_shot_prompt(second)
@@ -426,7 +427,7 @@ def test_squad_bad_json(tmp_path):
 
 
 def test_quac_sample():
-    records = B.load_quac(path=DATA / "quac_sample" / "val_v0.2.json")
+    records = B.load_quac(path=TEST_DATA / "quac" / "val_v0.2.json")
     assert len(records) == 41
     assert len({r["dialog_id"] for r in records}) == 5
     first = records[0]

@@ -1,5 +1,5 @@
 """Commonsense QA, BoolQ, SQuAD and QuAC scripts on the tiny zoo (CPU), against the real files in
-../shared/data and direct computations with the base LM."""
+the trimmed samples in tests/data and direct computations with the base LM."""
 from __future__ import annotations
 
 import json
@@ -12,7 +12,7 @@ import torch
 from eval_scripts import boolq, commonsenseQA, quac, squad
 from eval_scripts.core import run_main
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+from tests.paths import TEST_DATA as SHARED
 
 
 def argv(lm, clip, tmp, run, images=True, extra=()):
@@ -86,7 +86,7 @@ def test_boolq_released_command(lm_dirs, tiny_clip_spec, tmp_path):
         assert r["images"][-1]["prompt"] == " ".join(r["prompt"].split()[-60:])
 
 
-@pytest.mark.parametrize("script,folder", [(squad, "squad_v2_sample"), (quac, "quac_sample")], ids=["squad", "quac"])
+@pytest.mark.parametrize("script,folder", [(squad, "squad_v2"), (quac, "quac")], ids=["squad", "quac"])
 def test_qa_released_command(lm_dirs, tiny_clip_spec, tmp_path, script, folder):
     task = script.__name__.rsplit(".", 1)[-1]
     res = script.main(argv(lm_dirs["llama"], tiny_clip_spec, tmp_path, "r",
@@ -204,7 +204,7 @@ def test_fused_generation(lm_dirs, tiny_clip_spec, tmp_path):
 
     def predictions(run, images, *extra):
         res = squad.main(argv(lm_dirs["llama"], tiny_clip_spec, tmp_path, run, images=images,
-                              extra=["--data_dir", str(SHARED / "squad_v2_sample"), "--limit", "2",
+                              extra=["--data_dir", str(SHARED / "squad_v2"), "--limit", "2",
                                      "--max_new_tokens", "4", "--pretrained_model", str(ckpt), *extra]))
         return [r["prediction"] for r in samples(tmp_path, run, "squad").values()], res
 
@@ -220,7 +220,7 @@ def test_fused_generation(lm_dirs, tiny_clip_spec, tmp_path):
 def test_squad_selection_and_abstention():
     from data.benchmarks import load_squad
 
-    records = load_squad(SHARED / "squad_v2_sample")
+    records = load_squad(SHARED / "squad_v2")
     default, skipped = squad.select_questions(records, all_questions=False)
     everything, skipped_all = squad.select_questions(records, all_questions=True)
     answerable_with_example = [r for r in records if not r["is_impossible"] and r["prev_question"] is not None]

@@ -10,8 +10,9 @@ from eval_scripts import core
 from eval_scripts.core import EvalError, Evaluator, _bool_word, build_parser, run_main
 from eval_scripts.imagenetVC import main, parse_args
 from tests.zoo import boosted_checkpoint
+from tests.paths import EVAL_DATA
 
-VC = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "imagenetvc"
+VC = EVAL_DATA / "imagenetvc"
 QUESTIONS = 2  # color questions per run: 10 items with the 5 templates
 
 

@@ -15,9 +15,10 @@ from eval_scripts import core
 from eval_scripts.core import run_main
 from eval_scripts.imagenetVC import main, make_compute, parse_args
 from tests.zoo import boosted_checkpoint
+from tests.paths import EVAL_DATA
 
 REPO = Path(__file__).resolve().parents[1]
-VC = REPO.parent / "shared" / "data" / "imagenetvc"
+VC = EVAL_DATA / "imagenetvc"
 SUBSETS = ("color", "shape", "material", "component", "others")
 TEMPLATES = ("{q}", "{q} Answer:", "{q} The answer is", "Question: {q} Answer:", "Question: {q} The answer is")
 SAMPLE_KEYS = {"id", "prompt", "candidates", "scores", "prediction", "answer", "correct", "images"}

@@ -9,8 +9,9 @@ import torch
 from data.benchmarks import load_object_commonsense
 from eval_scripts.core import run_main
 from eval_scripts.object_commonsense import COLOR_TEMPLATES, SIZE_TEMPLATES, main
+from tests.paths import EVAL_DATA
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "object_commonsense"
+DATA = EVAL_DATA / "object_commonsense"
 VALM = DATA / "valm"
 SETS = ("memory_color", "color_terms", "shape", "relative_size")
 N_TEMPLATES = {"memory_color": 9, "color_terms": 9, "shape": 9, "relative_size": 6}

@@ -14,8 +14,9 @@ from data.toyworld import (
     COLORS, DEV_OBJECTS, OBJECTS, PROMPT_TEMPLATES, SHAPES, ToyWorldGenerator, find_object,
     make_training_examples, render, write_eval_csvs, write_training_file,
 )
+from tests.paths import EVAL_DATA
 
-IMAGENETVC = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "imagenetvc"
+IMAGENETVC = EVAL_DATA / "imagenetvc"
 NAME_RE = re.compile(r"\b(" + "|".join(OBJECTS) + r")", re.IGNORECASE)
 
 

@@ -14,12 +14,12 @@ from PIL import Image
 import train
 from models.checkpoints import load_trainable, read_checkpoint_config
 from models.late_fusion import LateFusionLM
+from tests.paths import EVAL_DATA, TEST_DATA
 from tests.zoo import TINY
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared" / "data"
-VG_SAMPLE = SHARED / "visual_genome_sample" / "v1.2"
-WIKI_SAMPLE = SHARED / "wikitext2_sample" / "valid.txt"
+VG_SAMPLE = TEST_DATA / "visual_genome" / "v1.2"
+WIKI_SAMPLE = TEST_DATA / "wikitext2" / "valid.txt"
 README_COMMAND = ("--run_name test --dataset_name cropped_vg --model_name_or_path meta-llama/Meta-Llama-3-8B "
                   "--output_dir output/llama3 --report_to wandb --per_device_train_batch_size 64 "
                   "--num_train_epochs 1 --run_bf16 --learning_rate 5e-4 --with_tracking").split()
@@ -168,7 +168,7 @@ def test_overfits_a_repeated_batch_and_saves_loadable_weights(tmp_path, fit_lm, 
     evaluated = imagenetVC.main(["--model_name", fit_lm, "--pretrained_model", str(out / "fit_29"),
                                  "--generate_images", "True", "--k", "1", "--image_generator", "toyworld",
                                  "--image_size", "32", "--image_cache", str(tmp_path / "cache"), "--limit", "1",
-                                 "--data_dir", str(SHARED / "imagenetvc"), "--output_dir", str(tmp_path / "eval"),
+                                 "--data_dir", str(EVAL_DATA / "imagenetvc"), "--output_dir", str(tmp_path / "eval"),
                                  "--run_name", "vc", "--device", "cpu"])
     assert (tmp_path / "eval" / "vc" / "imagenetvc.json").is_file() and evaluated["metrics"]
 
