@@ -1,0 +1,227 @@
+"""What an evaluation loads once from its flags: device and dtype, tokenizer, the late-fusion model with
+its trained weights, and, when images are requested, the vision encoder and the image provider.
+
+A :class:`Runtime` serves any number of tasks in one process (each :class:`eval_scripts.core.Evaluator`
+takes one); nothing in it depends on a task. It also keeps the two memos that make repeated scoring
+cheap: the frozen LM's hidden states per token sequence (process-wide, bounded in bytes) and the vision
+features per image (bounded in count).
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from collections import OrderedDict
+
+import torch
+
+from eval_scripts.cli import EvalError
+from models.late_fusion import HiddenStateMemo
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# the flags a Runtime is built from: tasks that share one must agree on them
+RUNTIME_KEYS = ("model_name", "pretrained_model", "vision_encoder", "proj_hidden", "device", "dtype",
+                "image_generator", "image_size", "num_inference_steps", "guidance_scale", "seed",
+                "image_cache", "gen_batch_size", "toyworld_noise")
+
+# The frozen LM's hidden states per token sequence, shared by every runtime in this process (e.g. the
+# demo's text-only, k=1, k=3 and k=6 runs score the same prompts). Bounded in bytes.
+_HIDDEN_MEMO = HiddenStateMemo()
+
+
+def clear_memos() -> None:
+    """Forget memoised LM hidden states (benchmarks call this to start each way from a clean state)."""
+    _HIDDEN_MEMO.clear()
+
+
+class Stopwatch:
+    """Accumulates seconds per named phase; forward hooks time the LM and fusion passes."""
+
+    def __init__(self, device):
+        self.seconds: dict[str, float] = {"generation": 0.0, "clip": 0.0, "lm": 0.0, "fusion": 0.0}
+        self.counts: dict[str, int] = {"lm": 0, "fusion": 0}
+        self._cuda = torch.device(device).type == "cuda"
+        self._start: dict[str, float] = {}
+
+    def _now(self):
+        if self._cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def hook(self, module, name):
+        module.register_forward_pre_hook(lambda *_: self._start.__setitem__(name, self._now()))
+
+        def post(*_):
+            self.seconds[name] += self._now() - self._start.pop(name)
+            self.counts[name] += 1
+        module.register_forward_hook(post)
+
+    def phase(self, name):
+        watch = self
+
+        class _Ctx:
+            def __enter__(self):
+                self.t = watch._now()
+
+            def __exit__(self, *exc):
+                watch.seconds[name] += watch._now() - self.t
+        return _Ctx()
+
+    def snapshot(self) -> tuple[dict, dict]:
+        return dict(self.seconds), dict(self.counts)
+
+
+class Runtime:
+    """Models and helpers built once from the flags (see the module docstring).
+
+    ``use_images``: load the vision encoder and the image provider. ``before_load(runtime)`` runs after the
+    trained weights have been read (and ``args.vision_encoder`` resolved from them) but before any model
+    is loaded, so a caller can refuse a run cheaply.
+    """
+
+    def __init__(self, args: argparse.Namespace, use_images: bool, before_load=None):
+        from accelerate import PartialState
+        from transformers import AutoTokenizer
+
+        from models.checkpoints import load_state, load_trainable
+        from models.late_fusion import LateFusionLM
+        from models.vision import DEFAULT_VISION_ENCODER
+
+        self.t0 = time.perf_counter()
+        self.use_images = use_images
+        self.spec = {k: getattr(args, k, None) for k in RUNTIME_KEYS}
+        self.state = PartialState(cpu=args.device == "cpu")
+        self.device = torch.device(args.device) if args.device else self.state.device
+        self.dtype = (DTYPES[args.dtype] if args.dtype != "auto" else
+                      torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        self.is_main = self.state.is_main_process
+        self.watch = Stopwatch(self.device)
+
+        # trained weights first: their shapes give the vision width and projector width
+        ckpt_state, ckpt_cfg = (load_state(args.pretrained_model) if args.pretrained_model else ({}, {}))
+        if args.pretrained_model and "mm_proj.linear1.weight" in ckpt_state:
+            vision_dim = ckpt_state["mm_proj.linear1.weight"].shape[1]
+            proj_hidden = ckpt_state["mm_proj.linear1.weight"].shape[0]
+        else:
+            vision_dim, proj_hidden = ckpt_cfg.get("vision_dim"), args.proj_hidden
+        args.vision_encoder = args.vision_encoder or ckpt_cfg.get("vision_encoder") or DEFAULT_VISION_ENCODER
+        self.spec["vision_encoder"] = args.vision_encoder
+        if before_load is not None:
+            before_load(self)
+        self.vision = None
+        if use_images:
+            from models.vision import load_vision_encoder
+            self.vision = load_vision_encoder(args.vision_encoder, device=self.device, dtype=self.dtype)
+            if vision_dim is not None and vision_dim != self.vision.hidden_size:
+                raise EvalError(f"--pretrained_model {args.pretrained_model!r} expects vision width {vision_dim}, "
+                                f"but {args.vision_encoder!r} gives {self.vision.hidden_size}")
+            vision_dim = self.vision.hidden_size
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(args.model_name)
+        except (OSError, ValueError) as e:
+            raise EvalError(f"cannot load the tokenizer of --model_name {args.model_name!r}: "
+                            f"{str(e).splitlines()[0]}") from None
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.model = LateFusionLM.from_pretrained(args.model_name, vision_dim=vision_dim or 768,
+                                                  proj_hidden=proj_hidden, torch_dtype=self.dtype)
+        if args.pretrained_model:
+            load_trainable(self.model, args.pretrained_model, loaded=(ckpt_state, ckpt_cfg))
+            del ckpt_state
+        self.model.to(self.device, self.dtype).eval()
+        self.model_key = (args.model_name, str(self.dtype), str(self.device))
+        self.watch.hook(self.model.lm.base_model, "lm")
+        self.watch.hook(self.model.fusion_layer, "fusion")
+        self.provider = None
+        if use_images:
+            from models import image_generation
+            from models.image_generation import ImageCache, ImageProvider, build_generator
+            generator = build_generator(args.image_generator, device=self.device, dtype=args.dtype,
+                                        noise=args.toyworld_noise)
+            self.provider = ImageProvider(generator, ImageCache(args.image_cache), image_size=args.image_size,
+                                          num_inference_steps=args.num_inference_steps,
+                                          guidance_scale=args.guidance_scale, seed=args.seed,
+                                          gen_batch_size=args.gen_batch_size)
+            self._pipeline_loads0 = image_generation.PIPELINE_LOADS  # the counter is process-wide
+        self._features: OrderedDict[str, tuple[torch.Tensor, float]] = OrderedDict()  # path -> (patches, cos)
+        self._max_text: dict[int, int | None] = {}
+        self.setup_seconds = time.perf_counter() - self.t0
+
+    def mismatches(self, args: argparse.Namespace, use_images: bool) -> list[str]:
+        """The runtime flags on which ``args`` differs from what this runtime was built from."""
+        diff = [k for k in RUNTIME_KEYS if k != "vision_encoder" and getattr(args, k, None) != self.spec[k]]
+        if args.vision_encoder not in (None, self.spec["vision_encoder"]):
+            diff.append("vision_encoder")
+        if use_images and not self.use_images:
+            diff.append("generate_images")
+        return diff
+
+    # ------------------------------------------------------------------ images
+    def image_features(self, images) -> tuple[list[torch.Tensor], list[float]]:
+        """CLIP patch tokens and image-prompt cosine of each image (memoised by path)."""
+        todo = list(OrderedDict((im.path, im) for im in images if im.path not in self._features).values())
+        with self.watch.phase("clip"):
+            for start in range(0, len(todo), 64):
+                chunk = todo[start:start + 64]
+                patches, embeds = self.vision.encode_images(self.vision.pixels([im.image for im in chunk]))
+                cos = self.vision.image_text_similarity(embeds, [im.prompt for im in chunk])
+                for im, p, c in zip(chunk, patches, cos.tolist()):
+                    self._features[im.path] = (p, c)
+        out = [self._features[im.path] for im in images]
+        while len(self._features) > 4096:  # bounded: images are shared by nearby items only
+            self._features.popitem(last=False)
+        return [p for p, _ in out], [c for _, c in out]
+
+    def image_stats(self) -> dict:
+        s = {"generated": 0, "hits": 0, "pipeline_loads": 0}
+        if self.provider is not None:
+            from models import image_generation
+            s.update(generated=self.provider.generated, hits=self.provider.hits,
+                     pipeline_loads=image_generation.PIPELINE_LOADS - self._pipeline_loads0)
+        return s
+
+    # ------------------------------------------------------------------ tokens
+    def encode(self, text: str, special: bool = True) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=special)["input_ids"]
+
+    def n_visual_tokens(self) -> int:
+        if not self.use_images:
+            return 0
+        if not hasattr(self, "_n_visual"):
+            from PIL import Image
+            self._n_visual = self.vision.encode_images(self.vision.pixels([Image.new("RGB", (64, 64))]))[0].shape[1]
+        return self._n_visual
+
+    def max_text_tokens(self, reserve: int = 0, with_images: bool | None = None) -> int | None:
+        """Longest text the LM (and the fusion block, after its visual prefix) can take, or None."""
+        cfg = self.model.lm.config
+        limit = getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None)
+        if not limit:
+            return None
+        with_images = self.use_images if with_images is None else with_images
+        return limit - (self.n_visual_tokens() if with_images else 0) - reserve
+
+    def fit(self, seq: list[int], reserve: int = 0, with_images: bool | None = None) -> tuple[list[int], int]:
+        """Keep the last tokens of an over-long sequence; returns it and how many were cut."""
+        key = (reserve, self.use_images if with_images is None else with_images)
+        if key not in self._max_text:
+            self._max_text[key] = self.max_text_tokens(reserve, key[1])
+        limit = self._max_text[key]
+        if limit is None or len(seq) <= limit:
+            return seq, 0
+        return seq[len(seq) - limit:], len(seq) - limit
+
+    def pad(self, seqs: list[list[int]], left: bool = False):
+        width = max(len(s) for s in seqs)
+        pad = self.tokenizer.pad_token_id
+        ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            sl = slice(width - len(s), width) if left else slice(0, len(s))
+            ids[i, sl] = torch.tensor(s, dtype=torch.long)
+            mask[i, sl] = 1
+        return ids.to(self.device), mask.to(self.device)
+
+    def text_hidden(self, seqs: list[list[int]]) -> torch.Tensor:
+        """The LM's final hidden states of right-padded ``seqs`` (memoised across runs)."""
+        ids, mask = self.pad(seqs)
+        return _HIDDEN_MEMO(self.model, ids, mask, key=self.model_key)
