@@ -1,4 +1,4 @@
-"""Train the late-fusion projector and fusion block (METHOD.md, section 4) with Accelerate.
+"""Train the late-fusion projector and fusion block (docs/method.md, "Training") with Accelerate.
 
 The same command runs under ``python train.py``, ``accelerate launch train.py`` (one or many GPUs,
 DDP through Accelerate's config) and ``torchrun --nproc_per_node N train.py`` (on CPUs with gloo)::

@@ -16,15 +16,15 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-SHARED_DATA = REPO.parent / "shared" / "data"
+# Real data the repository carries: the shipped evaluation files and the trimmed test samples.
+REPO_DATA = {"imagenetvc": REPO / "data" / "evaluation" / "imagenetvc",
+             "visual_genome": REPO / "tests" / "data" / "visual_genome"}
 
 
-def shared_data(name: str) -> Path | None:
-    """``../shared/data/<name>`` (or ``./shared/data/<name>``) when present, else None."""
-    for root in (SHARED_DATA, REPO / "shared" / "data"):
-        if (root / name).is_dir():
-            return root / name
-    return None
+def repo_data(name: str) -> Path | None:
+    """The repository's copy of a data set (``REPO_DATA``) when present, else None."""
+    path = REPO_DATA.get(name)
+    return path if path is not None and path.is_dir() else None
 
 
 # ---------------------------------------------------------------------------------------------- tiny zoo

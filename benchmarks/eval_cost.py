@@ -34,7 +34,7 @@ import uuid
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_utils import PeakMemory, finish, machine_info, shared_data, use_tiny_zoo  # noqa: E402
+from bench_utils import PeakMemory, finish, machine_info, repo_data, use_tiny_zoo  # noqa: E402
 
 WAYS = ("text", "cold", "warm")
 N_TEMPLATES = 5
@@ -49,7 +49,7 @@ def parse_args(argv=None):
     p.add_argument("--k", type=int, default=6, help="images per input")
     p.add_argument("--subsets", default="color", help="comma-separated ImageNetVC subsets")
     p.add_argument("--data_dir", default=None,
-                   help="ImageNetVC CSVs (default: ../shared/data/imagenetvc, else the hub)")
+                   help="ImageNetVC CSVs (default: the shipped data/evaluation/imagenetvc)")
     p.add_argument("--tiny", action="store_true", help="build and use the test zoo's tiny models (CPU, offline)")
     p.add_argument("--zoo_dir", default=None, help="where --tiny builds (and reuses) its models (default: a temp dir)")
     p.add_argument("--work_dir", default=None, help="image caches and result files (default: a temp dir)")
@@ -285,8 +285,8 @@ def main(argv=None) -> dict:
         if args.tiny:
             use_tiny_zoo(args, stack, ("model_name", "vision_encoder", "image_generator"))
             args.image_size = args.image_size or "64"
-        if args.data_dir is None and shared_data("imagenetvc") is not None:
-            args.data_dir = str(shared_data("imagenetvc"))
+        if args.data_dir is None and repo_data("imagenetvc") is not None:
+            args.data_dir = str(repo_data("imagenetvc"))
         work = Path(args.work_dir or stack.enter_context(tempfile.TemporaryDirectory(prefix="eval-cost-")))
         import torch
 

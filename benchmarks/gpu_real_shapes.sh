@@ -18,7 +18,7 @@
 #
 # Environment: PYTHON (default .venv/bin/python, else python3), WORK_DIR (default /tmp/late-fusion-bench),
 # BUDGET_S (440), QUESTIONS (50), K (6), EVAL_BATCH (64), GEN_BATCH (16), TRAIN_BATCH (32), TRAIN_STEPS (5),
-# LLAMA (1: try Llama-3-8B when time is left; 0: never), IMAGENETVC_DIR (real CSVs; else ../shared/data/imagenetvc,
+# LLAMA (1: try Llama-3-8B when time is left; 0: never), IMAGENETVC_DIR (real CSVs; else the shipped data/evaluation/imagenetvc,
 # else a synthetic color.csv in ImageNetVC's format), RESULTS_DIR (default benchmarks/results; $WORK_DIR/results with --tiny).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -311,7 +311,7 @@ ENV_RC=$?
 
 # 2. models -----------------------------------------------------------------------------------------------
 DATA=${IMAGENETVC_DIR:-}
-for d in shared/data/imagenetvc ../shared/data/imagenetvc; do
+for d in data/evaluation/imagenetvc; do
   [[ -z "$DATA" && -f "$d/color.csv" ]] && DATA=$d
 done
 WHAT=gemma-2b,clip,sdxl

@@ -19,7 +19,7 @@ and the peak memory (see ``bench_utils.PeakMemory``). Configurations, each one c
 * ``bf16``: LM and CLIP in bf16; the trained modules stay fp32 under bf16 autocast.
 
 Images: by default stand-in JPEGs (smooth noise) with the real region phrases and boxes of the
-Visual Genome sample in ``../shared/data`` when it is there, else invented phrases and boxes; or a real
+Visual Genome sample in ``tests/data/visual_genome``, else invented phrases and boxes; or a real
 Visual Genome directory with ``--vg_dir``.
 
     python benchmarks/train_cost.py --tiny                      # CPU, the test zoo
@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_utils import PeakMemory, finish, machine_info, shared_data, sync, use_tiny_zoo  # noqa: E402
+from bench_utils import PeakMemory, finish, machine_info, repo_data, sync, use_tiny_zoo  # noqa: E402
 
 CONFIGS = {  # bf16 last: the LM is cast once
     "base": {"workers": 0, "dtype": "fp32", "features": "on_the_fly"},
@@ -103,7 +103,7 @@ def make_vg_dir(out: Path, n_regions: int, seed: int = 0) -> Path:
     enough, else ``n_regions`` invented ones (8 per 640x480 image)."""
     rng = random.Random(seed)
     out.mkdir(parents=True, exist_ok=True)
-    sample = shared_data("visual_genome_sample")
+    sample = repo_data("visual_genome")
     regions = []
     if sample is not None and (sample / "v1.2" / "region_descriptions.json").is_file():
         images = json.loads((sample / "v1.2" / "image_data.json").read_text())

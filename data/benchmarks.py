@@ -1,9 +1,11 @@
 """Benchmark readers: every benchmark from its original local files or from a hub id.
 
-Each reader takes ``data_dir`` (the folder holding the benchmark's original files) or, with
-``data_dir=None``, loads a parquet hub id through ``datasets.load_dataset`` (no loading scripts,
-so it works with datasets >= 4). Bad input raises ``ValueError`` naming the file and line (or the
-hub id and row); a missing file raises ``FileNotFoundError``.
+Each reader takes ``data_dir`` (the folder holding the benchmark's original files), or ``data_file``
+(one such file), or neither: then it loads a parquet hub id through ``datasets.load_dataset`` (no
+loading scripts, so it works with datasets >= 4). ImageNetVC and the object-commonsense sets ship with
+the project under ``data/evaluation/`` (``SHIPPED_DATA``), which the eval scripts read by default. Bad
+input raises ``ValueError`` naming the file and line (or the hub id and row); a missing file raises
+``FileNotFoundError`` naming every file that was looked for. Scoring rules: ``docs/protocols.md``.
 
 Benchmarks and their record forms:
 
@@ -24,6 +26,11 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
+
+# The evaluation files the project ships (see each folder's SOURCE.md).
+SHIPPED_DATA = Path(__file__).resolve().parent / "evaluation"
+IMAGENETVC_DIR = SHIPPED_DATA / "imagenetvc"
+OBJECT_COMMONSENSE_DIR = SHIPPED_DATA / "object_commonsense"
 
 # ----------------------------------------------------------------------------------------------
 # shared helpers
@@ -56,13 +63,17 @@ def _require_file(path: Path, what: str) -> Path:
     return path
 
 
-def _find_file(folders: Iterable[Path], filename: str, what: str) -> Path:
-    """The first ``folder/filename`` that exists."""
+def _find_file(folders: Iterable[Path], filenames: str | Iterable[str], what: str) -> Path:
+    """The first ``folder/filename`` that exists (folders in order, then names in order); the error
+    names every file looked for."""
     folders = list(folders)
+    names = [filenames] if isinstance(filenames, str) else list(filenames)
     for folder in folders:
-        if (folder / filename).is_file():
-            return folder / filename
-    raise FileNotFoundError(f"{what}: {filename} not found in {', '.join(map(str, folders))}")
+        for name in names:
+            if (folder / name).is_file():
+                return folder / name
+    where = folders[0] if len(folders) == 1 else "any of " + ", ".join(map(str, folders))
+    raise FileNotFoundError(f"{what}: no {' or '.join(names)} in {where}")
 
 
 def _text(raw: dict, key: str, allow_empty: bool = False) -> str:
@@ -190,11 +201,11 @@ def imagenetvc_prompt(question: str, template: int, demos: Iterable[dict] = ()) 
     return prefix + fmt.format(q=question)
 
 
-def _imagenetvc_rows(filename: str, data_dir) -> list[tuple[str, dict]]:
-    """``(location, row)`` pairs of one ImageNetVC CSV, local or from the hub."""
+def _imagenetvc_rows(filename: str, data_dir, data_file=None) -> list[tuple[str, dict]]:
+    """``(location, row)`` pairs of one ImageNetVC CSV: ``data_file``, ``data_dir/filename`` or the hub."""
     columns = ("category", "question", "answer")
-    if data_dir is not None:
-        path = _require_file(Path(data_dir) / filename, "ImageNetVC")
+    if data_file is not None or data_dir is not None:
+        path = _require_file(Path(data_file) if data_file is not None else Path(data_dir) / filename, "ImageNetVC")
         return [(f"{path}:{line}", row) for line, row in _read_csv(path, columns)]
     rows = list(_hub_rows(IMAGENETVC_HUB, split="train", data_files={"train": filename}))
     where = f"{IMAGENETVC_HUB}/{filename}"
@@ -214,8 +225,8 @@ def _imagenetvc_record(row: dict) -> dict:
     return clean
 
 
-def load_imagenetvc(subset: str, data_dir=None, limit: int | None = None) -> list[dict]:
-    """ImageNetVC questions of one subset, from ``data_dir/{subset}.csv`` or the hub.
+def load_imagenetvc(subset: str, data_dir=None, limit: int | None = None, data_file=None) -> list[dict]:
+    """ImageNetVC questions of one subset, from ``data_file``, ``data_dir/{subset}.csv`` or the hub.
 
     Each record: ``id`` ("{subset}-{row index}"), ``category``, ``question``, ``answer``
     (lower-cased, as the reference script compares), ``candidates`` (the fixed list) and ``group``
@@ -225,7 +236,7 @@ def load_imagenetvc(subset: str, data_dir=None, limit: int | None = None) -> lis
     if subset not in IMAGENETVC_SUBSETS:
         raise ValueError(f"unknown ImageNetVC subset {subset!r}; expected one of {IMAGENETVC_SUBSETS}")
     records = []
-    for i, (where, row) in enumerate(_imagenetvc_rows(f"{subset}.csv", data_dir)):
+    for i, (where, row) in enumerate(_imagenetvc_rows(f"{subset}.csv", data_dir, data_file)):
         try:
             rec = _imagenetvc_record(row)
             group = imagenetvc_group(subset, rec["answer"])
@@ -267,6 +278,7 @@ _OBJECT_FILES = {
     "shape": ("shape.csv", "Index", "Descriptor", "Item", "Shape"),
 }
 RELATIVE_SIZE_ANSWERS = ("larger", "smaller")
+OBJECT_SET_FILES = {**{name: spec[0] for name, spec in _OBJECT_FILES.items()}, "relative_size": "size.csv"}
 
 
 def object_phrase(descriptor: str, obj: str) -> str:
@@ -274,9 +286,14 @@ def object_phrase(descriptor: str, obj: str) -> str:
     return f"{descriptor} {obj}" if descriptor else obj
 
 
-def load_object_commonsense(name: str, data_dir) -> list[dict]:
-    """One of VaLM's object-commonsense sets, from ``data_dir`` (the folder holding the VaLM files,
-    or its parent with a ``valm/`` subfolder).
+def object_set_of_file(path) -> str | None:
+    """The object-commonsense set a VaLM file holds, by its released file name (None if unknown)."""
+    return {file: name for name, file in OBJECT_SET_FILES.items()}.get(Path(path).name)
+
+
+def load_object_commonsense(name: str, data_dir=None, data_file=None) -> list[dict]:
+    """One of VaLM's object-commonsense sets, from ``data_file`` or ``data_dir`` (the folder holding
+    the VaLM files, or its parent with a ``valm/`` subfolder; default: the shipped files).
 
     * ``memory_color`` (memory_color_data.csv; its color column is headed "Shape" in the release),
       ``color_terms`` (color-concrete-objects.csv), ``shape`` (shape.csv): records ``id, object,
@@ -291,11 +308,13 @@ def load_object_commonsense(name: str, data_dir) -> list[dict]:
     """
     if name not in OBJECT_SETS:
         raise ValueError(f"unknown object-commonsense set {name!r}; expected one of {OBJECT_SETS}")
-    folders = [Path(data_dir), Path(data_dir) / "valm"]
+    data_dir = Path(data_dir) if data_dir is not None else OBJECT_COMMONSENSE_DIR
+    folders = [data_dir, data_dir / "valm"]
     if name == "relative_size":
-        return _load_relative_size(_find_file(folders, "size.csv", name))
+        return _load_relative_size(_require_file(Path(data_file), name) if data_file is not None
+                                   else _find_file(folders, "size.csv", name))
     filename, id_col, desc_col, obj_col, ans_col = _OBJECT_FILES[name]
-    path = _find_file(folders, filename, name)
+    path = _require_file(Path(data_file), name) if data_file is not None else _find_file(folders, filename, name)
     columns = tuple(c for c in (id_col, desc_col, obj_col, ans_col) if c)
     records = []
     for i, (line, row) in enumerate(_read_csv(path, columns)):
@@ -528,16 +547,20 @@ def _local_qa_to_hub(raw: dict, stem_key: str) -> dict:
             "choices": {"text": [c.get("text") for c in choices], "label": [c.get("label") for c in choices]}}
 
 
-def _local_rows(testset: str, folder: Path, split: str) -> list[tuple[str, dict]]:
-    """``(location, row in hub layout)`` from a benchmark's original files in ``folder``."""
+def _local_file(testset: str, folder: Path, split: str) -> Path:
+    """The original file of ``testset``'s ``split`` in ``folder``."""
     if testset in ("arc_easy", "arc_challenge"):
         kind = "Easy" if testset == "arc_easy" else "Challenge"
-        path = _find_file([folder, folder / f"ARC-{kind}"], f"ARC-{kind}-{split.capitalize()}.jsonl", testset)
-    else:
-        filename = {"cqa": f"{split}_rand_split.jsonl", "hs": f"hellaswag_{split}.jsonl"}.get(testset, f"{split}.jsonl")
-        path = _require_file(folder / filename, testset)
+        return _find_file([folder, folder / f"ARC-{kind}"], f"ARC-{kind}-{split.capitalize()}.jsonl", testset)
+    filename = {"cqa": f"{split}_rand_split.jsonl", "hs": f"hellaswag_{split}.jsonl"}.get(testset, f"{split}.jsonl")
+    return _require_file(folder / filename, testset)
+
+
+def _local_rows(testset: str, path: Path) -> list[tuple[str, dict]]:
+    """``(location, row in hub layout)`` from one of a benchmark's original files; PIQA, SIQA and
+    WinoGrande labels come from the line-aligned ``{stem}-labels.lst`` beside it."""
     rows = read_jsonl(path)
-    labels_path = folder / f"{split}-labels.lst"
+    labels_path = path.with_name(f"{path.stem}-labels.lst")
     labels = None
     if testset in ("piqa", "siqa") or (testset == "winogrande" and labels_path.is_file()):
         allowed = {"piqa": ("0", "1"), "siqa": ("1", "2", "3"), "winogrande": ("1", "2")}[testset]
@@ -577,7 +600,7 @@ def _hub_rows_mc(testset: str, split: str | None) -> list[tuple[str, dict]]:
 
 
 def load_commonsense(testset: str, data_dir=None, split: str | None = None,
-                     limit: int | None = None) -> list[MCExample]:
+                     limit: int | None = None, data_file=None) -> list[MCExample]:
     """Multiple-choice commonsense questions as ``MCExample``s.
 
     ``testset``: piqa, siqa, arc (ARC-Easy followed by ARC-Challenge, as the released script
@@ -590,7 +613,9 @@ def load_commonsense(testset: str, data_dir=None, split: str | None = None,
     OBQA ``{split}.jsonl`` (default "test"); CommonsenseQA ``{split}_rand_split.jsonl`` (default
     "dev"); HellaSwag ``hellaswag_{split}.jsonl`` (default "val"); WinoGrande ``{split}.jsonl``
     with ``{split}-labels.lst`` if present, else each row's "answer" (default "dev").
-    Without ``data_dir``, the hub ids of ``COMMONSENSE_HUB`` are read (``split`` names the hub
+    ``data_file`` names one such file instead (labels, where a set has them, from ``{stem}-labels.lst``
+    beside it; ``arc`` reads two files, so it takes ``data_dir`` only).
+    Without either, the hub ids of ``COMMONSENSE_HUB`` are read (``split`` names the hub
     split; default validation, test for ARC and OBQA).
 
     Ids come from the files (id / qID / ind) or are "{testset}-{row index}".
@@ -598,10 +623,15 @@ def load_commonsense(testset: str, data_dir=None, split: str | None = None,
     if testset not in COMMONSENSE_TESTSETS:
         raise ValueError(f"unknown testset {testset!r}; expected one of {COMMONSENSE_TESTSETS}")
     parts = ("arc_easy", "arc_challenge") if testset == "arc" else (testset,)
+    if data_file is not None and len(parts) > 1:
+        raise ValueError("testset arc reads ARC-Easy and ARC-Challenge: give --data_dir, or use arc_easy or "
+                         "arc_challenge with --data_file")
     examples = []
     for part in parts:
-        if data_dir is not None:
-            rows = _local_rows(part, Path(data_dir), split or _LOCAL_SPLIT[part])
+        if data_file is not None:
+            rows = _local_rows(part, _require_file(Path(data_file), part))
+        elif data_dir is not None:
+            rows = _local_rows(part, _local_file(part, Path(data_dir), split or _LOCAL_SPLIT[part]))
         else:
             rows = _hub_rows_mc(part, split)
         for i, (where, raw) in enumerate(rows):
@@ -629,12 +659,13 @@ def boolq_released_prompt(rec: dict) -> str:
     return f"Context: {rec['passage']}. Question: {q[:1].upper()}{q[1:]}? Answer:"
 
 
-def load_boolq(data_dir=None, limit: int | None = None, split: str | None = None) -> list[dict]:
-    """BoolQ from ``data_dir/{split}.jsonl`` (default "dev") or the hub (``google/boolq``, which has
-    no title: "" then). Records ``id, passage, question, title, answer`` (bool). Text is kept
+def load_boolq(data_dir=None, limit: int | None = None, split: str | None = None, data_file=None) -> list[dict]:
+    """BoolQ from ``data_file``, ``data_dir/{split}.jsonl`` (default "dev") or the hub (``google/boolq``,
+    which has no title: "" then). Records ``id, passage, question, title, answer`` (bool). Text is kept
     verbatim (no lower-casing or capitalisation)."""
-    if data_dir is not None:
-        path = _require_file(Path(data_dir) / f"{split or 'dev'}.jsonl", "BoolQ")
+    if data_file is not None or data_dir is not None:
+        path = _require_file(Path(data_file) if data_file is not None
+                             else Path(data_dir) / f"{split or 'dev'}.jsonl", "BoolQ")
         rows = [(f"{path}:{line}", raw) for line, raw in read_jsonl(path)]
     else:
         hub, name, default = BOOLQ_HUB
@@ -696,7 +727,7 @@ def qa_one_shot_prompt(rec: dict) -> str:
             f"Q: {rec['prev_question']}\n\nA: {rec['prev_answer']}\n\nQ: {rec['question']}\n\nA:")
 
 
-def _load_json(path: Path) -> list:
+def _load_json(path: Path) -> dict:
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
@@ -704,13 +735,13 @@ def _load_json(path: Path) -> list:
         raise ValueError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
     if not isinstance(data, dict) or not isinstance(data.get("data"), list):
         raise ValueError(f"{path}:1: expected an object with a 'data' list")
-    return data["data"]
+    return data
 
 
-def _official_qas(file: Path):
+def _official_qas(file: Path, data: dict):
     """``(where, article, paragraph, turn index, qa)`` for every question of an official SQuAD/QuAC
     JSON file (``data`` > ``paragraphs`` > ``qas``); ``where`` is its JSON path, for error messages."""
-    for a, article in enumerate(_load_json(file)):
+    for a, article in enumerate(data["data"]):
         for p, par in enumerate(article.get("paragraphs", [])):
             for q, qa in enumerate(par.get("qas", [])):
                 yield f"{file}: data[{a}].paragraphs[{p}].qas[{q}]", article, par, q, qa
@@ -723,29 +754,36 @@ def _answer_texts(answers, where: str) -> list[str]:
 
 
 def load_squad(data_dir=None, path=None, split: str | None = None, limit: int | None = None) -> list[dict]:
-    """SQuAD 2.0 questions from ``path``, ``data_dir/{split}-v2.0.json`` (default "dev") or the hub.
+    """SQuAD questions from ``path``, from ``data_dir`` (``{split}-v2.0.json``, else ``{split}-v1.1.json``;
+    default split "dev") or from the hub (SQuAD 2.0).
 
     Records: ``id, title, article_id`` (= title), ``context`` (the paragraph), ``question``,
-    ``answers`` (gold texts; [] when unanswerable), ``is_impossible``, ``index_in_article`` and
-    the one-shot example ``prev_question`` / ``prev_answer`` (its first gold answer).
-    JSON has no row numbers: errors name the file and the JSON path of the question.
+    ``answers`` (gold texts; [] when unanswerable), ``is_impossible``, ``index_in_article``, the
+    one-shot example ``prev_question`` / ``prev_answer`` (its first gold answer) and ``squad_version``:
+    "2.0", or "1.1" for a file of SQuAD 1.1, which has no unanswerable questions (no ``is_impossible``
+    field; its ``version`` is "1.1"). JSON has no row numbers: errors name the file and the JSON path of
+    the question.
     """
     records = []
     if path is not None or data_dir is not None:
-        file = _require_file(Path(path) if path is not None else Path(data_dir) / f"{split or 'dev'}-v2.0.json", "SQuAD")
-        for where, article, par, _, qa in _official_qas(file):
+        names = [f"{split or 'dev'}-v2.0.json", f"{split or 'dev'}-v1.1.json"]
+        file = (_require_file(Path(path), "SQuAD") if path is not None
+                else _find_file([Path(data_dir)], names, "SQuAD"))
+        data = _load_json(file)
+        version = "1.1" if str(data.get("version", "")).lstrip("v").startswith("1") else "2.0"
+        for where, article, par, _, qa in _official_qas(file, data):
             answers = _answer_texts(qa.get("answers"), where)
             raw = {"id": qa.get("id"), "title": article.get("title"), "context": par.get("context"),
                    "question": qa.get("question"), "answers": answers,
                    "is_impossible": qa.get("is_impossible", not answers)}
-            records.append(_located(where, _squad_record, raw))
+            records.append({**_located(where, _squad_record, raw), "squad_version": version})
     else:
         hub, name, default = SQUAD_HUB
         where = _hub_where(hub, name, split or default)
         for i, row in enumerate(_hub_rows(hub, name, split or default)):
             answers = list((row.get("answers") or {}).get("text", []))
             raw = {**row, "answers": answers, "is_impossible": not answers}
-            records.append(_located(f"{where} row {i}", _squad_record, raw))
+            records.append({**_located(f"{where} row {i}", _squad_record, raw), "squad_version": "2.0"})
     return _limit(_link_articles(records, lambda r: r["answers"][0]), limit)
 
 
@@ -772,7 +810,7 @@ def load_quac(data_dir=None, path=None, split: str | None = None, limit: int | N
     records = []
     if path is not None or data_dir is not None:
         file = _require_file(Path(path) if path is not None else Path(data_dir) / f"{split or 'val'}_v0.2.json", "QuAC")
-        for where, dialog, par, q, qa in _official_qas(file):
+        for where, dialog, par, q, qa in _official_qas(file, _load_json(file)):
             orig = qa.get("orig_answer")
             raw = {"id": qa.get("id"), "dialog_id": par.get("id"), "title": dialog.get("title"),
                    "section_title": dialog.get("section_title"), "context": dialog.get("background"),

@@ -1,6 +1,6 @@
 """Training data: (image, text) pairs from every training source, and the batch collator.
 
-Sources (METHOD.md section 4), selected by substrings of ``--dataset_name`` (:func:`select_sources`):
+Sources (docs/method.md, "Training"), selected by substrings of ``--dataset_name`` (:func:`select_sources`):
 
 ``cropped_vg``       Visual Genome region phrases, each paired with the crop of its box (:class:`VGRegions`).
 ``wiki``             WikiText chunks of ``wiki_chunk_tokens`` LM tokens, each with one image generated from a

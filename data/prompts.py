@@ -1,4 +1,4 @@
-"""Image prompts derived from an input text (METHOD.md section 3).
+"""Image prompts derived from an input text (docs/method.md, "Image prompts").
 
 Strategies:
 - ``sentences``: the released protocol for commonsense QA, BoolQ, SQuAD and QuAC.

@@ -1,6 +1,6 @@
 """BoolQ: a passage and a yes/no question, answered by a next-token choice between yes and no.
 
-Protocol (METHOD.md, section 5):
+Protocol (docs/protocols.md, "BoolQ"):
 
 * ``--prompt_format released`` (default): ``Context: {passage}. Question: {Question}? Answer:`` as
   released, except that the passage keeps its case (the release's ``str.capitalize()`` lower-cased
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from data.benchmarks import boolq_context, boolq_released_prompt, load_boolq
 from data.prompts import derive_prompts
+from eval_scripts.cli import parse_common
 from eval_scripts.core import Evaluator, build_parser, first_token_ids, run_main
 
 CANDIDATES = ("yes", "no")
@@ -36,7 +37,7 @@ def parse_args(argv=None):
     p = build_parser(__doc__.split("\n")[0], image_prompt_choices=("sentences",))
     p.add_argument("--prompt_format", choices=tuple(PROMPTS), default="released")
     p.add_argument("--split", default=None, help="local file {split}.jsonl or hub split (default: dev/validation)")
-    return p.parse_args(argv)
+    return parse_common(p, argv)
 
 
 def build_items(ev: Evaluator, records: list[dict]) -> list[dict]:
@@ -68,7 +69,7 @@ def make_compute(ev: Evaluator):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    data = load_boolq(args.data_dir, limit=args.limit, split=args.split)
+    data = load_boolq(args.data_dir, limit=args.limit, split=args.split, data_file=args.data_file)
     ev = Evaluator(args, "boolq" if args.prompt_format == "released" else f"boolq_{args.prompt_format}")
     records = ev.run(build_items(ev, data), make_compute(ev))
     metrics = {"acc": 100 * sum(r["correct"] for r in records) / len(records), "n": len(records)}

@@ -56,10 +56,31 @@ def build_parser(description: str, *, image_prompt_choices=("sentences", "full",
     g.add_argument("--dtype", choices=("auto", *DTYPE_NAMES), default="auto",
                    help="frozen LM and CLIP dtype (auto: bf16 on CUDA, fp32 on CPU)")
     g.add_argument("--seed", type=int, default=0, help="base seed of every generated image")
-    g.add_argument("--data_dir", default=None, help="local data in the original format (default: the hub)")
+    g.add_argument("--data_dir", default=None,
+                   help="folder of the benchmark's original files (default: the shipped files, else the hub)")
+    g.add_argument("--data_file", default=None, help="one file of the benchmark in its original format")
     g.add_argument("--output_dir", default="output/results")
     g.add_argument("--run_name", default=None, help="results go to OUTPUT_DIR/RUN_NAME (default: a timestamp)")
     return p
+
+
+def parse_common(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
+    """Parse ``argv`` with a parser from :func:`build_parser` and check the flags every script shares."""
+    args = parser.parse_args(argv)
+    check_data_source(args)
+    return args
+
+
+def check_data_source(args: argparse.Namespace) -> None:
+    """``--data_dir`` and ``--data_file`` exclude each other, and must exist when given."""
+    from pathlib import Path
+
+    if args.data_dir is not None and args.data_file is not None:
+        raise EvalError("give --data_dir or --data_file, not both")
+    if args.data_file is not None and not Path(args.data_file).is_file():
+        raise EvalError(f"--data_file {args.data_file}: no such file")
+    if args.data_dir is not None and not Path(args.data_dir).is_dir():
+        raise EvalError(f"--data_dir {args.data_dir}: no such folder")
 
 
 def parse_choices(value: str, allowed, what: str) -> list[str]:

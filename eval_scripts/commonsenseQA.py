@@ -3,9 +3,10 @@
 ``--testset``: piqa, siqa, arc (ARC-Easy then ARC-Challenge, as released), arc_easy, arc_challenge,
 obqa, cqa (CommonsenseQA), hs (HellaSwag), winogrande. Data comes from the hub (parquet ids) or,
 with ``--data_dir``, from the set's original files (``--split`` picks the file, e.g. ``dev`` for
-``ARC-Easy-Dev.jsonl``; see ``data.benchmarks.load_commonsense``).
+``ARC-Easy-Dev.jsonl``; see ``data.benchmarks.load_commonsense``), or with ``--data_file`` from one
+such file (PIQA/SIQA labels from ``{stem}-labels.lst`` beside it).
 
-Protocols (METHOD.md, section 5):
+Protocols (docs/protocols.md, "Commonsense multiple choice"):
 
 * ``--protocol released`` (default): each option's whole query (context plus option, as the
   released script built it) is scored by its perplexity ``exp(mean token NLL)`` under the mixed
@@ -37,6 +38,7 @@ import math
 
 from data.benchmarks import COMMONSENSE_TESTSETS, MCExample, load_commonsense
 from data.prompts import derive_prompts
+from eval_scripts.cli import parse_common
 from eval_scripts.core import EvalError, Evaluator, build_parser, run_main
 from eval_scripts.metrics import mc_predictions, ppl_prediction
 
@@ -49,7 +51,7 @@ def parse_args(argv=None):
     p.add_argument("--testset", default=None, help=f"one of {', '.join(COMMONSENSE_TESTSETS)}")
     p.add_argument("--protocol", default="released", help="released (perplexity) or harness (log-likelihood)")
     p.add_argument("--split", default=None, help="file/split to read (default: the released one per set)")
-    args = p.parse_args(argv)
+    args = parse_common(p, argv)
     if args.testset not in COMMONSENSE_TESTSETS:
         raise EvalError(f"unknown --testset {args.testset!r}; choose one of {', '.join(COMMONSENSE_TESTSETS)}")
     if args.protocol not in PROTOCOLS:
@@ -162,7 +164,8 @@ def metrics_from(records: list[dict], protocol: str) -> dict:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    examples = load_commonsense(args.testset, args.data_dir, split=args.split, limit=args.limit)
+    examples = load_commonsense(args.testset, args.data_dir, split=args.split, limit=args.limit,
+                                data_file=args.data_file)
     ev = Evaluator(args, task_name(args))
     records = ev.run(build_items(ev, examples), make_compute(ev), desc=ev.task)
     metrics = metrics_from(records, args.protocol)

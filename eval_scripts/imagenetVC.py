@@ -1,6 +1,6 @@
 """ImageNetVC (Xia et al., 2023): visual commonsense questions, 5 subsets x 5 prompt templates.
 
-Protocol (METHOD.md, section 5):
+Protocol (docs/protocols.md, "ImageNetVC"):
 
 * subsets color, shape, material, component, others (``others`` uses the candidate list of its
   answer's group: yes/no, number or other); ``--use-icl`` prepends the ``dev/`` demonstrations
@@ -14,15 +14,21 @@ Protocol (METHOD.md, section 5):
 Images: ``--image_prompt question`` (default) generates the k images from the question alone, so
 all 5 templates share them; ``--image_prompt full`` reproduces the release (the templated prompt).
 
+Data: the CSVs shipped under ``data/evaluation/imagenetvc`` by default; ``--data_dir`` (a folder of
+``{subset}.csv`` with ``dev/``), ``--data_file`` (one subset's CSV) or ``--from_hub`` instead.
+
     python eval_scripts/imagenetVC.py --model_name meta-llama/Meta-Llama-3-8B --run_name llama3_imagenetvc \
         --pretrained_model output/llama3/ft_wiki_laion_220_2 --generate_images True --k 10
 """
 from __future__ import annotations
 
-from data.benchmarks import (IMAGENETVC_SUBSETS, IMAGENETVC_TEMPLATES, imagenetvc_prompt, load_imagenetvc,
-                             load_imagenetvc_demos)
+from pathlib import Path
+
+from data.benchmarks import (IMAGENETVC_DIR, IMAGENETVC_SUBSETS, IMAGENETVC_TEMPLATES, imagenetvc_prompt,
+                             load_imagenetvc, load_imagenetvc_demos)
 from data.prompts import derive_prompts
-from eval_scripts.core import Evaluator, build_parser, parse_choices, run_main
+from eval_scripts.cli import parse_common
+from eval_scripts.core import EvalError, Evaluator, build_parser, parse_choices, run_main
 from eval_scripts.metrics import summarize_templates
 
 TASK = "imagenetvc"
@@ -31,25 +37,56 @@ TASK = "imagenetvc"
 def parse_args(argv=None):
     p = build_parser(__doc__.split("\n")[0], image_prompt_choices=("question", "full"),
                      default_image_prompt="question")
-    p.add_argument("--subsets", default=",".join(IMAGENETVC_SUBSETS), help="comma-separated subsets")
+    p.add_argument("--subsets", default=None,
+                   help=f"comma-separated subsets (default: all of {','.join(IMAGENETVC_SUBSETS)}; with "
+                        "--data_file, the subset its name says, e.g. color.csv)")
+    p.add_argument("--from_hub", action="store_true",
+                   help="read the CSVs from the hub (hemingkx/ImageNetVC) instead of the shipped copy")
     p.add_argument("--use-icl", "--use_icl", dest="use_icl", action="store_true",
                    help="prepend the dev/ in-context demonstrations")
     p.add_argument("--scoring", choices=("first_token", "full"), default="first_token")
-    args = p.parse_args(argv)
-    args.subsets = parse_choices(args.subsets, IMAGENETVC_SUBSETS, "ImageNetVC subset")
+    args = parse_common(p, argv)
+    if args.from_hub and (args.data_dir or args.data_file):
+        raise EvalError("--from_hub reads the hub: leave out --data_dir and --data_file")
+    if args.data_file is not None:
+        stem = Path(args.data_file).stem
+        args.subsets = args.subsets or (stem if stem in IMAGENETVC_SUBSETS else None)
+        if args.subsets is None or "," in args.subsets:
+            raise EvalError(f"--data_file {args.data_file}: name its one subset with --subsets "
+                            f"({', '.join(IMAGENETVC_SUBSETS)})")
+    elif args.data_dir is None and not args.from_hub:
+        args.data_dir = str(IMAGENETVC_DIR)  # the files shipped with the project
+    args.subsets = parse_choices(args.subsets or ",".join(IMAGENETVC_SUBSETS), IMAGENETVC_SUBSETS,
+                                 "ImageNetVC subset")
     return args
 
 
-def build_items(ev: Evaluator, subset: str) -> list[dict]:
-    args = ev.args
+def load_examples(args) -> dict[str, list[dict]]:
+    """The questions of every requested subset, each with its in-context demonstrations (``demos``,
+    empty without ``--use-icl``); read before any model loads, so bad files fail fast. With
+    ``--data_file``, demonstrations come from ``dev/`` beside the file."""
+    demo_dir = Path(args.data_file).parent if args.data_file else args.data_dir
+    if args.data_dir is not None:
+        missing = [f"{s}.csv" for s in args.subsets if not (Path(args.data_dir) / f"{s}.csv").is_file()]
+        if missing:
+            raise FileNotFoundError(f"ImageNetVC: no {', '.join(missing)} in {args.data_dir}")
     demos_by_group: dict[str, list[dict]] = {}
+    out = {}
+    for subset in args.subsets:
+        examples = load_imagenetvc(subset, args.data_dir, args.limit, data_file=args.data_file)
+        for ex in examples:
+            if args.use_icl and ex["group"] not in demos_by_group:
+                demos_by_group[ex["group"]] = load_imagenetvc_demos(ex["group"], demo_dir)
+            ex["demos"] = demos_by_group.get(ex["group"], ())
+        out[subset] = examples
+    return out
+
+
+def build_items(ev: Evaluator, subset: str, examples: list[dict]) -> list[dict]:
+    args = ev.args
     items = []
-    for ex in load_imagenetvc(subset, args.data_dir, args.limit):
-        demos = ()
-        if args.use_icl:
-            if ex["group"] not in demos_by_group:
-                demos_by_group[ex["group"]] = load_imagenetvc_demos(ex["group"], args.data_dir)
-            demos = demos_by_group[ex["group"]]
+    for ex in examples:
+        demos = ex["demos"]
         for t in range(len(IMAGENETVC_TEMPLATES)):
             image_prompts = []
             if ev.use_images:
@@ -85,9 +122,10 @@ def metrics_from(records_by_subset: dict[str, list[dict]]) -> dict:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    examples = load_examples(args)
     ev = Evaluator(args, TASK, resume_keys=("subsets", "use_icl", "scoring"))
     compute = make_compute(ev)
-    by_subset = {s: ev.run(build_items(ev, s), compute, desc=f"imagenetvc/{s}") for s in args.subsets}
+    by_subset = {s: ev.run(build_items(ev, s, exs), compute, desc=f"imagenetvc/{s}") for s, exs in examples.items()}
     metrics = metrics_from(by_subset)
     table = [(name, f"{m['mean']:.2f} ± {m['std']:.2f}") for name, m in metrics.items()]
     return ev.finish(metrics, table)

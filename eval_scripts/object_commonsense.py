@@ -1,7 +1,8 @@
 """Object commonsense (the paper's Table 1): Memory Color, Color Terms, shape and relative size.
 
 The sets are VaLM's files (Wang et al., 2022, "Visually-Augmented Language Modeling"), read by
-``data.benchmarks.load_object_commonsense`` from ``--data_dir`` (required: the hub has no copy):
+``data.benchmarks.load_object_commonsense`` from the copy shipped under ``data/evaluation/object_commonsense``
+(or ``--data_dir``, a folder of the same files, or ``--data_file``, one of them; the hub has no copy):
 ``memory_color`` (108 objects), ``color_terms`` (51), ``shape`` (140) and ``relative_size`` (486
 pairs). The protocol follows VaLM's evaluation scripts (``verify_color_prediction.py`` and
 ``verify_size_reason.py``); our shape templates are an extension, since the release has no shape script.
@@ -67,12 +68,15 @@ Images: with ``--image_prompt object`` (the default), the k images come from the
 size, "{a} and {b}"), so all templates share them. ``--image_prompt full`` uses the templated prompt instead.
 
     python eval_scripts/object_commonsense.py --model_name gpt2 --pretrained_model output/gpt2/ft_wiki_laion_220_2 \
-        --generate_images True --k 10 --data_dir ../shared/data/object_commonsense
+        --generate_images True --k 10
 """
 from __future__ import annotations
 
-from data.benchmarks import OBJECT_SETS, load_object_commonsense, object_phrase
+from pathlib import Path
+
+from data.benchmarks import OBJECT_SET_FILES, OBJECT_SETS, load_object_commonsense, object_phrase, object_set_of_file
 from data.prompts import derive_prompts
+from eval_scripts.cli import parse_common
 from eval_scripts.core import EvalError, Evaluator, build_parser, parse_choices, run_main
 from eval_scripts.metrics import summarize_templates
 
@@ -106,16 +110,18 @@ SIZE_CANDIDATES = ["yes", "no"]
 def parse_args(argv=None):
     p = build_parser(__doc__.split("\n")[0], image_prompt_choices=("object", "full"),
                      default_image_prompt="object")
-    p.add_argument("--sets", default=",".join(OBJECT_SETS), help="comma-separated sets")
+    p.add_argument("--sets", default=None,
+                   help=f"comma-separated sets (default: all of {','.join(OBJECT_SETS)}; with --data_file, "
+                        "the set its released file name says)")
     p.add_argument("--scoring", choices=("first_token", "full"), default="first_token")
     p.add_argument("--size_both_directions", action="store_true",
                    help="also ask every size pair swapped (answer 'no')")
-    args = p.parse_args(argv)
-    args.sets = parse_choices(args.sets, OBJECT_SETS, "object-commonsense set")
-    if args.data_dir is None:
-        raise EvalError("object_commonsense reads local files only (there is no hub copy): pass --data_dir, "
-                        "the folder holding VaLM's CSVs or its parent with valm/ "
-                        "(e.g. ../shared/data/object_commonsense)")
+    args = parse_common(p, argv)
+    if args.data_file is not None:
+        args.sets = args.sets or object_set_of_file(args.data_file)
+        if args.sets is None or "," in args.sets:
+            raise EvalError(f"--data_file {args.data_file}: name its one set with --sets ({', '.join(OBJECT_SETS)})")
+    args.sets = parse_choices(args.sets or ",".join(OBJECT_SETS), OBJECT_SETS, "object-commonsense set")
     return args
 
 
@@ -133,7 +139,14 @@ def _questions(set_name: str, ex: dict, both_directions: bool) -> list[tuple[str
 
 def load_examples(args) -> dict[str, list[dict]]:
     """The examples of every requested set (read before any model is loaded, so bad files fail fast)."""
-    return {s: load_object_commonsense(s, args.data_dir)[:args.limit] for s in args.sets}
+    if args.data_dir is not None:
+        folders = (Path(args.data_dir), Path(args.data_dir) / "valm")
+        missing = [OBJECT_SET_FILES[s] for s in args.sets
+                   if not any((f / OBJECT_SET_FILES[s]).is_file() for f in folders)]
+        if missing:
+            raise FileNotFoundError(f"object commonsense: no {', '.join(missing)} in {args.data_dir} "
+                                    f"(or its valm/ folder)")
+    return {s: load_object_commonsense(s, args.data_dir, args.data_file)[:args.limit] for s in args.sets}
 
 
 def build_items(ev: Evaluator, set_name: str, examples: list[dict]) -> list[dict]:

@@ -39,7 +39,7 @@ def quac_example_scores(prediction: str, answers: list[str]) -> tuple[float, flo
 
 def main(argv=None) -> dict:
     args = parse_args(__doc__.split("\n")[0], argv)
-    ev, results, skipped = run_generation(args, "QuAC", load_quac(args.data_dir, split=args.split),
+    ev, results, skipped = run_generation(args, "QuAC", load_quac(args.data_dir, path=args.data_file, split=args.split),
                                           quac_example_scores)
     official = quac_scores([quac_answer(r["prediction"]) for r in results], [r["answers"] for r in results])
     metrics = {**official, "exact_match": 100 * sum(r["exact_match"] for r in results) / len(results),

@@ -1,6 +1,6 @@
-"""SQuAD 2.0: one-shot extractive QA by fused greedy generation, scored by exact match and F1.
+"""SQuAD 2.0 (or 1.1): one-shot extractive QA by fused greedy generation, scored by exact match and F1.
 
-Protocol (METHOD.md, section 5), shared with ``quac.py``:
+Protocol (docs/protocols.md, "SQuAD and QuAC"), shared with ``quac.py``:
 
 * The released one-shot prompt (``data.benchmarks.qa_one_shot_prompt``): the instruction, the
   title, the background paragraph, the previous answered question of the same article with its
@@ -15,9 +15,15 @@ Protocol (METHOD.md, section 5), shared with ``quac.py``:
   (``eval_scripts.metrics``); an unanswerable question's gold is the empty answer. The prompt's
   abstention answer "Not in background." is scored as the empty answer (as CANNOTANSWER for QuAC),
   so that abstaining is right exactly on unanswerable questions. Scores are percentages.
+* SQuAD 1.1 (a ``dev-v1.1.json`` in ``--data_dir``, or any 1.1 file as ``--data_file``): every question
+  is answerable, so there is no no-answer rule: the prediction is scored as generated (abstaining scores
+  0). Results go to ``squad_v1.1.json`` so that they never mix with SQuAD 2.0's.
 
 Images: k prompts derived by ``sentences`` from the whole prompt (its sentences backwards from the
 last, then its last 70 words), as the released scripts derived them from their input prompt.
+
+Data: the hub's SQuAD 2.0, or ``--data_dir`` (``{split}-v2.0.json``, else ``{split}-v1.1.json``), or
+``--data_file`` (one official JSON file, either version).
 
 Results: ``<output_dir>/<run_name>/squad.json``; each sample line holds ``id, prompt, prediction,
 answers, is_impossible, exact_match, f1, correct`` (exact match) and ``images``.
@@ -31,6 +37,7 @@ from typing import Callable
 
 from data.benchmarks import load_squad, qa_one_shot_prompt
 from data.prompts import derive_prompts
+from eval_scripts.cli import parse_common
 from eval_scripts.core import EvalError, Evaluator, build_parser, run_main
 from eval_scripts.metrics import exact_match, f1, normalize_answer
 
@@ -44,7 +51,7 @@ def parse_args(description: str, argv=None):
                    help="also score unanswerable questions (default: the released subset)")
     p.add_argument("--max_new_tokens", type=int, default=50, help="longest generated answer, in tokens")
     p.add_argument("--split", default=None, help="local file of that split, or hub split (default: dev/validation)")
-    args = p.parse_args(argv)
+    args = parse_common(p, argv)
     if args.max_new_tokens < 1:
         raise ValueError(f"--max_new_tokens must be >= 1, got {args.max_new_tokens}")
     return args
@@ -75,9 +82,14 @@ def abstained(prediction: str) -> bool:
 
 
 def squad_scores(prediction: str, answers: list[str]) -> tuple[float, float]:
-    """``(exact match, F1)`` of one prediction; "Not in background." counts as the empty answer."""
+    """``(exact match, F1)`` of one prediction (SQuAD 2.0); "Not in background." counts as the empty answer."""
     pred = "" if abstained(prediction) else prediction
     return exact_match(pred, answers), f1(pred, answers)
+
+
+def squad11_scores(prediction: str, answers: list[str]) -> tuple[float, float]:
+    """``(exact match, F1)`` of one prediction (SQuAD 1.1: no no-answer rule, the text as generated)."""
+    return exact_match(prediction, answers), f1(prediction, answers)
 
 
 def build_items(ev: Evaluator, records: list[dict]) -> list[dict]:
@@ -122,7 +134,10 @@ def group_means(records: list[dict]) -> dict:
 
 def main(argv=None) -> dict:
     args = parse_args(__doc__.split("\n")[0], argv)
-    ev, results, skipped = run_generation(args, "SQuAD", load_squad(args.data_dir, split=args.split), squad_scores)
+    records = load_squad(args.data_dir, path=args.data_file, split=args.split)
+    v11 = bool(records) and records[0]["squad_version"] == "1.1"
+    ev, results, skipped = run_generation(args, "SQuAD_v1.1" if v11 else "SQuAD", records,
+                                          squad11_scores if v11 else squad_scores)
     metrics = {**group_means(results), "skipped": skipped}
     return ev.finish(metrics, [("exact_match", f"{metrics['exact_match']:.2f}"), ("f1", f"{metrics['f1']:.2f}")])
 

@@ -1,4 +1,4 @@
-"""Late multi-image fusion around any HuggingFace causal LM (METHOD.md, sections 1-2).
+"""Late multi-image fusion around any HuggingFace causal LM (docs/method.md, sections 1-2).
 
 Parts:
 

@@ -1,6 +1,6 @@
 """CLIP confidence weights and the two ways of mixing k fused predictions with the text-only one.
 
-With text-only logits ``L0``, fused logits ``L_i`` of image i and weights ``s_i`` (METHOD.md, sec. 2):
+With text-only logits ``L0``, fused logits ``L_i`` of image i and weights ``s_i`` (docs/method.md, section 2):
 
 * ``logits`` (what both releases compute, the default)::
 
