@@ -28,16 +28,23 @@ from eval_scripts.metrics import summarize_templates
 TASK = "imagenetvc"
 
 
-def parse_args(argv=None):
+def make_parser():
     p = build_parser(__doc__.split("\n")[0], image_prompt_choices=("question", "full"),
                      default_image_prompt="question")
     p.add_argument("--subsets", default=",".join(IMAGENETVC_SUBSETS), help="comma-separated subsets")
     p.add_argument("--use-icl", "--use_icl", dest="use_icl", action="store_true",
                    help="prepend the dev/ in-context demonstrations")
     p.add_argument("--scoring", choices=("first_token", "full"), default="first_token")
-    args = p.parse_args(argv)
+    return p
+
+
+def check_args(args):
     args.subsets = parse_choices(args.subsets, IMAGENETVC_SUBSETS, "ImageNetVC subset")
     return args
+
+
+def parse_args(argv=None):
+    return check_args(make_parser().parse_args(argv))
 
 
 def build_items(ev: Evaluator, subset: str) -> list[dict]:
@@ -83,14 +90,18 @@ def metrics_from(records_by_subset: dict[str, list[dict]]) -> dict:
     return metrics
 
 
-def main(argv=None) -> dict:
-    args = parse_args(argv)
-    ev = Evaluator(args, TASK, resume_keys=("subsets", "use_icl", "scoring"))
+def evaluate(args, runtime=None) -> dict:
+    """Run the benchmark with parsed ``args`` (on a shared ``runtime``, if given: the suite's)."""
+    ev = Evaluator(args, TASK, resume_keys=("subsets", "use_icl", "scoring"), runtime=runtime)
     compute = make_compute(ev)
     by_subset = {s: ev.run(build_items(ev, s), compute, desc=f"imagenetvc/{s}") for s in args.subsets}
     metrics = metrics_from(by_subset)
     table = [(name, f"{m['mean']:.2f} ± {m['std']:.2f}") for name, m in metrics.items()]
     return ev.finish(metrics, table)
+
+
+def main(argv=None) -> dict:
+    return evaluate(parse_args(argv))
 
 
 if __name__ == "__main__":

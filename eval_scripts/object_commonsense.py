@@ -103,20 +103,27 @@ TEMPLATES = {"memory_color": COLOR_TEMPLATES, "color_terms": COLOR_TEMPLATES, "s
 SIZE_CANDIDATES = ["yes", "no"]
 
 
-def parse_args(argv=None):
+def make_parser():
     p = build_parser(__doc__.split("\n")[0], image_prompt_choices=("object", "full"),
                      default_image_prompt="object")
     p.add_argument("--sets", default=",".join(OBJECT_SETS), help="comma-separated sets")
     p.add_argument("--scoring", choices=("first_token", "full"), default="first_token")
     p.add_argument("--size_both_directions", action="store_true",
                    help="also ask every size pair swapped (answer 'no')")
-    args = p.parse_args(argv)
+    return p
+
+
+def check_args(args):
     args.sets = parse_choices(args.sets, OBJECT_SETS, "object-commonsense set")
     if args.data_dir is None:
         raise EvalError("object_commonsense reads local files only (there is no hub copy): pass --data_dir, "
                         "the folder holding VaLM's CSVs or its parent with valm/ "
                         "(e.g. ../shared/data/object_commonsense)")
     return args
+
+
+def parse_args(argv=None):
+    return check_args(make_parser().parse_args(argv))
 
 
 def _questions(set_name: str, ex: dict, both_directions: bool) -> list[tuple[str, dict, str, list[str]]]:
@@ -166,10 +173,10 @@ def set_metrics(set_name: str, records: list[dict], n_examples: int) -> dict:
     return {"per_template": [round(100 * a, 4) for a in accs], **summarize_templates(accs), "n": n_examples}
 
 
-def main(argv=None) -> dict:
-    args = parse_args(argv)
+def evaluate(args, runtime=None) -> dict:
+    """Run the benchmark with parsed ``args`` (on a shared ``runtime``, if given: the suite's)."""
     examples = load_examples(args)
-    ev = Evaluator(args, TASK, resume_keys=("sets", "scoring", "size_both_directions"))
+    ev = Evaluator(args, TASK, resume_keys=("sets", "scoring", "size_both_directions"), runtime=runtime)
     compute = make_compute(ev)
     metrics = {}
     for set_name, exs in examples.items():
@@ -177,6 +184,10 @@ def main(argv=None) -> dict:
         metrics[set_name] = set_metrics(set_name, records, len(exs))
     table = [(name, f"{m['mean']:.2f} ± {m['std']:.2f}  (n={m['n']})") for name, m in metrics.items()]
     return ev.finish(metrics, table)
+
+
+def main(argv=None) -> dict:
+    return evaluate(parse_args(argv))
 
 
 if __name__ == "__main__":
