@@ -35,6 +35,7 @@ MARK_HTML = '<meta name="generator" content="late-fusion eval_scripts.report">'
 MARK_MD = "<!-- written by python -m eval_scripts.report -->"
 EXAMPLE_BUDGET = 50_000  # bytes of HTML per example shown
 THUMB_SIZES = (128, 96, 64, 48)
+TEXT_CHARS = 12_000  # longest prompt or candidate shown whole (the rest is cut, so an example fits its budget)
 DEFAULT_MAX_EXAMPLES = 200
 PAGE_SIZE = 50
 
@@ -56,6 +57,11 @@ def parse_args(argv=None):
 # ---------------------------------------------------------------------------------------------- helpers
 def esc(value) -> str:
     return html.escape(str(value), quote=True)
+
+
+def clip_text(value, limit: int = TEXT_CHARS) -> str:
+    text = str(value)
+    return text if len(text) <= limit else f"{text[:limit]} … ({len(text) - limit} more characters)"
 
 
 def fmt(value, digits: int = 2) -> str:
@@ -134,11 +140,13 @@ def _candidates(rec: dict, text: dict | None, lower_wins: bool) -> str:
     rows = [f"<tr><th></th><th>candidate</th><th>fused {head}</th><th>text-only</th></tr>"]
     for j, cand in enumerate(cands):
         key = j if index_based else cand
-        marks = ("▶" if key == rec.get("prediction") else "") + ("▷" if text and key == text.get("prediction") else "")
+        marks = ("▶" if key == rec.get("prediction") else "") + \
+            ("▷" if text and key == text.get("prediction") else "")
         cls = " class='ans'" if key == rec.get("answer") else ""
         sc = fmt(scores[j], 3) if j < len(scores) else "–"
         ts = fmt(tscores[j], 3) if j < len(tscores) else "–"
-        rows.append(f"<tr{cls}><td>{marks}</td><td>{esc(cand)}</td><td>{sc}</td><td>{ts}</td></tr>")
+        rows.append(f"<tr{cls}><td>{marks}</td><td>{esc(clip_text(cand, TEXT_CHARS // 4))}</td><td>{sc}</td>"
+                    f"<td>{ts}</td></tr>")
     return "<table class='cands'>" + "".join(rows) + "</table>"
 
 
@@ -164,7 +172,8 @@ def _images(images, size: int) -> str:
                 continue
             seen.add(path)
             prompt, weight = str(im.get("prompt", "")), im.get("weight")
-            caption = f"w = {fmt(weight)}<br><span class='ip'>{esc(prompt[:70])}{'…' if len(prompt) > 70 else ''}</span>"
+            shown = prompt if len(prompt) <= 70 else prompt[:70] + "…"
+            caption = f"w = {fmt(weight)}<br><span class='ip'>{esc(shown)}</span>"
             uri = thumbnail(path, size)
             pic = (f"<img src='{uri}' alt='image {i + 1}' title='{esc(prompt)}'>" if uri
                    else f"<div class='noimg' title='{esc(path)}'>image not found</div>")
@@ -179,9 +188,8 @@ def example_card(rec: dict, flip: str | None, text: dict | None, others: list[tu
     """One example as an ``<article>``, with thumbnails shrunk until it fits the budget."""
     meta = " · ".join(f"{k} {esc(rec[k])}" for k in ("subset", "set", "template", "protocol") if k in rec)
     badge = f"<span class='flip {flip}'>{flip}</span>" if flip else ""
-    prompt = str(rec.get("prompt", ""))
     parts = [f"<header><b>{esc(rec['id'])}</b> <small>{meta}</small> {badge}</header>",
-             f"<pre class='prompt'>{esc(prompt)}</pre>"]
+             f"<pre class='prompt'>{esc(clip_text(rec.get('prompt', '')))}</pre>"]
     answer = rec["answer"] if "answer" in rec else rec.get("answers")
     answer = " | ".join(map(str, answer)) if isinstance(answer, list) else _choice(rec, answer)
     line = [f"fused: <b>{esc(_choice(rec, rec.get('prediction')))}</b>{_mark(rec.get('correct'))}"]
@@ -193,8 +201,8 @@ def example_card(rec: dict, flip: str | None, text: dict | None, others: list[tu
     parts.append("<p>" + " · ".join(line) + "</p>")
     parts.append(_candidates(rec, text, lower_wins))
     if others:
-        parts.append("<p class='others'>" + " · ".join(
-            f"{esc(name)}: {esc(_choice(o, o.get('prediction')))}{_mark(o.get('correct'))}" for name, o in others) + "</p>")
+        parts.append("<p class='others'>" + " · ".join(f"{esc(name)}: {esc(_choice(o, o.get('prediction')))}"
+                                                      f"{_mark(o.get('correct'))}" for name, o in others) + "</p>")
     attrs = f"class='ex' data-flip='{flip or 'none'}'"
     card = ""
     for size in THUMB_SIZES:
@@ -257,7 +265,8 @@ cards.forEach(function(c){c.hidden=true;});
 vis.slice(page*per,(page+1)*per).forEach(function(c){c.hidden=false;});
 info.textContent='page '+(page+1)+' of '+pages+' ('+vis.length+' examples)';
 sec.querySelectorAll('button[data-filter]').forEach(function(b){b.className=b.dataset.filter===filter?'on':'';});}
-sec.querySelectorAll('button[data-filter]').forEach(function(b){b.onclick=function(){filter=b.dataset.filter;page=0;draw();};});
+sec.querySelectorAll('button[data-filter]').forEach(function(b){
+b.onclick=function(){filter=b.dataset.filter;page=0;draw();};});
 sec.querySelector('.prev').onclick=function(){if(page>0){page--;draw();}};
 sec.querySelector('.next').onclick=function(){page++;draw();};
 draw();});""" % PAGE_SIZE
@@ -273,7 +282,8 @@ def summary_table(rows: list[dict]) -> str:
         body.append(
             f"<tr><td>{esc(r['task'])}</td><td>{run}</td><td class='num'>{r['k'] or 'text-only'}</td>"
             f"<td>{esc(r['mix'])}</td><td title='{esc(r['model'])}'>{esc(short_path(r['model']))}</td>"
-            f"<td title='{esc(r['checkpoint'] or '')}'>{esc(short_path(r['checkpoint']))}</td><td>{esc(r['metric'])}</td>"
+            f"<td title='{esc(r['checkpoint'] or '')}'>{esc(short_path(r['checkpoint']))}</td>"
+            f"<td>{esc(r['metric'])}</td>"
             f"<td class='num'>{fmt(r['value'])}</td><td class='num'>{fmt(r['text_only'])}</td>"
             f"<td class='num'>{signed(r['delta'])}</td><td class='num'>{r['n'] if r['n'] is not None else '–'}</td>"
             + "".join(f"<td class='num'>{f.get(name, '–')}</td>" for name in FLIPS) + "</tr>")
@@ -298,7 +308,8 @@ def charts(comparisons: list[Comparison]) -> list[str]:
         values = {k: v for k, v in values.items() if v}
         if values:
             metric = headline(c.task, c.focus.metrics)[0]
-            out.append(f"<img class='chart' src='{subset_chart(c.task, values, metric)}' alt='{esc(c.task)} per subset'>")
+            uri = subset_chart(c.task, values, metric)
+            out.append(f"<img class='chart' src='{uri}' alt='{esc(c.task)} per subset'>")
     return out
 
 
@@ -324,7 +335,8 @@ def render_html(comparisons: list[Comparison], max_examples: int, title: str) ->
 def render_markdown(comparisons: list[Comparison], title: str) -> str:
     rows = summary_rows(comparisons)
     lines = [MARK_MD, f"# {title}", "",
-             "| task | run | k | mix | model | checkpoint | metric | value | text-only | Δ | n | fixed | broke | unchanged |",
+             "| task | run | k | mix | model | checkpoint | metric | value | text-only | Δ | n | fixed | broke "
+             "| unchanged |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         f = r["flips"] or {}

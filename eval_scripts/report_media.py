@@ -52,6 +52,11 @@ def _pyplot():
     return plt
 
 
+def _top(values) -> float:
+    """The top of a percentage axis: a little above the largest value (at least 10, at most 100)."""
+    return min(100.0, max([10.0, *(1.15 * v for v in values)]))
+
+
 def k_plot(series: dict[str, list[tuple[int, float]]], metric: str) -> str:
     """Metric against k, one line per task (k = 0 is text-only)."""
     plt = _pyplot()
@@ -60,6 +65,7 @@ def k_plot(series: dict[str, list[tuple[int, float]]], metric: str) -> str:
     for task, points in series.items():
         ax.plot([k for k, _ in points], [v for _, v in points], "o-", label=task)
     ax.set_xticks(ks, ["text\nonly" if k == 0 else str(k) for k in ks])
+    ax.set_ylim(0, _top(v for points in series.values() for _, v in points))
     ax.set_xlabel("generated images per input (k)")
     ax.set_ylabel(metric)
     ax.grid(alpha=0.3)
@@ -78,6 +84,7 @@ def subset_chart(task: str, values: dict[str, dict[str, float]], metric: str) ->
         xs = [j + (i - (len(values) - 1) / 2) * width for j in range(len(subsets))]
         ax.bar(xs, [per.get(s, 0.0) for s in subsets], width, label=name)
     ax.set_xticks(range(len(subsets)), subsets, fontsize=8)
+    ax.set_ylim(0, _top(v for per in values.values() for v in per.values()))
     ax.set_ylabel(metric)
     ax.set_title(f"{task}: {metric} per subset")
     ax.grid(alpha=0.3, axis="y")

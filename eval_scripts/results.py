@@ -101,8 +101,8 @@ def load_run_dir(path) -> dict[str, TaskRun]:
             raise EvalError(f"{samples_path}: a line without an example id")
         runs[result["task"]] = TaskRun(path, result["task"], result, samples)
     if not runs:
-        raise EvalError(f"{path} holds no result files (<task>.json beside <task>_samples.jsonl, as the eval "
-                        "scripts write them)")
+        raise EvalError(f"{path} holds no result files (<task>.json beside <task>_samples.jsonl, which an eval "
+                        "script writes when a task finishes)")
     return runs
 
 

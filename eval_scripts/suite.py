@@ -52,7 +52,8 @@ def _suite_flags(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--task_args", action="append", default=[], metavar="TASK=FLAGS",
                    help="extra flags for one task, e.g. 'imagenetvc=--image_prompt full' (repeatable)")
     g.add_argument("--paper_model", default="auto",
-                   help=f"which paper model's numbers to show: auto (from --model_name), none, {', '.join(paper.models())}")
+                   help="which paper model's numbers to show: auto (from --model_name), none, "
+                   + ", ".join(paper.models()))
     return p
 
 
@@ -259,7 +260,8 @@ def render_markdown(summary: dict) -> str:
         lines += ["", "## Object commonsense (the paper's Table 1)", ""]
         has_paper = p and any(s["paper"]["late_fusion"] is not None for s in summary["object_commonsense"])
         if has_paper:
-            lines += [f"| set | {ours} | paper {name} | paper {name} + late fusion | Δ vs paper |", "|---|---|---|---|---|"]
+            lines += [f"| set | {ours} | paper {name} | paper {name} + late fusion | Δ vs paper |",
+                      "|---|---|---|---|---|"]
         else:
             lines += [f"| set | {ours} |", "|---|---|"]
         for s in summary["object_commonsense"]:

@@ -18,7 +18,7 @@ The text-only view of an image run (:func:`text_only_view`) re-scores its sample
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from data.benchmarks import COMMONSENSE_TESTSETS
@@ -37,7 +37,6 @@ class TaskSpec:
     group: str | None = None    # VC / CR / RC, or None
     folders: tuple = ()         # its folder names under a ``--data_root``
     shipped: Path | None = None  # data shipped with the project, used when no data root has it
-    extra: dict = field(default_factory=dict)
 
     @property
     def module(self):
@@ -104,7 +103,8 @@ def subset_values(result_task: str, metrics: dict) -> dict[str, float]:
     if fam in ("imagenetvc", "object_commonsense"):
         return {k: v["mean"] for k, v in metrics.items() if k != "overall" and isinstance(v, dict) and "mean" in v}
     if fam == "squad":
-        return {k: metrics[k]["exact_match"] for k in ("answerable", "unanswerable") if isinstance(metrics.get(k), dict)}
+        return {k: metrics[k]["exact_match"] for k in ("answerable", "unanswerable")
+                if isinstance(metrics.get(k), dict)}
     return {}
 
 

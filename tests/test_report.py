@@ -203,17 +203,21 @@ def test_commonsense_and_generation_layouts(tmp_path):
         {"id": "q1", "protocol": "released", "prompt": "<script>alert(1)</script> open a jar",
          "candidates": ["twist the lid", "hit it"], "scores": [3.1, 5.2], "prediction": 0, "answer": 0,
          "correct": True, "text_only_scores": [6.0, 4.0], "text_only_prediction": 1,
-         "images": [[{"path": paths[0], "prompt": "a jar", "weight": 0.4}, {"path": paths[1], "prompt": "lid", "weight": 0.2}],
-                    [{"path": paths[0], "prompt": "a jar", "weight": 0.4}, {"path": paths[2], "prompt": "hit", "weight": 0.1}]]},
-        {"id": "q2", "protocol": "released", "prompt": "b", "candidates": ["x", "y"], "scores": [2.0, 1.0],
-         "prediction": 1, "answer": 0, "correct": False, "text_only_scores": [2.0, 1.0], "text_only_prediction": 1,
+         "images": [[{"path": paths[0], "prompt": "a jar", "weight": 0.4},
+                     {"path": paths[1], "prompt": "lid", "weight": 0.2}],
+                    [{"path": paths[0], "prompt": "a jar", "weight": 0.4},
+                     {"path": paths[2], "prompt": "hit", "weight": 0.1}]]},
+        {"id": "q2", "protocol": "released", "prompt": "b" * 200_000, "candidates": ["x", "y"], "scores": [2.0, 1.0],
+         "prediction": 1, "answer": 0, "correct": False, "text_only_scores": [1.0, 2.0], "text_only_prediction": 0,
          "images": [[{"path": str(tmp_path / "gone.png"), "prompt": "b", "weight": 0.3}]] * 2}])
     out = tmp_path / "cs.html"
     info = report.main([str(piqa), "--out", str(out)])
     page = parse(out)
-    assert info["flips"] == {"commonsense_piqa": {"cs": {"fixed": 1, "broke": 0, "unchanged": 1}}}
+    assert info["flips"] == {"commonsense_piqa": {"cs": {"fixed": 1, "broke": 1, "unchanged": 0}}}
+    assert [c["flip"] for c in page.cards] == ["fixed", "broke"]
     assert len(page.card_imgs[0]) == 3 and len(page.card_imgs[1]) == 0  # shared image once; a missing one
     assert "<script>alert(1)" not in out.read_text() and "image not found" in out.read_text()
+    assert len(out.read_bytes()) <= 2 * report.EXAMPLE_BUDGET  # a 200 KB prompt is cut to fit
 
     text_cfg = {"model_name": "m", "generate_images": False, "k": 10}
     gen = {"prompt": "Q: who?\nA:", "answers": ["Ann"], "is_impossible": False, "images": []}
