@@ -163,6 +163,8 @@ def run_tasks(own, parsed: dict[str, argparse.Namespace]) -> dict:
     out_dir = Path(first.output_dir) / first.run_name
     use_images = any(ns.generate_images and ns.k > 0 for ns in parsed.values())
     runtime, results, state = None, {}, {"model_loads": 0, "reused": []}
+    print(f"[suite] {', '.join(parsed)} -> {out_dir} (the same command with --run_name {first.run_name} resumes)",
+          flush=True)
     for t, ns in parsed.items():
         spec = TASKS[t]
         name = spec.result_name(ns)
