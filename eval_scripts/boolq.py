@@ -16,7 +16,8 @@ last, then its last 60 words), as released.
 
 Results: ``<output_dir>/<run_name>/boolq.json`` (``boolq_harness.json`` for the harness prompt);
 each sample line holds ``id, prompt, candidates`` (["yes", "no"]), ``scores`` (their
-log-probabilities), ``prediction``, ``answer``, ``correct`` and ``images``.
+log-probabilities), ``prediction``, ``answer``, ``correct`` and ``images``; with images also
+``text_only_scores`` and ``text_only_prediction`` (the LM alone, from the same pass).
 
     python eval_scripts/boolq.py --model_name meta-llama/Meta-Llama-3-8B \\
         --pretrained_model output/llama3/ft_wiki_laion_220_2 --generate_images True --k 10
@@ -25,7 +26,7 @@ from __future__ import annotations
 
 from data.benchmarks import boolq_context, boolq_released_prompt, load_boolq
 from data.prompts import derive_prompts
-from eval_scripts.cli import parse_common
+from eval_scripts.cli import check_common
 from eval_scripts.core import Evaluator, build_parser, first_token_ids, run_main
 
 CANDIDATES = ("yes", "no")
@@ -33,11 +34,24 @@ LAST_N_WORDS = 60
 PROMPTS = {"released": boolq_released_prompt, "harness": boolq_context}
 
 
-def parse_args(argv=None):
+def make_parser():
     p = build_parser(__doc__.split("\n")[0], image_prompt_choices=("sentences",))
     p.add_argument("--prompt_format", choices=tuple(PROMPTS), default="released")
     p.add_argument("--split", default=None, help="local file {split}.jsonl or hub split (default: dev/validation)")
-    return parse_common(p, argv)
+    return p
+
+
+def check_args(args):
+    check_common(args)
+    return args
+
+
+def parse_args(argv=None):
+    return check_args(make_parser().parse_args(argv))
+
+
+def task_name(args) -> str:
+    return "boolq" if args.prompt_format == "released" else f"boolq_{args.prompt_format}"
 
 
 def build_items(ev: Evaluator, records: list[dict]) -> list[dict]:
@@ -51,29 +65,46 @@ def build_items(ev: Evaluator, records: list[dict]) -> list[dict]:
     return items
 
 
+def choose(logp_row, token_ids) -> tuple[list[float], str]:
+    """The candidates' scores from one row of next-token log-probs, and the choice (ties: "yes")."""
+    scores = [max(float(logp_row[t]) for t in ids) for ids in token_ids]
+    return scores, CANDIDATES[0] if scores[0] >= scores[1] else CANDIDATES[1]
+
+
 def make_compute(ev: Evaluator):
     token_ids = [first_token_ids(ev.tokenizer, c) for c in CANDIDATES]
 
     def compute(batch: list[dict]) -> list[dict]:
-        logp, images = ev.next_token_logprobs([it["prompt"] for it in batch], [it["image_prompts"] for it in batch])
+        out = ev.next_token_logprobs([it["prompt"] for it in batch], [it["image_prompts"] for it in batch],
+                                     with_text=ev.use_images)
         records = []
-        for row, it, im in zip(logp, batch, images):
-            scores = [max(float(row[t]) for t in ids) for ids in token_ids]
-            pred = CANDIDATES[0] if scores[0] >= scores[1] else CANDIDATES[1]
-            records.append({"id": it["id"], "prompt": it["prompt"], "candidates": list(CANDIDATES),
-                            "scores": [round(s, 6) for s in scores], "prediction": pred, "answer": it["answer"],
-                            "correct": pred == it["answer"], "images": im})
+        for n, (row, it, im) in enumerate(zip(out[0], batch, out[1])):
+            scores, pred = choose(row, token_ids)
+            rec = {"id": it["id"], "prompt": it["prompt"], "candidates": list(CANDIDATES),
+                   "scores": [round(s, 6) for s in scores], "prediction": pred, "answer": it["answer"],
+                   "correct": pred == it["answer"], "images": im}
+            if ev.use_images:  # what the LM alone says, from the same pass
+                text_scores, text_pred = choose(out[2][n], token_ids)
+                rec.update(text_only_scores=[round(s, 6) for s in text_scores], text_only_prediction=text_pred)
+            records.append(rec)
         return records
     return compute
 
 
-def main(argv=None) -> dict:
-    args = parse_args(argv)
+def metrics_from(records: list[dict]) -> dict:
+    return {"acc": 100 * sum(r["correct"] for r in records) / len(records), "n": len(records)}
+
+
+def evaluate(args, runtime=None) -> dict:
+    """Run the benchmark with parsed ``args`` (on a shared ``runtime``, if given: the suite's)."""
     data = load_boolq(args.data_dir, limit=args.limit, split=args.split, data_file=args.data_file)
-    ev = Evaluator(args, "boolq" if args.prompt_format == "released" else f"boolq_{args.prompt_format}")
-    records = ev.run(build_items(ev, data), make_compute(ev))
-    metrics = {"acc": 100 * sum(r["correct"] for r in records) / len(records), "n": len(records)}
+    ev = Evaluator(args, task_name(args), runtime=runtime)
+    metrics = metrics_from(ev.run(build_items(ev, data), make_compute(ev)))
     return ev.finish(metrics, [("acc", f"{metrics['acc']:.2f}")])
+
+
+def main(argv=None) -> dict:
+    return evaluate(parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -64,11 +64,9 @@ def build_parser(description: str, *, image_prompt_choices=("sentences", "full",
     return p
 
 
-def parse_common(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
-    """Parse ``argv`` with a parser from :func:`build_parser` and check the flags every script shares."""
-    args = parser.parse_args(argv)
+def check_common(args: argparse.Namespace) -> None:
+    """Check the flags every script shares (each script's ``check_args`` calls this first)."""
     check_data_source(args)
-    return args
 
 
 def check_data_source(args: argparse.Namespace) -> None:

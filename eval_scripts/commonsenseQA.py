@@ -27,7 +27,8 @@ runs sharing a run name never mix). Each sample line holds ``id, protocol, promp
 scores`` (perplexities for released, log-likelihood sums for harness), ``prediction`` and
 ``answer`` (option indices), ``correct``, for harness also ``prediction_norm`` and
 ``correct_norm``, and ``images``: one list of image records per option (the lists are equal
-with ``--image_prompt context``).
+with ``--image_prompt context``). With images, also ``text_only_scores`` and
+``text_only_prediction`` (harness: and ``text_only_prediction_norm``): the LM alone, from the same pass.
 
     python eval_scripts/commonsenseQA.py --model_name meta-llama/Meta-Llama-3-8B \\
         --pretrained_model output/llama3/ft_wiki_laion_220_2 --generate_images True --k 10 --testset piqa
@@ -38,7 +39,7 @@ import math
 
 from data.benchmarks import COMMONSENSE_TESTSETS, MCExample, load_commonsense
 from data.prompts import derive_prompts
-from eval_scripts.cli import parse_common
+from eval_scripts.cli import check_common
 from eval_scripts.core import EvalError, Evaluator, build_parser, run_main
 from eval_scripts.metrics import mc_predictions, ppl_prediction
 
@@ -46,17 +47,25 @@ PROTOCOLS = ("released", "harness")
 LAST_N_WORDS = 70
 
 
-def parse_args(argv=None):
+def make_parser():
     p = build_parser(__doc__.split("\n")[0], image_prompt_choices=("sentences", "context"))
     p.add_argument("--testset", default=None, help=f"one of {', '.join(COMMONSENSE_TESTSETS)}")
     p.add_argument("--protocol", default="released", help="released (perplexity) or harness (log-likelihood)")
     p.add_argument("--split", default=None, help="file/split to read (default: the released one per set)")
-    args = parse_common(p, argv)
+    return p
+
+
+def check_args(args):
+    check_common(args)
     if args.testset not in COMMONSENSE_TESTSETS:
         raise EvalError(f"unknown --testset {args.testset!r}; choose one of {', '.join(COMMONSENSE_TESTSETS)}")
     if args.protocol not in PROTOCOLS:
         raise EvalError(f"unknown --protocol {args.protocol!r}; choose one of {', '.join(PROTOCOLS)}")
     return args
+
+
+def parse_args(argv=None):
+    return check_args(make_parser().parse_args(argv))
 
 
 def task_name(args) -> str:
@@ -83,26 +92,29 @@ def build_items(ev: Evaluator, examples: list[MCExample]) -> list[dict]:
 
 
 def _per_option(ev: Evaluator, batch: list[dict], score_chunk):
-    """Per item: the scored tokens' log-probs of each option, and each option's image records.
+    """Per item: the scored tokens' log-probs of each option, each option's image records, and (with
+    images) the text-only log-probs of each option.
 
-    ``score_chunk(rows, prompt_lists)`` scores the options ``rows`` ((item, option) pairs), at
-    most ``--batch_size`` of them per call, and returns the core's ``(results, records)``.
+    ``score_chunk(rows, prompt_lists, with_text)`` scores the options ``rows`` ((item, option) pairs),
+    at most ``--batch_size`` of them per call, and returns the core's ``(results, records[, text])``.
     """
     flat = [(i, j) for i, it in enumerate(batch) for j in range(len(it["example"].choices))]
-    logprobs, images = [[] for _ in batch], [[] for _ in batch]
+    logprobs, images, text = [[] for _ in batch], [[] for _ in batch], [[] for _ in batch]
     size = ev.args.batch_size
     for s in range(0, len(flat), size):
         rows = flat[s:s + size]
-        out, recs = score_chunk(rows, [batch[i]["image_prompts"][j] for i, j in rows])
-        for (i, _), (lps, _greedy), im in zip(rows, out, recs):
+        out = score_chunk(rows, [batch[i]["image_prompts"][j] for i, j in rows], ev.use_images)
+        for n, ((i, _), (lps, _greedy), im) in enumerate(zip(rows, out[0], out[1])):
             logprobs[i].append(lps)
             images[i].append(im)
-    return logprobs, images
+            if ev.use_images:
+                text[i].append(out[2][n])
+    return logprobs, images, text
 
 
 def released_logprobs(ev: Evaluator, batch: list[dict]):
     """Token log-probs of every option's whole query (every token after the first)."""
-    def score_chunk(rows, prompt_lists):
+    def score_chunk(rows, prompt_lists, with_text):
         seqs = []
         for i, j in rows:
             ex = batch[i]["example"]
@@ -111,43 +123,54 @@ def released_logprobs(ev: Evaluator, batch: list[dict]):
                 raise EvalError(f"{ex.id}: the query of option {j} ({ex.released_queries[j]!r}) "
                                 "has no token to score")
             seqs.append(ids)
-        return ev.token_logprobs(seqs, [1] * len(seqs), prompt_lists)
+        return ev.token_logprobs(seqs, [1] * len(seqs), prompt_lists, with_text)
     return _per_option(ev, batch, score_chunk)
 
 
 def harness_logprobs(ev: Evaluator, batch: list[dict]):
     """Token log-probs of every option's continuation given its context."""
-    def score_chunk(rows, prompt_lists):
+    def score_chunk(rows, prompt_lists, with_text):
         requests = [batch[i]["example"].requests()[j] for i, j in rows]
-        return ev.continuation_logprobs([c for c, _ in requests], [x for _, x in requests], prompt_lists)
+        return ev.continuation_logprobs([c for c, _ in requests], [x for _, x in requests], prompt_lists, with_text)
     return _per_option(ev, batch, score_chunk)
+
+
+def option_scores(ex: MCExample, lps: list[list[float]], harness: bool) -> tuple[list[float], int, int | None]:
+    """Each option's score, the prediction and (harness) the length-normalised prediction, from
+    each option's token log-probs: log-likelihood sums (harness) or perplexities (released)."""
+    if harness:
+        scores = [sum(x) for x in lps]
+        return (scores, *mc_predictions(scores, ex.norm_lengths()))
+    mean_nll = [-sum(x) / len(x) for x in lps]
+    return [math.exp(x) for x in mean_nll], ppl_prediction(mean_nll), None
 
 
 def make_compute(ev: Evaluator):
     harness = ev.args.protocol == "harness"
 
     def compute(batch: list[dict]) -> list[dict]:
-        logprobs, images = (harness_logprobs if harness else released_logprobs)(ev, batch)
+        logprobs, images, text = (harness_logprobs if harness else released_logprobs)(ev, batch)
         records = []
-        for it, lps, im in zip(batch, logprobs, images):
+        for n, (it, lps, im) in enumerate(zip(batch, logprobs, images)):
             ex = it["example"]
+            sc, pred, pred_norm = option_scores(ex, lps, harness)
             rec = {"id": it["id"], "protocol": ev.args.protocol}
             if harness:
-                sc = [sum(x) for x in lps]
-                pred, pred_norm = mc_predictions(sc, ex.norm_lengths())
                 rec.update(prompt=ex.context, candidates=list(ex.choices))
                 if ex.option_contexts:
                     rec["contexts"] = list(ex.option_contexts)
             else:
-                mean_nll = [-sum(x) / len(x) for x in lps]
-                sc = [math.exp(x) for x in mean_nll]
-                pred, pred_norm = ppl_prediction(mean_nll), None
                 rec.update(prompt=ex.image_context, candidates=list(ex.released_queries))
             rec.update(scores=[round(s, 6) for s in sc], prediction=pred, answer=ex.label,
                        correct=pred == ex.label)
             if harness:
                 rec.update(prediction_norm=pred_norm, correct_norm=pred_norm == ex.label)
             rec["images"] = im
+            if ev.use_images:  # what the LM alone says, from the same pass
+                t_sc, t_pred, t_norm = option_scores(ex, text[n], harness)
+                rec.update(text_only_scores=[round(s, 6) for s in t_sc], text_only_prediction=t_pred)
+                if harness:
+                    rec["text_only_prediction_norm"] = t_norm
             records.append(rec)
         return records
     return compute
@@ -162,15 +185,19 @@ def metrics_from(records: list[dict], protocol: str) -> dict:
     return metrics
 
 
-def main(argv=None) -> dict:
-    args = parse_args(argv)
+def evaluate(args, runtime=None) -> dict:
+    """Run the benchmark with parsed ``args`` (on a shared ``runtime``, if given: the suite's)."""
     examples = load_commonsense(args.testset, args.data_dir, split=args.split, limit=args.limit,
                                 data_file=args.data_file)
-    ev = Evaluator(args, task_name(args))
+    ev = Evaluator(args, task_name(args), runtime=runtime)
     records = ev.run(build_items(ev, examples), make_compute(ev), desc=ev.task)
     metrics = metrics_from(records, args.protocol)
     table = [(k, f"{v:.2f}") for k, v in metrics.items() if k != "n"]
     return ev.finish(metrics, table)
+
+
+def main(argv=None) -> dict:
+    return evaluate(parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -91,17 +91,18 @@ class Evaluator:
     def encode(self, text: str, special: bool = True) -> list[int]:
         return self.scorer.encode(text, special)
 
-    def next_token_logprobs(self, texts, prompt_lists):
-        return self.scorer.next_token_logprobs(texts, prompt_lists)
+    def next_token_logprobs(self, texts, prompt_lists, with_text: bool = False):
+        return self.scorer.next_token_logprobs(texts, prompt_lists, with_text)
 
-    def token_logprobs(self, seqs, starts, prompt_lists):
-        return self.scorer.token_logprobs(seqs, starts, prompt_lists)
+    def token_logprobs(self, seqs, starts, prompt_lists, with_text: bool = False):
+        return self.scorer.token_logprobs(seqs, starts, prompt_lists, with_text)
 
-    def continuation_logprobs(self, contexts, continuations, prompt_lists):
-        return self.scorer.continuation_logprobs(contexts, continuations, prompt_lists)
+    def continuation_logprobs(self, contexts, continuations, prompt_lists, with_text: bool = False):
+        return self.scorer.continuation_logprobs(contexts, continuations, prompt_lists, with_text)
 
-    def score_candidates(self, prompts, candidate_lists, prompt_lists, scoring: str = "first_token"):
-        return self.scorer.score_candidates(prompts, candidate_lists, prompt_lists, scoring)
+    def score_candidates(self, prompts, candidate_lists, prompt_lists, scoring: str = "first_token",
+                         with_text: bool = False):
+        return self.scorer.score_candidates(prompts, candidate_lists, prompt_lists, scoring, with_text)
 
     def candidate_records(self, batch: list[dict], keep: tuple[str, ...] = ()) -> list[dict]:
         return self.scorer.candidate_records(batch, keep)

@@ -27,14 +27,14 @@ from pathlib import Path
 from data.benchmarks import (IMAGENETVC_DIR, IMAGENETVC_SUBSETS, IMAGENETVC_TEMPLATES, imagenetvc_prompt,
                              load_imagenetvc, load_imagenetvc_demos)
 from data.prompts import derive_prompts
-from eval_scripts.cli import parse_common
+from eval_scripts.cli import check_common
 from eval_scripts.core import EvalError, Evaluator, build_parser, parse_choices, run_main
 from eval_scripts.metrics import summarize_templates
 
 TASK = "imagenetvc"
 
 
-def parse_args(argv=None):
+def make_parser():
     p = build_parser(__doc__.split("\n")[0], image_prompt_choices=("question", "full"),
                      default_image_prompt="question")
     p.add_argument("--subsets", default=None,
@@ -45,7 +45,11 @@ def parse_args(argv=None):
     p.add_argument("--use-icl", "--use_icl", dest="use_icl", action="store_true",
                    help="prepend the dev/ in-context demonstrations")
     p.add_argument("--scoring", choices=("first_token", "full"), default="first_token")
-    args = parse_common(p, argv)
+    return p
+
+
+def check_args(args):
+    check_common(args)
     if args.from_hub and (args.data_dir or args.data_file):
         raise EvalError("--from_hub reads the hub: leave out --data_dir and --data_file")
     if args.data_file is not None:
@@ -56,9 +60,14 @@ def parse_args(argv=None):
                             f"({', '.join(IMAGENETVC_SUBSETS)})")
     elif args.data_dir is None and not args.from_hub:
         args.data_dir = str(IMAGENETVC_DIR)  # the files shipped with the project
-    args.subsets = parse_choices(args.subsets or ",".join(IMAGENETVC_SUBSETS), IMAGENETVC_SUBSETS,
-                                 "ImageNetVC subset")
+    if not isinstance(args.subsets, list):
+        args.subsets = parse_choices(args.subsets or ",".join(IMAGENETVC_SUBSETS), IMAGENETVC_SUBSETS,
+                                     "ImageNetVC subset")
     return args
+
+
+def parse_args(argv=None):
+    return check_args(make_parser().parse_args(argv))
 
 
 def load_examples(args) -> dict[str, list[dict]]:
@@ -120,15 +129,19 @@ def metrics_from(records_by_subset: dict[str, list[dict]]) -> dict:
     return metrics
 
 
-def main(argv=None) -> dict:
-    args = parse_args(argv)
+def evaluate(args, runtime=None) -> dict:
+    """Run the benchmark with parsed ``args`` (on a shared ``runtime``, if given: the suite's)."""
     examples = load_examples(args)
-    ev = Evaluator(args, TASK, resume_keys=("subsets", "use_icl", "scoring"))
+    ev = Evaluator(args, TASK, resume_keys=("subsets", "use_icl", "scoring"), runtime=runtime)
     compute = make_compute(ev)
     by_subset = {s: ev.run(build_items(ev, s, exs), compute, desc=f"imagenetvc/{s}") for s, exs in examples.items()}
     metrics = metrics_from(by_subset)
     table = [(name, f"{m['mean']:.2f} ± {m['std']:.2f}") for name, m in metrics.items()]
     return ev.finish(metrics, table)
+
+
+def main(argv=None) -> dict:
+    return evaluate(parse_args(argv))
 
 
 if __name__ == "__main__":

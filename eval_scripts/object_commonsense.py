@@ -76,7 +76,7 @@ from pathlib import Path
 
 from data.benchmarks import OBJECT_SET_FILES, OBJECT_SETS, load_object_commonsense, object_phrase, object_set_of_file
 from data.prompts import derive_prompts
-from eval_scripts.cli import parse_common
+from eval_scripts.cli import check_common
 from eval_scripts.core import EvalError, Evaluator, build_parser, parse_choices, run_main
 from eval_scripts.metrics import summarize_templates
 
@@ -107,7 +107,7 @@ TEMPLATES = {"memory_color": COLOR_TEMPLATES, "color_terms": COLOR_TEMPLATES, "s
 SIZE_CANDIDATES = ["yes", "no"]
 
 
-def parse_args(argv=None):
+def make_parser():
     p = build_parser(__doc__.split("\n")[0], image_prompt_choices=("object", "full"),
                      default_image_prompt="object")
     p.add_argument("--sets", default=None,
@@ -116,13 +116,22 @@ def parse_args(argv=None):
     p.add_argument("--scoring", choices=("first_token", "full"), default="first_token")
     p.add_argument("--size_both_directions", action="store_true",
                    help="also ask every size pair swapped (answer 'no')")
-    args = parse_common(p, argv)
+    return p
+
+
+def check_args(args):
+    check_common(args)
     if args.data_file is not None:
         args.sets = args.sets or object_set_of_file(args.data_file)
         if args.sets is None or "," in args.sets:
             raise EvalError(f"--data_file {args.data_file}: name its one set with --sets ({', '.join(OBJECT_SETS)})")
-    args.sets = parse_choices(args.sets or ",".join(OBJECT_SETS), OBJECT_SETS, "object-commonsense set")
+    if not isinstance(args.sets, list):
+        args.sets = parse_choices(args.sets or ",".join(OBJECT_SETS), OBJECT_SETS, "object-commonsense set")
     return args
+
+
+def parse_args(argv=None):
+    return check_args(make_parser().parse_args(argv))
 
 
 def _questions(set_name: str, ex: dict, both_directions: bool) -> list[tuple[str, dict, str, list[str]]]:
@@ -179,10 +188,10 @@ def set_metrics(set_name: str, records: list[dict], n_examples: int) -> dict:
     return {"per_template": [round(100 * a, 4) for a in accs], **summarize_templates(accs), "n": n_examples}
 
 
-def main(argv=None) -> dict:
-    args = parse_args(argv)
+def evaluate(args, runtime=None) -> dict:
+    """Run the benchmark with parsed ``args`` (on a shared ``runtime``, if given: the suite's)."""
     examples = load_examples(args)
-    ev = Evaluator(args, TASK, resume_keys=("sets", "scoring", "size_both_directions"))
+    ev = Evaluator(args, TASK, resume_keys=("sets", "scoring", "size_both_directions"), runtime=runtime)
     compute = make_compute(ev)
     metrics = {}
     for set_name, exs in examples.items():
@@ -190,6 +199,10 @@ def main(argv=None) -> dict:
         metrics[set_name] = set_metrics(set_name, records, len(exs))
     table = [(name, f"{m['mean']:.2f} ± {m['std']:.2f}  (n={m['n']})") for name, m in metrics.items()]
     return ev.finish(metrics, table)
+
+
+def main(argv=None) -> dict:
+    return evaluate(parse_args(argv))
 
 
 if __name__ == "__main__":

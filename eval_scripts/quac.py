@@ -23,7 +23,10 @@ from __future__ import annotations
 from data.benchmarks import QUAC_CANNOTANSWER, load_quac
 from eval_scripts.core import run_main
 from eval_scripts.metrics import exact_match, quac_f1, quac_references, quac_scores
-from eval_scripts.squad import abstained, parse_args, run_generation
+from eval_scripts.squad import abstained, check_args, parse_args, run_generation  # noqa: F401 (check_args: the suite)
+from eval_scripts.squad import make_parser as _squad_parser
+
+TASK = "quac"
 
 
 def quac_answer(prediction: str) -> str:
@@ -37,15 +40,23 @@ def quac_example_scores(prediction: str, answers: list[str]) -> tuple[float, flo
     return exact_match(pred, quac_references(answers)), quac_f1(pred, answers)
 
 
-def main(argv=None) -> dict:
-    args = parse_args(__doc__.split("\n")[0], argv)
+def make_parser():
+    return _squad_parser(__doc__.split("\n")[0])
+
+
+def evaluate(args, runtime=None) -> dict:
+    """Run the benchmark with parsed ``args`` (on a shared ``runtime``, if given: the suite's)."""
     ev, results, skipped = run_generation(args, "QuAC", load_quac(args.data_dir, path=args.data_file, split=args.split),
-                                          quac_example_scores)
+                                          quac_example_scores, runtime)
     official = quac_scores([quac_answer(r["prediction"]) for r in results], [r["answers"] for r in results])
     metrics = {**official, "exact_match": 100 * sum(r["exact_match"] for r in results) / len(results),
                "n": len(results), "skipped": skipped}
     return ev.finish(metrics, [("f1", f"{metrics['f1']:.2f}"), ("heq", f"{metrics['heq']:.2f}"),
                                ("exact_match", f"{metrics['exact_match']:.2f}")])
+
+
+def main(argv=None) -> dict:
+    return evaluate(parse_args(__doc__.split("\n")[0], argv))
 
 
 if __name__ == "__main__":

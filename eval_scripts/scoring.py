@@ -27,6 +27,11 @@ def first_token_ids(tokenizer, word: str) -> tuple[int, ...]:
     return tuple(sorted({tokenizer(s, add_special_tokens=False)["input_ids"][0] for s in spellings}))
 
 
+def best_candidate(candidates: list, scores: list[float]):
+    """The best-scoring candidate (ties: the first listed)."""
+    return candidates[max(range(len(scores)), key=lambda j: (scores[j], -j))]
+
+
 class Scorer:
     def __init__(self, runtime: Runtime, args: argparse.Namespace, use_images: bool):
         self.rt, self.args, self.use_images = runtime, args, use_images
@@ -63,19 +68,24 @@ class Scorer:
 
     # ------------------------------------------------------------------ scoring primitives
     @torch.no_grad()
-    def next_token_logprobs(self, texts: list[str], prompt_lists: list[list[str]]):
-        """Mixed log-probabilities of the token after each text: ``[B, V]`` (CPU), and image records."""
+    def next_token_logprobs(self, texts: list[str], prompt_lists: list[list[str]], with_text: bool = False):
+        """Mixed log-probabilities of the token after each text: ``[B, V]`` (CPU), and image records;
+        ``with_text`` adds the text-only log-probabilities ``[B, V]`` (from the same LM pass)."""
         seqs = [self.fit(self.encode(t))[0] for t in texts]
         ids, mask = self.rt.pad(seqs)
         last = torch.tensor([[len(s) - 1] for s in seqs], device=self.device)
         patches, weights, records = self.images_for(prompt_lists)
         logp = self.model.mixed_logprobs(ids, mask, patches, weights, self.args.mix, positions=last,
-                                         hidden=self.text_hidden(seqs))
+                                         hidden=self.text_hidden(seqs), return_text=with_text)
+        if with_text:
+            return logp[0][:, 0].float().cpu(), records, logp[1][:, 0].float().cpu()
         return logp[:, 0].float().cpu(), records
 
     @torch.no_grad()
-    def token_logprobs(self, seqs: list[list[int]], starts: list[int], prompt_lists: list[list[str]]):
-        """For each token sequence, the mixed log-probs of its tokens ``seq[start:]`` given the prefix."""
+    def token_logprobs(self, seqs: list[list[int]], starts: list[int], prompt_lists: list[list[str]],
+                       with_text: bool = False):
+        """For each token sequence, the mixed log-probs of its tokens ``seq[start:]`` given the prefix;
+        ``with_text`` adds each sequence's text-only log-probs of the same tokens (same LM pass)."""
         fitted = [self.fit(s) for s in seqs]
         seqs = [f[0] for f in fitted]
         starts = [max(st - cut, 1) for st, (_, cut) in zip(starts, fitted)]
@@ -87,17 +97,23 @@ class Scorer:
                            device=self.device)
         patches, weights, records = self.images_for(prompt_lists)
         logp = self.model.mixed_logprobs(ids, mask, patches, weights, self.args.mix, positions=pos,
-                                         hidden=self.text_hidden(seqs)).float()
+                                         hidden=self.text_hidden(seqs), return_text=with_text)
+        logp, text = logp if with_text else (logp, None)
         targets = torch.tensor([[s[min(st + j, len(s) - 1)] for j in range(span)] for s, st in zip(seqs, starts)],
                                device=self.device)
-        picked = logp.gather(-1, targets.unsqueeze(-1))[..., 0].cpu()
+        picked = logp.float().gather(-1, targets.unsqueeze(-1))[..., 0].cpu()
         greedy = (logp.argmax(-1) == targets).cpu()
         out = [(picked[i, :len(s) - st].tolist(), bool(greedy[i, :len(s) - st].all()))
                for i, (s, st) in enumerate(zip(seqs, starts))]
-        return out, records
+        if not with_text:
+            return out, records
+        text = text.float().gather(-1, targets.unsqueeze(-1))[..., 0].cpu()
+        return out, records, [text[i, :len(s) - st].tolist() for i, (s, st) in enumerate(zip(seqs, starts))]
 
-    def continuation_logprobs(self, contexts: list[str], continuations: list[str], prompt_lists):
-        """lm-evaluation-harness style: per-token log-probs of each continuation given its context."""
+    def continuation_logprobs(self, contexts: list[str], continuations: list[str], prompt_lists,
+                              with_text: bool = False):
+        """lm-evaluation-harness style: per-token log-probs of each continuation given its context
+        (``with_text``: and the text-only ones, as :meth:`token_logprobs`)."""
         seqs, starts = [], []
         for ctx, cont in zip(contexts, continuations):
             whole, ctx_ids = self.encode(ctx + cont), self.encode(ctx)
@@ -108,44 +124,56 @@ class Scorer:
                     start -= 1
             seqs.append(whole)
             starts.append(max(start, 1))
-        return self.token_logprobs(seqs, starts, prompt_lists)
+        return self.token_logprobs(seqs, starts, prompt_lists, with_text=with_text)
 
     def score_candidates(self, prompts: list[str], candidate_lists: list[list[str]],
-                         prompt_lists: list[list[str]], scoring: str = "first_token"):
-        """A score per candidate of each prompt, and the image records of each prompt.
+                         prompt_lists: list[list[str]], scoring: str = "first_token", with_text: bool = False):
+        """A score per candidate of each prompt, and the image records of each prompt; ``with_text``
+        adds the text-only scores (the same scoring under the base LM alone, from the same LM pass).
 
         ``first_token`` (the released protocol): the mixed log-probability of the candidate's first
         token (with a leading space) at the next position, the better of ``" word"`` and ``" Word"``.
         ``full``: the summed log-likelihood of all of ``" word"``'s tokens (multi-token candidates).
         """
         if scoring == "first_token":
-            logp, images = self.next_token_logprobs(prompts, prompt_lists)
-            scores = [[max(float(logp[i, t]) for t in first_token_ids(self.tokenizer, c)) for c in cands]
-                      for i, cands in enumerate(candidate_lists)]
-            return scores, images
+            out = self.next_token_logprobs(prompts, prompt_lists, with_text=with_text)
+
+            def first_token_scores(logp):
+                return [[max(float(logp[i, t]) for t in first_token_ids(self.tokenizer, c)) for c in cands]
+                        for i, cands in enumerate(candidate_lists)]
+            scores = first_token_scores(out[0])
+            return (scores, out[1], first_token_scores(out[2])) if with_text else (scores, out[1])
         if scoring != "full":
             raise EvalError(f"unknown scoring {scoring!r}; use first_token or full")
         flat = [(i, c) for i, cands in enumerate(candidate_lists) for c in cands]
-        out, flat_images = self.continuation_logprobs([prompts[i] for i, _ in flat], [" " + c for _, c in flat],
-                                                      [prompt_lists[i] for i, _ in flat])
-        scores, images = [[] for _ in prompts], [[] for _ in prompts]
-        for (i, _), (lps, _greedy), im in zip(flat, out, flat_images):
+        out = self.continuation_logprobs([prompts[i] for i, _ in flat], [" " + c for _, c in flat],
+                                         [prompt_lists[i] for i, _ in flat], with_text=with_text)
+        scores, images, text = [[] for _ in prompts], [[] for _ in prompts], [[] for _ in prompts]
+        for n, ((i, _), (lps, _greedy), im) in enumerate(zip(flat, out[0], out[1])):
             scores[i].append(sum(lps))
             images[i] = im
-        return scores, images
+            if with_text:
+                text[i].append(sum(out[2][n]))
+        return (scores, images, text) if with_text else (scores, images)
 
     def candidate_records(self, batch: list[dict], keep: tuple[str, ...] = ()) -> list[dict]:
         """Score the ``candidates`` of each item (``--scoring``) and build its sample record; the
-        prediction is the best-scoring candidate (ties: the first). ``keep``: item fields to copy."""
-        scores, images = self.score_candidates([it["prompt"] for it in batch], [it["candidates"] for it in batch],
-                                               [it["image_prompts"] for it in batch], self.args.scoring)
+        prediction is the best-scoring candidate (ties: the first). ``keep``: item fields to copy.
+        With images, the record also holds ``text_only_scores`` and ``text_only_prediction``: what the
+        base LM alone scores and predicts (from the same LM pass)."""
+        out = self.score_candidates([it["prompt"] for it in batch], [it["candidates"] for it in batch],
+                                    [it["image_prompts"] for it in batch], self.args.scoring,
+                                    with_text=self.use_images)
         records = []
-        for it, sc, im in zip(batch, scores, images):
-            pred = it["candidates"][max(range(len(sc)), key=lambda j: (sc[j], -j))]
-            records.append({"id": it["id"], **{k: it[k] for k in keep}, "prompt": it["prompt"],
-                            "candidates": it["candidates"], "scores": [round(x, 6) for x in sc],
-                            "prediction": pred, "answer": it["answer"], "correct": pred == it["answer"],
-                            "images": im})
+        for n, (it, sc, im) in enumerate(zip(batch, out[0], out[1])):
+            pred = best_candidate(it["candidates"], sc)
+            rec = {"id": it["id"], **{k: it[k] for k in keep}, "prompt": it["prompt"],
+                   "candidates": it["candidates"], "scores": [round(x, 6) for x in sc],
+                   "prediction": pred, "answer": it["answer"], "correct": pred == it["answer"], "images": im}
+            if self.use_images:
+                rec.update(text_only_scores=[round(x, 6) for x in out[2][n]],
+                           text_only_prediction=best_candidate(it["candidates"], out[2][n]))
+            records.append(rec)
         return records
 
     @torch.no_grad()

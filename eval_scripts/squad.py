@@ -26,7 +26,8 @@ Data: the hub's SQuAD 2.0, or ``--data_dir`` (``{split}-v2.0.json``, else ``{spl
 ``--data_file`` (one official JSON file, either version).
 
 Results: ``<output_dir>/<run_name>/squad.json``; each sample line holds ``id, prompt, prediction,
-answers, is_impossible, exact_match, f1, correct`` (exact match) and ``images``.
+answers, is_impossible, exact_match, f1, correct`` (exact match) and ``images``. No text-only
+prediction is recorded: it would need a second, unfused decode (compare with a text-only run).
 
     python eval_scripts/squad.py --model_name meta-llama/Meta-Llama-3-8B \\
         --pretrained_model output/llama3/ft_wiki_laion_220_2 --generate_images True --k 10
@@ -37,7 +38,7 @@ from typing import Callable
 
 from data.benchmarks import load_squad, qa_one_shot_prompt
 from data.prompts import derive_prompts
-from eval_scripts.cli import parse_common
+from eval_scripts.cli import check_common
 from eval_scripts.core import EvalError, Evaluator, build_parser, run_main
 from eval_scripts.metrics import exact_match, f1, normalize_answer
 
@@ -45,16 +46,27 @@ LAST_N_WORDS = 70
 ABSTENTION = "Not in background."
 
 
-def parse_args(description: str, argv=None):
+TASK = "squad"
+
+
+def make_parser(description: str = __doc__.split("\n")[0]):
     p = build_parser(description, image_prompt_choices=("sentences",))
     p.add_argument("--all_questions", action="store_true",
                    help="also score unanswerable questions (default: the released subset)")
     p.add_argument("--max_new_tokens", type=int, default=50, help="longest generated answer, in tokens")
     p.add_argument("--split", default=None, help="local file of that split, or hub split (default: dev/validation)")
-    args = parse_common(p, argv)
+    return p
+
+
+def check_args(args):
+    check_common(args)
     if args.max_new_tokens < 1:
         raise ValueError(f"--max_new_tokens must be >= 1, got {args.max_new_tokens}")
     return args
+
+
+def parse_args(description: str, argv=None):
+    return check_args(make_parser(description).parse_args(argv))
 
 
 def select_questions(records: list[dict], all_questions: bool) -> tuple[list[dict], int]:
@@ -66,14 +78,16 @@ def select_questions(records: list[dict], all_questions: bool) -> tuple[list[dic
     return [r for r in with_example if not r["is_impossible"]], skipped
 
 
-def run_generation(args, task: str, records: list[dict], score: Callable) -> tuple[Evaluator, list[dict], int]:
-    """Select the questions to score, then generate and score them: the evaluator, the sample
-    records and the number of questions skipped for lack of a one-shot example."""
+def run_generation(args, task: str, records: list[dict], score: Callable,
+                   runtime=None) -> tuple[Evaluator, list[dict], int]:
+    """Select the questions to score, then generate and score them (on a shared ``runtime``, if
+    given): the evaluator, the sample records and the number of questions skipped for lack of a
+    one-shot example."""
     records, skipped = select_questions(records, args.all_questions)
     records = records[:args.limit] if args.limit is not None else records
     if not records:
         raise EvalError(f"no {task} question to score (none has an earlier answered question in its article)")
-    ev = Evaluator(args, task.lower(), resume_keys=("max_new_tokens", "all_questions"))
+    ev = Evaluator(args, task.lower(), resume_keys=("max_new_tokens", "all_questions"), runtime=runtime)
     return ev, ev.run(build_items(ev, records), make_compute(ev, score)), skipped
 
 
@@ -132,14 +146,18 @@ def group_means(records: list[dict]) -> dict:
     return metrics
 
 
-def main(argv=None) -> dict:
-    args = parse_args(__doc__.split("\n")[0], argv)
+def evaluate(args, runtime=None) -> dict:
+    """Run the benchmark with parsed ``args`` (on a shared ``runtime``, if given: the suite's)."""
     records = load_squad(args.data_dir, path=args.data_file, split=args.split)
     v11 = bool(records) and records[0]["squad_version"] == "1.1"
     ev, results, skipped = run_generation(args, "SQuAD_v1.1" if v11 else "SQuAD", records,
-                                          squad11_scores if v11 else squad_scores)
+                                          squad11_scores if v11 else squad_scores, runtime)
     metrics = {**group_means(results), "skipped": skipped}
     return ev.finish(metrics, [("exact_match", f"{metrics['exact_match']:.2f}"), ("f1", f"{metrics['f1']:.2f}")])
+
+
+def main(argv=None) -> dict:
+    return evaluate(parse_args(__doc__.split("\n")[0], argv))
 
 
 if __name__ == "__main__":

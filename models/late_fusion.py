@@ -241,7 +241,8 @@ class LateFusionLM(nn.Module):
     # ------------------------------------------------------------------ inference
     @torch.no_grad()
     def mixed_logprobs(self, input_ids, attention_mask, image_patches=None, weights=None, mode="logits",
-                       positions: torch.Tensor | None = None, hidden: torch.Tensor | None = None) -> torch.Tensor:
+                       positions: torch.Tensor | None = None, hidden: torch.Tensor | None = None,
+                       return_text: bool = False):
         """Mixed next-token log-probabilities.
 
         Args:
@@ -253,9 +254,13 @@ class LateFusionLM(nn.Module):
                 needed (the LM head then runs on those only); all ``T`` when None.
             hidden: the LM's final hidden states ``[B, T, d]`` if the caller already has them
                 (e.g. memoised across runs); the LM is not run then.
+            return_text: also return the text-only log-probabilities ``log_softmax(L0)`` (same
+                shape): what the base LM alone predicts, from the ``L0`` the mixing already has
+                (no extra LM pass).
         Returns:
-            ``[B, P, V]`` (or ``[B, T, V]``) float32 log-probabilities. The LM runs once per text
-            whatever k is; the k images of all rows go through projector and fusion as one batch.
+            ``[B, P, V]`` (or ``[B, T, V]``) float32 log-probabilities, or ``(mixed, text_only)``
+            with ``return_text``. The LM runs once per text whatever k is; the k images of all
+            rows go through projector and fusion as one batch.
         """
         if hidden is None:
             hidden, _ = self.text_hidden(input_ids, attention_mask)
@@ -268,7 +273,8 @@ class LateFusionLM(nn.Module):
 
         text_logits = self.lm_head(pick(hidden))
         if image_patches is None or image_patches.shape[1] == 0:
-            return mix_logprobs(text_logits, None, None, mode)
+            text_only = mix_logprobs(text_logits, None, None, mode)
+            return (text_only, text_only) if return_text else text_only
         b, k = image_patches.shape[:2]
         if weights is None or tuple(weights.shape) != (b, k):
             raise ValueError(f"weights must have shape {(b, k)}, got "
@@ -279,7 +285,8 @@ class LateFusionLM(nn.Module):
             fused = fused.gather(1, positions.to(fused.device).repeat_interleave(k, 0)
                                  .unsqueeze(-1).expand(-1, -1, fused.shape[-1]))
         image_logits = self.lm_head(fused).unflatten(0, (b, k))
-        return mix_logprobs(text_logits, image_logits, weights.to(text_logits.device), mode)
+        mixed = mix_logprobs(text_logits, image_logits, weights.to(text_logits.device), mode)
+        return (mixed, mix_logprobs(text_logits, None, None, mode)) if return_text else mixed
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask, image_patches=None, weights=None, mode="logits",

@@ -64,7 +64,7 @@ def test_commonsense_released_command(lm_dirs, tiny_clip_spec, tmp_path, testset
     for ex in examples:
         r = rows[ex.id]
         assert set(r) == {"id", "protocol", "prompt", "candidates", "scores", "prediction", "answer", "correct",
-                          "images"}
+                          "images", "text_only_scores", "text_only_prediction"}
         assert r["candidates"] == ex.released_queries and r["answer"] == ex.label
         assert r["prediction"] == min(range(len(r["scores"])), key=lambda i: r["scores"][i])
         # one image set per option, from that option's query (last sentence, then its last 70 words)
@@ -81,7 +81,8 @@ def test_boolq_released_command(lm_dirs, tiny_clip_spec, tmp_path):
     assert rows[0]["prompt"].startswith(f"Context: {first['passage']}. Question: ")  # passage keeps its case
     assert rows[0]["answer"] == ("yes" if first["answer"] else "no")
     for r in rows:
-        assert set(r) == {"id", "prompt", "candidates", "scores", "prediction", "answer", "correct", "images"}
+        assert set(r) == {"id", "prompt", "candidates", "scores", "prediction", "answer", "correct", "images",
+                          "text_only_scores", "text_only_prediction"}
         assert r["prediction"] == r["candidates"][0 if r["scores"][0] >= r["scores"][1] else 1]
         assert r["images"][-1]["prompt"] == " ".join(r["prompt"].split()[-60:])
 

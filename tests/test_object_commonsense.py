@@ -170,7 +170,8 @@ def test_rerun_with_another_protocol_does_not_resume(paths, capsys):
     assert "--scoring 'first_token', not 'full'" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("extra, needle", [([], "--data_dir"), (["--data_dir", str(DATA), "--sets", "size"], "size"),
+@pytest.mark.parametrize("extra, needle", [(["--data_file", str(DATA / "vicomte" / "color.jsonl")], "--sets"),
+                                           (["--data_dir", str(DATA), "--sets", "size"], "size"),
                                            (["--data_dir", "/nonexistent"], "/nonexistent")])
 def test_bad_input_is_one_line_exit_2(paths, capsys, extra, needle):
     args = ["--model_name", paths["lm"], "--output_dir", str(paths["out"]), "--run_name", "bad",
