@@ -44,10 +44,7 @@ def parse_args(description: str, argv=None):
                    help="also score unanswerable questions (default: the released subset)")
     p.add_argument("--max_new_tokens", type=int, default=50, help="longest generated answer, in tokens")
     p.add_argument("--split", default=None, help="local file of that split, or hub split (default: dev/validation)")
-    args = p.parse_args(argv)
-    if args.max_new_tokens < 1:
-        raise ValueError(f"--max_new_tokens must be >= 1, got {args.max_new_tokens}")
-    return args
+    return p.parse_args(argv)  # --max_new_tokens >= 1 is checked with the common flags (cli.NUMERIC_FLAGS)
 
 
 def select_questions(records: list[dict], all_questions: bool) -> tuple[list[dict], int]:
