@@ -206,8 +206,9 @@ class RunRecords:
             self.state.wait_for_everyone()
             done = self.rows()
             hashes = {it["id"]: key[1] for it, key in zip(items, keys)}
-            self._score(self.shard([it for it, key in zip(items, keys) if key not in done]), hashes, compute,
-                        desc, postfix)
+            todo = [it for it, key in zip(items, keys) if key not in done]
+            self._score(self.shard(todo), hashes, compute, desc, postfix,
+                        kept=self.n_examples + len(items) - len(todo))
         except BaseException:
             self._clean_up_if_nothing_scored()
             raise
@@ -220,7 +221,8 @@ class RunRecords:
         self.n_examples += len(items)
         return [_sample(done[key]) for key in keys]
 
-    def _score(self, todo: list[dict], hashes: dict[str, str], compute, desc: str, postfix) -> None:
+    def _score(self, todo: list[dict], hashes: dict[str, str], compute, desc: str, postfix, kept: int) -> None:
+        """Score ``todo`` into this process's part file; ``kept``: examples of this run already on disk."""
         from tqdm.auto import tqdm
 
         bs = self.args.batch_size
@@ -244,10 +246,11 @@ class RunRecords:
                     total += 1
                 f.flush()
                 self.scored += len(recs)
+                kept += len(recs)
                 if failure is not None:
-                    kept = (f"the {self.scored} examples scored before it are kept in {self.out_dir} for a resume"
-                            if self.scored else "nothing was written")
-                    raise NonFiniteScores(f"{failure}; {kept}; no metrics were written")
+                    saved = (f"the {kept} examples scored before it are kept in {self.out_dir} for a resume"
+                             if kept else "nothing was written")
+                    raise NonFiniteScores(f"{failure}; {saved}; no metrics were written")
                 bar.update(len(recs))
                 bar.set_postfix({"acc": f"{correct / max(total, 1):.3f}", **(postfix() if postfix else {})})
 
