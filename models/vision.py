@@ -233,8 +233,9 @@ def _build_encoder(spec: str) -> VisionEncoder:
     if name in open_clip.list_models():
         tags = open_clip.list_pretrained_tags_by_model(name)
         if tag and tag not in tags and not os.path.isfile(tag):
+            known = ", ".join(tags[:5]) + (f", ... ({len(tags)} in all)" if len(tags) > 5 else "")
             raise VisionEncoderError(f"unknown pretrained tag {tag!r} of open_clip model {name!r}; known tags: "
-                                     f"{', '.join(tags) or 'none'}")
+                                     f"{known or 'none'}")
         return OpenClipEncoder(name, tag or None)
     if tag and "/" not in tag:
         return HFClipEncoder(spec)  # a hub id such as openai/clip-vit-base-patch32
