@@ -57,6 +57,18 @@ def read_jsonl_rows(path: Path) -> list[dict]:
     return rows
 
 
+def _has_a_row(path: Path) -> bool:
+    """Whether a rows file holds a complete row (only the last line can be cut short by a kill)."""
+    if not path.is_file():
+        return False
+    with open(path, "rb") as f:
+        line = f.readline()
+    try:
+        return isinstance(json.loads(line), dict)
+    except ValueError:
+        return False
+
+
 def write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text, encoding="utf-8")
@@ -150,7 +162,7 @@ class RunRecords:
     def has_results(self) -> bool:
         """Whether anything was computed under this run name for this task."""
         return (self.result_path().is_file() or self.samples_path().is_file()
-                or any(read_jsonl_rows(p) for p in self._row_files()))
+                or any(_has_a_row(p) for p in self._row_files()))
 
     def _make_dir(self) -> None:
         missing, p = [], self.out_dir
@@ -248,7 +260,7 @@ class RunRecords:
                 self.scored += len(recs)
                 kept += len(recs)
                 if failure is not None:
-                    saved = (f"the {kept} examples scored before it are kept in {self.out_dir} for a resume"
+                    saved = (f"{kept} scored example{'s' if kept != 1 else ''} kept in {self.out_dir} for a resume"
                              if kept else "nothing was written")
                     raise NonFiniteScores(f"{failure}; {saved}; no metrics were written")
                 bar.update(len(recs))
@@ -283,7 +295,7 @@ class RunRecords:
         what this run made (an empty part file, the settings file, folders it created)."""
         part = self.part_path(self.state.process_index)
         try:
-            if part.is_file() and not read_jsonl_rows(part):
+            if part.is_file() and not _has_a_row(part):
                 part.unlink()
             if not self.is_main or self.has_results():
                 return

@@ -7,6 +7,7 @@ calls; the dedicated tests below it cover the cases that need more than one comm
 """
 from __future__ import annotations
 
+import argparse
 import importlib
 import json
 import math
@@ -17,7 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from eval_scripts.cli import EvalError, NUMERIC_FLAGS, build_parser, run_main
+from eval_scripts.cli import NUMERIC_FLAGS, EvalError, NonFiniteScores, build_parser, run_main
+from eval_scripts.records import RunRecords
 from tests.paths import EVAL_DATA, TEST_DATA
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -226,7 +228,7 @@ def test_nan_scores_stop_the_run_naming_the_example_and_keep_what_was_scored(env
     argv = _base("imagenetVC", env, out) + ["--model_name", env["nan_token"], "--limit", "2", "--batch_size", "4"]
     for attempt in range(2):  # a resume scores nothing new and stops at the same example
         line = run_bad("imagenetVC", argv, capsys)
-        assert "'color-1/t0'" in line and "NaN" in line and "5 examples scored before it are kept" in line
+        assert "'color-1/t0'" in line and "NaN" in line and "5 scored examples kept" in line
         run_dir = out / "r"
         assert sorted(p.name for p in run_dir.iterdir()) == ["imagenetvc.run.json", "imagenetvc_samples.part0.jsonl"]
         rows = [json.loads(x) for x in (run_dir / "imagenetvc_samples.part0.jsonl").read_text().splitlines()]
@@ -242,6 +244,29 @@ def test_nan_during_generation_stops_before_anything_is_written(env, tmp_path, c
     assert "NaN" in line and "nothing was written" in line
     assert any(f"'{i}'" in line for i in squad_ids)
     assert not (tmp_path / "deep").exists()  # nor the folders the run made
+
+
+class _OneProcess:
+    is_main_process, num_processes, process_index = True, 1, 0
+
+    def wait_for_everyone(self):
+        pass
+
+
+def test_a_non_finite_number_in_any_record_is_never_written(tmp_path):
+    """Whatever a task computes from the scores (a perplexity that overflows, an F1): the rows before the
+    first non-finite one are kept, the run stops naming it."""
+    args = argparse.Namespace(output_dir=str(tmp_path), run_name="r", batch_size=2, model_name="m")
+    records = RunRecords(args, "t", _OneProcess(), ("model_name",))
+    items = [{"id": f"q{n}", "prompt": str(n)} for n in range(4)]
+
+    def compute(batch):
+        return [{"id": it["id"], "scores": [0.5, math.inf if it["id"] == "q1" else -1.0], "extra": {"f1": 1.0}}
+                for it in batch]
+    with pytest.raises(NonFiniteScores, match=r"t example 'q1': scores\[1\] is not a finite number; 1 scored example kept"):
+        records.run(items, compute)
+    rows = [json.loads(x) for x in (tmp_path / "r" / "t_samples.part0.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in rows] == ["q0"] and not (tmp_path / "r" / "t.json").exists()
 
 
 # ---------------------------------------------------------------------------------------------- resume
