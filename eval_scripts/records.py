@@ -125,7 +125,6 @@ class RunRecords:
         self.is_main = state.is_main_process
         self.n_examples = 0
         self.keys: list[tuple[str, str]] = []  # (id, item hash) of every item this run scored, in order
-        self.scored = 0                        # rows this process computed and wrote
         self._made_dirs: list[Path] = []        # folders this process created, deepest first
 
     # ------------------------------------------------------------------ files
@@ -257,7 +256,6 @@ class RunRecords:
                     correct += bool(r.get("correct"))
                     total += 1
                 f.flush()
-                self.scored += len(recs)
                 kept += len(recs)
                 if failure is not None:
                     saved = (f"{kept} scored example{'s' if kept != 1 else ''} kept in {self.out_dir} for a resume"
