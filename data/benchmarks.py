@@ -4,8 +4,10 @@ Each reader takes ``data_dir`` (the folder holding the benchmark's original file
 (one such file), or neither: then it loads a parquet hub id through ``datasets.load_dataset`` (no
 loading scripts, so it works with datasets >= 4). ImageNetVC and the object-commonsense sets ship with
 the project under ``data/evaluation/`` (``SHIPPED_DATA``), which the eval scripts read by default. Bad
-input raises ``ValueError`` naming the file and line (or the hub id and row); a missing file raises
-``FileNotFoundError`` naming every file that was looked for. Scoring rules: ``docs/protocols.md``.
+input raises ``ValueError`` naming the file and line (or the hub id and row): malformed rows, a file
+that is not UTF-8, a file without a single example; a missing file raises ``FileNotFoundError`` naming
+every file that was looked for. Local files are read as UTF-8 with or without a byte-order mark.
+Scoring rules: ``docs/protocols.md``.
 
 Benchmarks and their record forms:
 
@@ -21,6 +23,7 @@ Benchmarks and their record forms:
 from __future__ import annotations
 
 import csv
+import io
 import json
 import re
 from dataclasses import dataclass
@@ -96,44 +99,66 @@ def _located(where: str, fn, *args):
         raise ValueError(f"{where}: {e}") from None
 
 
+def read_text(path: Path) -> str:
+    """A data file's text: UTF-8, with or without a byte-order mark (spreadsheet exports add one);
+    anything else is a ValueError naming the file and line."""
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise ValueError(f"{path}:{line}: not UTF-8 text (byte {data[e.start]:#04x}); save the file as UTF-8") from None
+
+
 def read_jsonl(path: Path) -> list[tuple[int, dict]]:
     """``(line_number, object)`` for each non-blank line."""
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
-            if not isinstance(obj, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object")
-            rows.append((lineno, obj))
+    for lineno, line in enumerate(read_text(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+        if not isinstance(obj, dict):
+            raise ValueError(f"{path}:{lineno}: expected a JSON object")
+        rows.append((lineno, obj))
     return rows
 
 
+def _nonempty(rows: list, path: Path, what: str = "rows") -> list:
+    """``rows``, or a ValueError when a benchmark file holds none (an empty or header-only file)."""
+    if not rows:
+        raise ValueError(f"{path}: the file holds no {what}")
+    return rows
+
+
+def _read_benchmark_jsonl(path: Path) -> list[tuple[int, dict]]:
+    return _nonempty(read_jsonl(path), path)
+
+
 def _read_csv(path: Path, columns: tuple[str, ...]) -> list[tuple[int, dict]]:
-    """``(line_number, row)`` for each CSV row; ValueError when a required column is missing."""
-    with open(path, encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f)
-        missing = [c for c in columns if c not in (reader.fieldnames or [])]
-        if missing:
-            raise ValueError(f"{path}:1: missing column(s) {', '.join(missing)}")
-        return [(reader.line_num, row) for row in reader]
+    """``(line_number, row)`` for each CSV row; ValueError when a required column is missing or when
+    there is no row."""
+    reader = csv.DictReader(io.StringIO(read_text(path), newline=""))
+    if not reader.fieldnames:
+        raise ValueError(f"{path}: the file is empty (expected a header with {', '.join(columns)})")
+    missing = [c for c in columns if c not in reader.fieldnames]
+    if missing:
+        raise ValueError(f"{path}:1: missing column(s) {', '.join(missing)}")
+    return _nonempty([(reader.line_num, row) for row in reader], path, "rows after its header")
 
 
 def _read_labels(path: Path, n_rows: int, data_path: Path, allowed: tuple[str, ...]) -> list[int]:
     """Line-aligned labels as indices into ``allowed`` (e.g. SIQA's "1","2","3" -> 0,1,2)."""
     labels = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            value = line.strip()
-            if not value:
-                continue
-            if value not in allowed:
-                raise ValueError(f"{path}:{lineno}: label {value!r} outside the options {list(allowed)}")
-            labels.append(allowed.index(value))
+    for lineno, line in enumerate(read_text(path).splitlines(), 1):
+        value = line.strip()
+        if not value:
+            continue
+        if value not in allowed:
+            raise ValueError(f"{path}:{lineno}: label {value!r} outside the options {list(allowed)}")
+        labels.append(allowed.index(value))
     if len(labels) != n_rows:
         raise ValueError(f"{path}:{min(len(labels), n_rows) + 1}: {len(labels)} labels but "
                          f"{data_path} has {n_rows} rows")
@@ -321,7 +346,7 @@ def load_object_commonsense(name: str, data_dir=None, data_file=None) -> list[di
         obj, answer = (row[obj_col] or "").strip(), (row[ans_col] or "").strip()
         if not obj or not answer:
             raise ValueError(f"{path}:{line}: empty {obj_col if not obj else ans_col!r}")
-        records.append({"id": f"{name}-{row[id_col].strip() if id_col else i}", "object": obj,
+        records.append({"id": f"{name}-{(row[id_col] or '').strip() if id_col else i}", "object": obj,
                         "descriptor": (row[desc_col] or "").strip() if desc_col else "",
                         "answer": answer})
     vocabulary = sorted({r["answer"] for r in records})
@@ -359,7 +384,7 @@ def load_vicomte(relation: str, data_dir) -> list[dict]:
         raise ValueError(f"unknown ViComTe relation {relation!r}; expected one of {VICOMTE_RELATIONS}")
     path = _find_file([Path(data_dir), Path(data_dir) / "vicomte"], f"{relation}.jsonl", "ViComTe")
     records = []
-    for i, (line, raw) in enumerate(read_jsonl(path)):
+    for i, (line, raw) in enumerate(_read_benchmark_jsonl(path)):
         try:
             sub, obj, alt = _text(raw, "sub").strip(), _text(raw, "obj").strip(), _text(raw, "alt").strip()
         except ValueError as e:
@@ -559,7 +584,7 @@ def _local_file(testset: str, folder: Path, split: str) -> Path:
 def _local_rows(testset: str, path: Path) -> list[tuple[str, dict]]:
     """``(location, row in hub layout)`` from one of a benchmark's original files; PIQA, SIQA and
     WinoGrande labels come from the line-aligned ``{stem}-labels.lst`` beside it."""
-    rows = read_jsonl(path)
+    rows = _read_benchmark_jsonl(path)
     labels_path = path.with_name(f"{path.stem}-labels.lst")
     labels = None
     if testset in ("piqa", "siqa") or (testset == "winogrande" and labels_path.is_file()):
@@ -666,7 +691,7 @@ def load_boolq(data_dir=None, limit: int | None = None, split: str | None = None
     if data_file is not None or data_dir is not None:
         path = _require_file(Path(data_file) if data_file is not None
                              else Path(data_dir) / f"{split or 'dev'}.jsonl", "BoolQ")
-        rows = [(f"{path}:{line}", raw) for line, raw in read_jsonl(path)]
+        rows = [(f"{path}:{line}", raw) for line, raw in _read_benchmark_jsonl(path)]
     else:
         hub, name, default = BOOLQ_HUB
         where = _hub_where(hub, name, split or default)
@@ -729,21 +754,29 @@ def qa_one_shot_prompt(rec: dict) -> str:
 
 def _load_json(path: Path) -> dict:
     try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
+        data = json.loads(read_text(path))
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
     if not isinstance(data, dict) or not isinstance(data.get("data"), list):
         raise ValueError(f"{path}:1: expected an object with a 'data' list")
+    _nonempty(data["data"], path, "articles in its 'data' list")
     return data
+
+
+def _json_list(parent: dict, key: str, where: str) -> list:
+    value = parent.get(key, [])
+    if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+        raise ValueError(f"{where}: '{key}' must be a list of objects")
+    return value
 
 
 def _official_qas(file: Path, data: dict):
     """``(where, article, paragraph, turn index, qa)`` for every question of an official SQuAD/QuAC
     JSON file (``data`` > ``paragraphs`` > ``qas``); ``where`` is its JSON path, for error messages."""
+    _json_list(data, "data", f"{file}")
     for a, article in enumerate(data["data"]):
-        for p, par in enumerate(article.get("paragraphs", [])):
-            for q, qa in enumerate(par.get("qas", [])):
+        for p, par in enumerate(_json_list(article, "paragraphs", f"{file}: data[{a}]")):
+            for q, qa in enumerate(_json_list(par, "qas", f"{file}: data[{a}].paragraphs[{p}]")):
                 yield f"{file}: data[{a}].paragraphs[{p}].qas[{q}]", article, par, q, qa
 
 

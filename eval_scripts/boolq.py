@@ -26,7 +26,6 @@ from __future__ import annotations
 
 from data.benchmarks import boolq_context, boolq_released_prompt, load_boolq
 from data.prompts import derive_prompts
-from eval_scripts.cli import check_common
 from eval_scripts.core import Evaluator, build_parser, first_token_ids, run_main
 
 CANDIDATES = ("yes", "no")
@@ -42,7 +41,6 @@ def make_parser():
 
 
 def check_args(args):
-    check_common(args)
     return args
 
 

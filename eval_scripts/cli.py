@@ -1,8 +1,18 @@
-"""Command-line pieces every eval script shares: the common flags, list flags, and one-line errors."""
+"""Command-line pieces every eval script shares: the common flags, list flags, their validation, and
+one-line errors.
+
+Every flag is checked when it is parsed (:func:`validate_args`), before any data or model is read and
+before anything is written: numbers (finite, in range), ``--run_name`` (a plain folder name),
+``--device`` (known and present), ``--data_dir``/``--data_file`` (exist, not both) and ``--output_dir``
+(a writable folder, or one that can be made).
+"""
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
+from pathlib import Path
 from typing import Callable
 
 DTYPE_NAMES = ("bf16", "fp16", "fp32")
@@ -10,6 +20,119 @@ DTYPE_NAMES = ("bf16", "fp16", "fp32")
 
 class EvalError(Exception):
     """Bad input: reported as one line, exit status 2."""
+
+
+class NonFiniteScores(EvalError):
+    """The model produced NaN or infinite values while scoring (e.g. NaN weights): never recorded."""
+
+
+# Numeric flags and their ranges (low, high; None: unbounded), checked for every flag a parsed
+# namespace holds, so that a script's own flags (e.g. --max_new_tokens) need only a line here.
+# Floats must also be finite: NaN compares False with everything and would slip through a range.
+NUMERIC_FLAGS: dict[str, tuple[float | None, float | None]] = {
+    "k": (0, None),
+    "limit": (1, None),
+    "batch_size": (1, None),
+    "proj_hidden": (1, None),
+    "clip_temperature": (0.0, None),
+    "image_size": (1, None),
+    "num_inference_steps": (1, None),
+    "guidance_scale": (None, None),
+    "gen_batch_size": (1, None),
+    "toyworld_noise": (0.0, 1.0),
+    "max_new_tokens": (1, None),
+}
+
+
+def check_numbers(args: argparse.Namespace, flags: dict = NUMERIC_FLAGS) -> None:
+    """Every numeric flag of ``args`` named in ``flags`` is finite and within its range (None: unset)."""
+    for name, (low, high) in flags.items():
+        value = getattr(args, name, None)
+        if value is None or isinstance(value, bool):
+            continue
+        if isinstance(value, float) and not math.isfinite(value):
+            raise EvalError(f"--{name} must be a finite number, got {value}")
+        if low is not None and value < low:
+            raise EvalError(f"--{name} must be >= {low}, got {value}")
+        if high is not None and value > high:
+            raise EvalError(f"--{name} must be <= {high}, got {value}")
+
+
+def check_run_name(name: str | None) -> None:
+    """A run name is one plain folder name inside --output_dir: no separators, no '.'/'..', not absolute."""
+    if name is None:
+        return
+    seps = [sep for sep in ("/", "\\", os.sep, os.altsep) if sep]
+    if (not name.strip() or name in (".", "..") or any(sep in name for sep in seps) or "\0" in name
+            or Path(name).is_absolute() or Path(name).drive):
+        raise EvalError(f"--run_name {name!r} must be a plain folder name (no path separator, no '..'): "
+                        "results go to OUTPUT_DIR/RUN_NAME")
+
+
+def check_device(spec: str | None) -> None:
+    """``--device`` names a device type torch knows and this machine has (cpu, cuda[:N], mps, xpu[:N])."""
+    if spec is None:
+        return
+    import torch
+
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, ValueError):
+        raise EvalError(f"unknown --device {spec!r}: use cpu, cuda or cuda:N") from None
+    kind = device.type
+    if kind == "cpu":
+        return
+    if kind in ("cuda", "xpu"):
+        backend = getattr(torch, kind, None)
+        n = backend.device_count() if backend is not None and backend.is_available() else 0
+        if n == 0:
+            raise EvalError(f"--device {spec}: no {kind.upper()} device is available on this machine; "
+                            "use --device cpu")
+        if device.index is not None and device.index >= n:
+            raise EvalError(f"--device {spec}: this machine has {n} {kind.upper()} device(s) "
+                            f"({kind}:0 to {kind}:{n - 1})")
+        return
+    if kind == "mps":
+        if not torch.backends.mps.is_available():
+            raise EvalError(f"--device {spec}: MPS is not available on this machine; use --device cpu")
+        return
+    raise EvalError(f"--device {spec}: {kind!r} devices are not supported; use cpu, cuda or cuda:N")
+
+
+def check_output_dir(output_dir: str, run_name: str | None = None) -> None:
+    """``OUTPUT_DIR/RUN_NAME`` is a folder, or can be made: its nearest existing ancestor is a writable
+    folder (a file in the way would fail only after the models have loaded)."""
+    target = Path(output_dir) / run_name if run_name else Path(output_dir)
+    p = target
+    while not os.path.lexists(p) and p != p.parent:
+        p = p.parent
+    if not p.is_dir():
+        raise EvalError(f"--output_dir {output_dir}: {p} is {'a file' if p.exists() else 'a broken link'}, "
+                        "not a folder")
+    if not os.access(p, os.W_OK | os.X_OK):
+        raise EvalError(f"--output_dir {output_dir}: {p} is not writable")
+
+
+def validate_args(args: argparse.Namespace) -> None:
+    """All checks of the common flags (and of the script flags named in ``NUMERIC_FLAGS``)."""
+    check_numbers(args)
+    if getattr(args, "generate_images", False) and getattr(args, "k", 1) < 1:
+        raise EvalError(f"--k must be >= 1 when images are requested, got {args.k}")
+    check_run_name(getattr(args, "run_name", None))
+    if hasattr(args, "data_file"):
+        check_data_source(args)
+    check_device(getattr(args, "device", None))
+    if getattr(args, "output_dir", None) is not None:
+        check_output_dir(args.output_dir, getattr(args, "run_name", None))
+
+
+class EvalArgumentParser(argparse.ArgumentParser):
+    """An ArgumentParser that validates the flags it parsed (:func:`validate_args`)."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        parsed, extras = super().parse_known_args(args, namespace)
+        validate_args(parsed)
+        return parsed, extras
 
 
 def bool_word(value: str) -> bool:
@@ -27,7 +150,7 @@ def build_parser(description: str, *, image_prompt_choices=("sentences", "full",
     from models.image_generation import add_generation_args
     from models.mixing import MIX_MODES
 
-    p = argparse.ArgumentParser(description=description)
+    p = EvalArgumentParser(description=description)
     g = p.add_argument_group("model")
     g.add_argument("--model_name", "--model_name_or_path", dest="model_name", default="gpt2",
                    help="causal LM: hub id or local dir")
@@ -64,11 +187,6 @@ def build_parser(description: str, *, image_prompt_choices=("sentences", "full",
     return p
 
 
-def check_common(args: argparse.Namespace) -> None:
-    """Check the flags every script shares (each script's ``check_args`` calls this first)."""
-    check_data_source(args)
-
-
 def check_data_source(args: argparse.Namespace) -> None:
     """``--data_dir`` and ``--data_file`` exclude each other, and must exist when given."""
     from pathlib import Path
@@ -90,10 +208,19 @@ def parse_choices(value: str, allowed, what: str) -> list[str]:
     return items
 
 
+def one_line(message: object) -> str:
+    """A message on one line (library errors often span several)."""
+    return " ".join(part.strip() for part in str(message).splitlines() if part.strip())
+
+
 def run_main(main: Callable[[list[str] | None], dict], argv=None) -> dict:
-    """Run a script's main and turn bad input into one line on stderr and exit status 2."""
+    """Run a script's main and turn bad input into one line on stderr and exit status 2.
+
+    Bad input is an :class:`EvalError`, a ``ValueError`` (malformed data, a checkpoint that does not
+    fit; ``UnicodeDecodeError`` included) or an ``OSError`` (missing, unreadable or unwritable files).
+    """
     try:
         return main(argv)
-    except (EvalError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (EvalError, ValueError, OSError) as e:
+        print(f"error: {one_line(e)}", file=sys.stderr)
         raise SystemExit(2) from None

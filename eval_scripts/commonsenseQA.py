@@ -39,7 +39,6 @@ import math
 
 from data.benchmarks import COMMONSENSE_TESTSETS, MCExample, load_commonsense
 from data.prompts import derive_prompts
-from eval_scripts.cli import check_common
 from eval_scripts.core import EvalError, Evaluator, build_parser, run_main
 from eval_scripts.metrics import mc_predictions, ppl_prediction
 
@@ -56,7 +55,6 @@ def make_parser():
 
 
 def check_args(args):
-    check_common(args)
     if args.testset not in COMMONSENSE_TESTSETS:
         raise EvalError(f"unknown --testset {args.testset!r}; choose one of {', '.join(COMMONSENSE_TESTSETS)}")
     if args.protocol not in PROTOCOLS:

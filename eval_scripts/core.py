@@ -20,27 +20,17 @@ import datetime as _dt
 import time
 from typing import Callable
 
-from eval_scripts.cli import EvalError, bool_word, build_parser, parse_choices, run_main  # noqa: F401
+from eval_scripts.cli import EvalError, bool_word, build_parser, parse_choices, run_main, validate_args  # noqa: F401
 from eval_scripts.records import RunRecords
 from eval_scripts.runtime import DTYPES, Runtime, clear_memos  # noqa: F401
 from eval_scripts.scoring import Scorer, first_token_ids  # noqa: F401
 
 _bool_word = bool_word  # the former private name
+validate_common_args = validate_args  # the former name
 # settings that must match for a re-run with the same --run_name to resume
 RESUME_KEYS = ("model_name", "pretrained_model", "vision_encoder", "generate_images", "k", "image_prompt",
                "image_generator", "image_size", "num_inference_steps", "guidance_scale", "mix",
                "clip_temperature", "uniform_weights", "seed")
-
-
-def validate_common_args(args: argparse.Namespace) -> None:
-    if args.generate_images and args.k < 1:
-        raise EvalError(f"--k must be >= 1 when images are requested, got {args.k}")
-    if args.k < 0:
-        raise EvalError(f"--k must be >= 0, got {args.k}")
-    if args.limit is not None and args.limit < 1:
-        raise EvalError(f"--limit must be >= 1, got {args.limit}")
-    if args.batch_size < 1:
-        raise EvalError(f"--batch_size must be >= 1, got {args.batch_size}")
 
 
 class Evaluator:
@@ -52,7 +42,7 @@ class Evaluator:
         self.t0 = time.perf_counter()
         self.args, self.task = args, task
         self.resume_keys = RESUME_KEYS + tuple(resume_keys)
-        validate_common_args(args)
+        validate_args(args)  # again: callers may build the namespace without the parser
         self.use_images = bool(args.generate_images) and args.k > 0
         args.run_name = args.run_name or _dt.datetime.now().strftime("run-%Y%m%d-%H%M%S")
         if runtime is None:

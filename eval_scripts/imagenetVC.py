@@ -27,7 +27,6 @@ from pathlib import Path
 from data.benchmarks import (IMAGENETVC_DIR, IMAGENETVC_SUBSETS, IMAGENETVC_TEMPLATES, imagenetvc_prompt,
                              load_imagenetvc, load_imagenetvc_demos)
 from data.prompts import derive_prompts
-from eval_scripts.cli import check_common
 from eval_scripts.core import EvalError, Evaluator, build_parser, parse_choices, run_main
 from eval_scripts.metrics import summarize_templates
 
@@ -49,7 +48,6 @@ def make_parser():
 
 
 def check_args(args):
-    check_common(args)
     if args.from_hub and (args.data_dir or args.data_file):
         raise EvalError("--from_hub reads the hub: leave out --data_dir and --data_file")
     if args.data_file is not None:

@@ -76,7 +76,6 @@ from pathlib import Path
 
 from data.benchmarks import OBJECT_SET_FILES, OBJECT_SETS, load_object_commonsense, object_phrase, object_set_of_file
 from data.prompts import derive_prompts
-from eval_scripts.cli import check_common
 from eval_scripts.core import EvalError, Evaluator, build_parser, parse_choices, run_main
 from eval_scripts.metrics import summarize_templates
 
@@ -120,7 +119,6 @@ def make_parser():
 
 
 def check_args(args):
-    check_common(args)
     if args.data_file is not None:
         args.sets = args.sets or object_set_of_file(args.data_file)
         if args.sets is None or "," in args.sets:

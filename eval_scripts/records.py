@@ -2,15 +2,34 @@
 result files.
 
 * ``<output_dir>/<run_name>/<task>.json``: metrics, config, counts, timing, versions, git commit, date;
-* ``<output_dir>/<run_name>/<task>_samples.jsonl``: one line per example (and template);
+* ``<output_dir>/<run_name>/<task>_samples.jsonl``: one line per example (and template), exactly the
+  examples the metrics were computed from;
 * ``<task>.run.json``: the settings a re-run must share to resume; ``<task>_samples.part<rank>.jsonl``:
-  what each process has scored so far (merged into the samples file at the end).
+  what each process has scored so far, merged at the end into ``<task>_samples.cache.jsonl``: every
+  row ever computed under this run name (also those of examples beyond a smaller ``--limit``, or of
+  data that has changed since), so that nothing computed is lost.
+
+Resume identity. A re-run with the same ``--run_name`` must share the settings of ``<task>.run.json``
+(model, images, mixing...; refused otherwise, naming the flag). The data is part of the identity per
+example: every row of the part and cache files carries ``item_hash``, a content hash of the example as
+it was scored (prompt, candidates, answer, image prompts...), and a row is reused only for an example
+whose hash matches. So another ``--data_dir``, ``--data_file`` or hub split with different content is
+recomputed, while the same examples read from another copy are reused. The result JSON records
+``data_fingerprint``, a hash of the ``(id, item_hash)`` list its metrics were computed from.
+
+Failures. Scores are checked before they are written: a non-finite number stops the run with one line
+naming the example; what was scored before it stays on disk for a resume, and no metrics are written.
+A run that fails before scoring its first example leaves nothing behind (no settings file, no empty
+part file, no folder it created), so a failed start never locks a run name.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as _dt
+import hashlib
 import json
+import math
 import os
 import subprocess
 import sys
@@ -19,25 +38,81 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Callable
 
-from eval_scripts.cli import EvalError
+from eval_scripts.cli import EvalError, NonFiniteScores
+
+ITEM_HASH = "item_hash"
 
 
 def read_jsonl_rows(path: Path) -> list[dict]:
     """The rows of a samples file; a line cut short by a killed run is skipped (and recomputed)."""
     rows = []
     if path.is_file():
-        for line in path.read_text(encoding="utf-8").splitlines():
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except ValueError:
                 continue
+            if isinstance(row, dict) and "id" in row:
+                rows.append(row)
     return rows
+
+
+def _has_a_row(path: Path) -> bool:
+    """Whether a rows file holds a complete row (only the last line can be cut short by a kill)."""
+    if not path.is_file():
+        return False
+    with open(path, "rb") as f:
+        line = f.readline()
+    try:
+        return isinstance(json.loads(line), dict)
+    except ValueError:
+        return False
 
 
 def write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
+
+
+def _jsonable(obj):
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return dataclasses.asdict(obj)
+    if isinstance(obj, (set, frozenset)):
+        return sorted(obj, key=repr)
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"cannot hash a {type(obj).__name__} in an item")
+
+
+def item_hash(item: dict) -> str:
+    """A content hash of an item as it is scored: the same text, candidates, answer and image prompts
+    give the same hash wherever they were read from."""
+    text = json.dumps(item, sort_keys=True, ensure_ascii=False, default=_jsonable)
+    return hashlib.sha1(text.encode("utf-8")).hexdigest()[:16]
+
+
+def _sample(row: dict) -> dict:
+    """A row as the samples file shows it (without the resume bookkeeping)."""
+    return {k: v for k, v in row.items() if k != ITEM_HASH}
+
+
+def non_finite_field(value, where: str = "") -> str | None:
+    """The path of the first NaN or infinite number in a record (``scores[1]``), or None."""
+    if isinstance(value, float):
+        return None if math.isfinite(value) else (where or "value")
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, (list, tuple)):
+        items = ((f"[{i}]", v) for i, v in enumerate(value))
+    else:
+        return None
+    for key, v in items:
+        found = non_finite_field(v, f"{where}{key}" if str(key).startswith("[") else
+                                 f"{where}.{key}" if where else str(key))
+        if found:
+            return found
+    return None
 
 
 class RunRecords:
@@ -49,6 +124,8 @@ class RunRecords:
         self.out_dir = Path(args.output_dir) / args.run_name
         self.is_main = state.is_main_process
         self.n_examples = 0
+        self.keys: list[tuple[str, str]] = []  # (id, item hash) of every item this run scored, in order
+        self._made_dirs: list[Path] = []        # folders this process created, deepest first
 
     # ------------------------------------------------------------------ files
     def samples_path(self) -> Path:
@@ -57,24 +134,61 @@ class RunRecords:
     def part_path(self, rank: int) -> Path:
         return self.out_dir / f"{self.task}_samples.part{rank}.jsonl"
 
-    def done(self) -> dict[str, dict]:
-        done = {}
-        for path in [self.samples_path(), *sorted(self.out_dir.glob(f"{self.task}_samples.part*.jsonl"))]:
+    def cache_path(self) -> Path:
+        return self.out_dir / f"{self.task}_samples.cache.jsonl"
+
+    def run_file(self) -> Path:
+        return self.out_dir / f"{self.task}.run.json"
+
+    def result_path(self) -> Path:
+        return self.out_dir / f"{self.task}.json"
+
+    def _row_files(self) -> list[Path]:
+        parts = sorted(self.out_dir.glob(f"{self.task}_samples.part*.jsonl"))
+        if not self.cache_path().is_file():  # a run directory of a version without the cache file
+            return [self.samples_path(), *parts]
+        return [self.cache_path(), *parts]
+
+    def rows(self) -> dict[tuple[str, str | None], dict]:
+        """Every row computed so far under this run name, by ``(id, item hash)`` (rows written before
+        item hashes existed have None: they are kept, never reused)."""
+        rows = {}
+        for path in self._row_files():
             for row in read_jsonl_rows(path):
-                done[row["id"]] = row
-        return done
+                rows[(row["id"], row.get(ITEM_HASH))] = row
+        return rows
+
+    def has_results(self) -> bool:
+        """Whether anything was computed under this run name for this task."""
+        return (self.result_path().is_file() or self.samples_path().is_file()
+                or any(_has_a_row(p) for p in self._row_files()))
+
+    def _make_dir(self) -> None:
+        missing, p = [], self.out_dir
+        while not os.path.lexists(p) and p != p.parent:
+            missing.append(p)
+            p = p.parent
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self._made_dirs.extend(missing)
 
     def check_resume(self, write: bool = False):
         """Check this run's settings against those of the run being resumed; with ``write``, record
-        them if this is a new run (only once results are about to be written)."""
-        run_file = self.out_dir / f"{self.task}.run.json"
+        them (only once results are about to be written). Settings of a run name under which nothing
+        was computed lock nothing: a failed start never refuses a corrected re-run."""
+        run_file = self.run_file()
         mine = json.loads(json.dumps({k: getattr(self.args, k, None) for k in self.resume_keys}))
-        old = json.loads(run_file.read_text()) if run_file.is_file() else None
+        old = None
+        if run_file.is_file():
+            try:
+                old = json.loads(run_file.read_text(encoding="utf-8"))
+            except ValueError:
+                raise EvalError(f"{run_file} is not valid JSON; use another --run_name") from None
+        locked = old is not None and self.has_results()
         self.state.wait_for_everyone()  # every rank has read the old file before the main one writes
-        if write and old is None and self.is_main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
+        if write and not locked and old != mine and self.is_main:
+            self._make_dir()
             write_atomic(run_file, json.dumps(mine, indent=2))
-        diff = [k for k in self.resume_keys if old is not None and old.get(k) != mine[k]]
+        diff = [k for k in self.resume_keys if locked and old.get(k) != mine[k]]
         if diff:
             k = diff[0]
             raise EvalError(f"run {self.args.run_name!r} was started with --{k} {old.get(k)!r}, not "
@@ -93,16 +207,39 @@ class RunRecords:
     # ------------------------------------------------------------------ running
     def run(self, items: list[dict], compute: Callable[[list[dict]], list[dict]], desc: str = "",
             postfix: Callable[[], dict] | None = None) -> list[dict]:
-        """Score ``items`` in batches of ``--batch_size`` (skipping those already in the samples files),
-        sharded across processes; returns the records of all items in their order."""
+        """Score ``items`` in batches of ``--batch_size`` (skipping those already computed with the same
+        content), sharded across processes; returns the records of all items in their order."""
+        if not items:
+            raise EvalError(f"{self.task}: no examples to score")
+        keys = [(it["id"], item_hash(it)) for it in items]
+        try:
+            self.check_resume(write=True)
+            self.state.wait_for_everyone()
+            done = self.rows()
+            hashes = {it["id"]: key[1] for it, key in zip(items, keys)}
+            todo = [it for it, key in zip(items, keys) if key not in done]
+            self._score(self.shard(todo), hashes, compute, desc, postfix,
+                        kept=self.n_examples + len(items) - len(todo))
+        except BaseException:
+            self._clean_up_if_nothing_scored()
+            raise
+        self.state.wait_for_everyone()
+        done = self.rows()
+        missing = [key[0] for key in keys if key not in done]
+        if missing:
+            raise RuntimeError(f"{len(missing)} examples have no result (e.g. {missing[0]})")
+        self.keys.extend(keys)
+        self.n_examples += len(items)
+        return [_sample(done[key]) for key in keys]
+
+    def _score(self, todo: list[dict], hashes: dict[str, str], compute, desc: str, postfix, kept: int) -> None:
+        """Score ``todo`` into this process's part file; ``kept``: examples of this run already on disk."""
         from tqdm.auto import tqdm
 
-        self.check_resume(write=True)
-        self.state.wait_for_everyone()
-        done = self.done()
-        todo = self.shard([it for it in items if it["id"] not in done])
         bs = self.args.batch_size
         correct = total = 0
+        if not todo:
+            return
         part = self.part_path(self.state.process_index)
         if part.is_file() and part.stat().st_size:  # a line cut short by a kill: end it first
             with open(part, "rb+") as f:
@@ -112,25 +249,64 @@ class RunRecords:
         with open(part, "a", encoding="utf-8") as f, \
                 tqdm(total=len(todo), desc=desc or self.task, unit="ex", disable=not self.is_main) as bar:
             for start in range(0, len(todo), bs):
-                recs = compute(todo[start:start + bs])
+                recs, failure = self._compute_checked(compute, todo[start:start + bs])
                 for r in recs:
-                    f.write(json.dumps(r) + "\n")
+                    r[ITEM_HASH] = hashes[r["id"]]
+                    f.write(json.dumps(r, allow_nan=False) + "\n")
                     correct += bool(r.get("correct"))
                     total += 1
                 f.flush()
+                kept += len(recs)
+                if failure is not None:
+                    saved = (f"{kept} scored example{'s' if kept != 1 else ''} kept in {self.out_dir} for a resume"
+                             if kept else "nothing was written")
+                    raise NonFiniteScores(f"{failure}; {saved}; no metrics were written")
                 bar.update(len(recs))
                 bar.set_postfix({"acc": f"{correct / max(total, 1):.3f}", **(postfix() if postfix else {})})
-        self.state.wait_for_everyone()
-        done = self.done()
-        missing = [it["id"] for it in items if it["id"] not in done]
-        if missing:
-            raise RuntimeError(f"{len(missing)} examples have no result (e.g. {missing[0]})")
-        self.n_examples += len(items)
-        return [done[it["id"]] for it in items]
+
+    def _compute_checked(self, compute, batch: list[dict]) -> tuple[list[dict], str | None]:
+        """The records of a batch up to the first with a non-finite number, and what went wrong there
+        (None if nothing). When the model itself reports NaN/inf for the batch, its items are scored one
+        at a time to name the example."""
+        try:
+            recs = compute(batch)
+        except NonFiniteScores:
+            recs = None
+        if recs is None:
+            if len(batch) == 1:
+                return [], f"{self.task} example {batch[0]['id']!r}: the model produced NaN or infinite scores"
+            good = []
+            for it in batch:
+                recs, failure = self._compute_checked(compute, [it])
+                good += recs
+                if failure is not None:
+                    return good, failure
+            return good, None
+        for i, r in enumerate(recs):
+            field = non_finite_field(r)
+            if field is not None:
+                return recs[:i], f"{self.task} example {r['id']!r}: {field} is not a finite number"
+        return recs, None
+
+    def _clean_up_if_nothing_scored(self) -> None:
+        """After a failure: when nothing at all was computed under this run name for this task, remove
+        what this run made (an empty part file, the settings file, folders it created)."""
+        part = self.part_path(self.state.process_index)
+        try:
+            if part.is_file() and not _has_a_row(part):
+                part.unlink()
+            if not self.is_main or self.has_results():
+                return
+            self.run_file().unlink(missing_ok=True)
+            for d in self._made_dirs:
+                d.rmdir()  # only if empty: OSError otherwise
+        except OSError:
+            pass
 
     def finish(self, metrics: dict, stats: dict, t0: float, table: list[tuple[str, str]] | None = None,
                show_images: bool = False) -> dict | None:
-        """Merge the samples, write ``<task>.json`` (main process) and print a short table.
+        """Merge what the processes scored into the cache file, write the samples of exactly the
+        examples scored and ``<task>.json`` (main process), and print a short table.
 
         ``stats``: this process's ``{"generated", "hits", "pipeline_loads", "seconds", "passes"}``.
         """
@@ -153,17 +329,19 @@ class RunRecords:
                        "lm_passes": sum(s["passes"]["lm"] for s in all_stats),
                        "fusion_passes": sum(s["passes"]["fusion"] for s in all_stats)},
             "timing": seconds,
+            "data_fingerprint": hashlib.sha1("".join(f"{i}\t{h}\n" for i, h in self.keys).encode()).hexdigest(),
             "versions": versions(),
             "git_commit": git_commit(),
             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "num_processes": self.state.num_processes,
         }
-        merged = self.done()
-        write_atomic(self.samples_path(), "".join(json.dumps(row) + "\n" for row in merged.values()))
+        rows = self.rows()
+        write_atomic(self.cache_path(), "".join(json.dumps(row) + "\n" for row in rows.values()))
+        write_atomic(self.samples_path(), "".join(json.dumps(_sample(rows[key])) + "\n" for key in self.keys))
         for p in [*self.out_dir.glob(f"{self.task}_samples.part*.jsonl"), *self.out_dir.glob(f"{self.task}.stats*.json")]:
             p.unlink()
-        out = self.out_dir / f"{self.task}.json"
-        write_atomic(out, json.dumps(result, indent=2, default=str) + "\n")
+        out = self.result_path()
+        write_atomic(out, json.dumps(result, indent=2, default=str, allow_nan=False) + "\n")
         width = max([len(k) for k, _ in (table or [])] + [8])
         for k, v in table or []:
             print(f"{k:<{width}}  {v}")

@@ -9,12 +9,13 @@ features per image (bounded in count).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 from collections import OrderedDict
 
 import torch
 
-from eval_scripts.cli import EvalError
+from eval_scripts.cli import EvalError, NonFiniteScores
 from models.late_fusion import HiddenStateMemo
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -131,6 +132,9 @@ class Runtime:
         self.model_key = (args.model_name, str(self.dtype), str(self.device))
         self.watch.hook(self.model.lm.base_model, "lm")
         self.watch.hook(self.model.fusion_layer, "fusion")
+        # every logit the LM head produces (text-only and fused, every decoding step) is checked
+        self._non_finite = None
+        self.model.lm.get_output_embeddings().register_forward_hook(self._watch_logits)
         self.provider = None
         if use_images:
             from models import image_generation
@@ -145,6 +149,19 @@ class Runtime:
         self._features: OrderedDict[str, tuple[torch.Tensor, float]] = OrderedDict()  # path -> (patches, cos)
         self._max_text: dict[int, int | None] = {}
         self.setup_seconds = time.perf_counter() - self.t0
+
+    def _watch_logits(self, _module, _inputs, logits) -> None:
+        bad = ~torch.isfinite(logits).all()  # no device sync here: read once per scoring call
+        self._non_finite = bad if self._non_finite is None else self._non_finite | bad
+
+    @contextlib.contextmanager
+    def finite_guard(self):
+        """Raise :class:`NonFiniteScores` after the block if the LM head produced NaN or inf in it."""
+        self._non_finite = None
+        yield
+        flag, self._non_finite = self._non_finite, None
+        if flag is not None and bool(flag):
+            raise NonFiniteScores("the model produced NaN or infinite logits")
 
     def mismatches(self, args: argparse.Namespace, use_images: bool) -> list[str]:
         """The runtime flags on which ``args`` differs from what this runtime was built from."""

@@ -16,7 +16,7 @@ import functools
 
 import torch
 
-from eval_scripts.cli import EvalError
+from eval_scripts.cli import EvalError, NonFiniteScores
 from eval_scripts.runtime import Runtime
 
 
@@ -52,6 +52,8 @@ class Scorer:
         patches = torch.stack(patches).unflatten(0, (len(images), k))
         cos = torch.tensor(cos).view(len(images), k)
         weights = clip_weights(cos, self.args.clip_temperature, self.args.uniform_weights).to(self.device)
+        if not bool(torch.isfinite(weights).all()):
+            raise NonFiniteScores("the vision encoder gave NaN or infinite image weights")
         records = [[{"path": im.path, "prompt": im.prompt, "weight": round(float(w), 6)}
                     for im, w in zip(item, row)] for item, row in zip(images, weights.tolist())]
         return patches, weights, records
@@ -75,8 +77,9 @@ class Scorer:
         ids, mask = self.rt.pad(seqs)
         last = torch.tensor([[len(s) - 1] for s in seqs], device=self.device)
         patches, weights, records = self.images_for(prompt_lists)
-        logp = self.model.mixed_logprobs(ids, mask, patches, weights, self.args.mix, positions=last,
-                                         hidden=self.text_hidden(seqs), return_text=with_text)
+        with self.rt.finite_guard():
+            logp = self.model.mixed_logprobs(ids, mask, patches, weights, self.args.mix, positions=last,
+                                             hidden=self.text_hidden(seqs), return_text=with_text)
         if with_text:
             return logp[0][:, 0].float().cpu(), records, logp[1][:, 0].float().cpu()
         return logp[:, 0].float().cpu(), records
@@ -96,8 +99,9 @@ class Scorer:
         pos = torch.tensor([[min(st - 1 + j, len(s) - 2) for j in range(span)] for s, st in zip(seqs, starts)],
                            device=self.device)
         patches, weights, records = self.images_for(prompt_lists)
-        logp = self.model.mixed_logprobs(ids, mask, patches, weights, self.args.mix, positions=pos,
-                                         hidden=self.text_hidden(seqs), return_text=with_text)
+        with self.rt.finite_guard():
+            logp = self.model.mixed_logprobs(ids, mask, patches, weights, self.args.mix, positions=pos,
+                                             hidden=self.text_hidden(seqs), return_text=with_text)
         logp, text = logp if with_text else (logp, None)
         targets = torch.tensor([[s[min(st + j, len(s) - 1)] for j in range(span)] for s, st in zip(seqs, starts)],
                                device=self.device)
@@ -185,8 +189,9 @@ class Scorer:
 
         def stop(new_ids):
             return "\n" in tok.decode(new_ids[-1:], skip_special_tokens=True)
-        out = self.model.generate(ids, mask, patches, weights, self.args.mix, max_new_tokens=max_new_tokens,
-                                  eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, stop=stop)
+        with self.rt.finite_guard():
+            out = self.model.generate(ids, mask, patches, weights, self.args.mix, max_new_tokens=max_new_tokens,
+                                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, stop=stop)
         texts = []
         for row in out.tolist():
             keep = []

@@ -38,7 +38,6 @@ from typing import Callable
 
 from data.benchmarks import load_squad, qa_one_shot_prompt
 from data.prompts import derive_prompts
-from eval_scripts.cli import check_common
 from eval_scripts.core import EvalError, Evaluator, build_parser, run_main
 from eval_scripts.metrics import exact_match, f1, normalize_answer
 
@@ -59,9 +58,7 @@ def make_parser(description: str = __doc__.split("\n")[0]):
 
 
 def check_args(args):
-    check_common(args)
-    if args.max_new_tokens < 1:
-        raise ValueError(f"--max_new_tokens must be >= 1, got {args.max_new_tokens}")
+    # --max_new_tokens >= 1 is checked with the common flags (cli.NUMERIC_FLAGS)
     return args
 
 

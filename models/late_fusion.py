@@ -104,6 +104,94 @@ def positions_from_mask(mask: torch.Tensor, offset: torch.Tensor | int = 0) -> t
     return (pos + offset).clamp(min=0)
 
 
+class NotACausalLMError(ValueError):
+    """The model given as the frozen LM is not a causal (left-to-right) language model."""
+
+
+# kwargs of AutoModelForCausalLM.from_pretrained that AutoConfig.from_pretrained needs as well
+_CONFIG_KWARGS = ("trust_remote_code", "revision", "subfolder", "token", "cache_dir", "gguf_file")
+
+
+def check_causal_lm(config, name: str = "the model") -> None:
+    """Refuse a model that is not a causal LM, before its weights are read (one line, the model_type).
+
+    This is the one place that decides what the late-fusion wrapper accepts. A model is a causal LM
+    when transformers has a causal-LM class for its ``model_type`` (or its remote code declares one),
+    and it is neither an encoder-decoder nor an encoder checkpoint: model types that have both a
+    causal-LM and a masked-LM class (BERT, RoBERTa, ...) are causal only when saved as decoders
+    (``is_decoder``); otherwise their causal-LM class would attend to later tokens. A path for masked
+    LMs would route models refused here as encoders to it.
+    """
+    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+                                                        MODEL_FOR_MASKED_LM_MAPPING_NAMES)
+
+    model_type = getattr(config, "model_type", None) or "unknown"
+    remote = "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {})
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not remote:
+        kind = ", a masked LM" if model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES else ""
+        raise NotACausalLMError(f"{name} is not a causal LM (model_type {model_type!r}{kind})")
+    if getattr(config, "is_encoder_decoder", False):
+        raise NotACausalLMError(f"{name} is not a causal LM (model_type {model_type!r}, an encoder-decoder)")
+    if model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_decoder", False):
+        raise NotACausalLMError(f"{name} is not a causal LM (model_type {model_type!r}, an encoder / masked LM "
+                                "saved without is_decoder)")
+
+
+def _first_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__
+
+
+def _weights_named(path: str, suffix: str) -> str:
+    """The weight files of a local model folder with ``suffix``, for error messages."""
+    import os
+
+    names = sorted(f for f in os.listdir(path) if f.endswith(suffix)) if os.path.isdir(path) else []
+    return ", ".join(names[:3]) + (", ..." if len(names) > 3 else "") if names else f"a {suffix} file"
+
+
+def load_causal_lm(model_name_or_path: str, torch_dtype=None, **lm_kwargs):
+    """``AutoModelForCausalLM.from_pretrained``, with every failure one line (ValueError, or
+    FileNotFoundError when nothing loadable is there): not a causal LM (:func:`check_causal_lm`), an
+    unreadable weights file, or weights missing from the checkpoint (they would be random)."""
+    from pickle import UnpicklingError
+
+    from safetensors import SafetensorError
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    what = f"language model {model_name_or_path!r}"
+    config = lm_kwargs.pop("config", None)
+    try:
+        if config is None:
+            config = AutoConfig.from_pretrained(model_name_or_path,
+                                                **{k: lm_kwargs[k] for k in _CONFIG_KWARGS if k in lm_kwargs})
+        check_causal_lm(config, what)
+        lm, info = AutoModelForCausalLM.from_pretrained(model_name_or_path, config=config, dtype=torch_dtype,
+                                                        output_loading_info=True, **lm_kwargs)
+    except OSError as e:
+        raise FileNotFoundError(f"cannot load {what}: {_first_line(e)}") from None
+    except NotACausalLMError:
+        raise
+    except SafetensorError as e:
+        raise ValueError(f"cannot load {what}: {_weights_named(model_name_or_path, '.safetensors')} is not a "
+                         f"valid safetensors file ({_first_line(e)})") from None
+    except (UnpicklingError, EOFError):  # never suggest weights_only=False: the file is not a checkpoint
+        raise ValueError(f"cannot load {what}: {_weights_named(model_name_or_path, '.bin')} is not a PyTorch "
+                         "checkpoint") from None
+    except ValueError as e:
+        raise ValueError(f"cannot load {what}: {_first_line(e)}") from None
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:
+        head = next((n for n, m in lm.named_modules() if m is lm.get_output_embeddings()), None)
+        head_missing = [k for k in missing if head and k.startswith(head + ".")]
+        if head_missing:
+            raise NotACausalLMError(f"{what} is not a causal LM: its checkpoint has no LM head weights "
+                                    f"({', '.join(head_missing[:3])}; model_type {config.model_type!r})")
+        raise ValueError(f"{what}: {len(missing)} weights are missing from its checkpoint and would be random "
+                         f"(e.g. {', '.join(missing[:3])})")
+    return lm
+
+
 class LateFusionLM(nn.Module):
     """A frozen causal LM plus a trained projector and one fusion block."""
 
@@ -128,14 +216,10 @@ class LateFusionLM(nn.Module):
     @classmethod
     def from_pretrained(cls, model_name_or_path: str, vision_dim: int, proj_hidden: int | None = None,
                         torch_dtype=None, device=None, **lm_kwargs) -> "LateFusionLM":
-        from transformers import AutoModelForCausalLM
-
-        try:
-            lm = AutoModelForCausalLM.from_pretrained(model_name_or_path, dtype=torch_dtype, **lm_kwargs)
-        except OSError as e:
-            raise FileNotFoundError(f"cannot load language model {model_name_or_path!r}: "
-                                    f"{str(e).splitlines()[0]}") from None
-        model = cls(lm, vision_dim=vision_dim, proj_hidden=proj_hidden)
+        """Load the frozen LM (refused unless it is a causal LM with every weight in its checkpoint, see
+        :func:`check_causal_lm`) and build a fresh projector and fusion block around it."""
+        model = cls(load_causal_lm(model_name_or_path, torch_dtype=torch_dtype, **lm_kwargs),
+                    vision_dim=vision_dim, proj_hidden=proj_hidden)
         model.name_or_path = model_name_or_path
         model.eval()  # like HF from_pretrained; train.py calls model.train()
         return model.to(device) if device is not None else model

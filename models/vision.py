@@ -30,6 +30,12 @@ import torch.nn.functional as F
 from torch import nn
 
 DEFAULT_VISION_ENCODER = "ViT-B-32-quickgelu/openai"
+OFFLINE_HINT = ("offline, pass --vision_encoder local-dir:PATH (an open_clip folder) or an HF CLIP folder, "
+                "or set up hub access")
+
+
+class VisionEncoderError(ValueError):
+    """A vision encoder spec that cannot be loaded (unknown, unreachable, or not a CLIP model)."""
 
 
 class VisionEncoder(nn.Module):
@@ -135,7 +141,11 @@ class HFClipEncoder(VisionEncoder):
         from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
 
         self.spec = f"hf-clip:{name_or_path}"
-        self.model = CLIPModel.from_pretrained(name_or_path)
+        self.model, info = CLIPModel.from_pretrained(name_or_path, output_loading_info=True)
+        missing = sorted(info.get("missing_keys") or ())
+        if missing:  # e.g. a folder of another model: CLIPModel would fill it with random weights
+            raise VisionEncoderError(f"vision encoder {self.spec!r} is not a CLIP model: {len(missing)} of its "
+                                     f"weights are missing from the checkpoint (e.g. {', '.join(missing[:2])})")
         self.preprocess = _HFImageTransform(CLIPImageProcessor.from_pretrained(name_or_path))
         self.text_tokenizer = AutoTokenizer.from_pretrained(name_or_path)
         self.context_length = self.model.config.text_config.max_position_embeddings
@@ -173,33 +183,61 @@ def _is_hf_clip_dir(path: str) -> bool:
 
 
 def load_vision_encoder(spec: str = DEFAULT_VISION_ENCODER, device=None, dtype=None) -> VisionEncoder:
-    """Build a frozen encoder from a spec string (see the module docstring)."""
-    import open_clip
+    """Build a frozen encoder from a spec string (see the module docstring).
 
+    Every failure is one line: a ``VisionEncoderError`` (a ``ValueError``) naming the spec, with what
+    to pass offline when the spec needs the hub, or ``FileNotFoundError`` for a missing ``local-dir:``.
+    """
     spec = spec.strip()
-    if spec.startswith("hf-clip:"):
-        enc = HFClipEncoder(spec[len("hf-clip:"):])
-    elif spec.startswith(("hf-hub:", "local-dir:")):
-        if spec.startswith("local-dir:") and not os.path.isdir(spec[len("local-dir:"):]):
-            raise FileNotFoundError(f"vision encoder {spec!r}: directory not found")
-        enc = OpenClipEncoder(spec, None)
-    elif os.path.isdir(spec):
-        if _is_hf_clip_dir(spec):
-            enc = HFClipEncoder(spec)
-        elif (Path(spec) / "open_clip_config.json").is_file():
-            enc = OpenClipEncoder(f"local-dir:{spec}", None)
-        else:
-            raise ValueError(f"vision encoder {spec!r}: directory holds neither an HF CLIP config.json "
-                             "nor an open_clip_config.json")
-    else:
-        name, _, tag = spec.partition("/")
-        if name in open_clip.list_models():
-            enc = OpenClipEncoder(name, tag or None)
-        elif tag and "/" not in tag:
-            enc = HFClipEncoder(spec)  # a hub id such as openai/clip-vit-base-patch32
-        else:
-            raise ValueError(f"unknown vision encoder {spec!r}: use an open_clip name[/tag] (e.g. "
-                             f"{DEFAULT_VISION_ENCODER}), hf-hub:ORG/REPO, local-dir:PATH or hf-clip:ID")
+    try:
+        enc = _build_encoder(spec)
+    except (VisionEncoderError, FileNotFoundError):
+        raise
+    except Exception as e:  # noqa: BLE001 - open_clip, transformers and the hub raise many kinds
+        from pickle import UnpicklingError
+
+        from safetensors import SafetensorError
+        if not isinstance(e, (OSError, RuntimeError, ValueError, KeyError, SafetensorError, UnpicklingError,
+                              EOFError)):
+            raise
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        why = lines[0] if lines else type(e).__name__
+        if isinstance(e, UnpicklingError):  # never suggest weights_only=False
+            why = "its weights file is not a PyTorch checkpoint"
+        why = why if len(why) <= 160 else why[:157] + "..."
+        local = os.path.isdir(spec.split(":", 1)[1] if spec.startswith(("local-dir:", "hf-clip:")) else spec)
+        raise VisionEncoderError(f"cannot load vision encoder {spec!r}: {why}"
+                                 + ("" if local else f"; {OFFLINE_HINT}")) from None
     if device is not None or dtype is not None:
         enc.to(device=device, dtype=dtype)
     return enc
+
+
+def _build_encoder(spec: str) -> VisionEncoder:
+    import open_clip
+
+    if spec.startswith("hf-clip:"):
+        return HFClipEncoder(spec[len("hf-clip:"):])
+    if spec.startswith(("hf-hub:", "local-dir:")):
+        if spec.startswith("local-dir:") and not os.path.isdir(spec[len("local-dir:"):]):
+            raise FileNotFoundError(f"vision encoder {spec!r}: directory not found")
+        return OpenClipEncoder(spec, None)
+    if os.path.isdir(spec):
+        if _is_hf_clip_dir(spec):
+            return HFClipEncoder(spec)
+        if (Path(spec) / "open_clip_config.json").is_file():
+            return OpenClipEncoder(f"local-dir:{spec}", None)
+        raise VisionEncoderError(f"vision encoder {spec!r}: directory holds neither an HF CLIP config.json "
+                                 "nor an open_clip_config.json")
+    name, _, tag = spec.partition("/")
+    if name in open_clip.list_models():
+        tags = open_clip.list_pretrained_tags_by_model(name)
+        if tag and tag not in tags and not os.path.isfile(tag):
+            known = ", ".join(tags[:5]) + (f", ... ({len(tags)} in all)" if len(tags) > 5 else "")
+            raise VisionEncoderError(f"unknown pretrained tag {tag!r} of open_clip model {name!r}; known tags: "
+                                     f"{known or 'none'}")
+        return OpenClipEncoder(name, tag or None)
+    if tag and "/" not in tag:
+        return HFClipEncoder(spec)  # a hub id such as openai/clip-vit-base-patch32
+    raise VisionEncoderError(f"unknown vision encoder {spec!r}: use an open_clip name[/tag] (e.g. "
+                             f"{DEFAULT_VISION_ENCODER}), hf-hub:ORG/REPO, local-dir:PATH or hf-clip:ID")

@@ -190,14 +190,14 @@ def test_killed_run_resumes_to_the_same_metrics(zoo, capsys):
     whole = main(text_args(zoo, "whole", LIMIT, "--subsets", "color,others"))
     main(text_args(zoo, "killed", 2, "--subsets", "color,others"))
     run_dir = Path(zoo["out"]) / "killed"
-    lines = (run_dir / "imagenetvc_samples.jsonl").read_text().splitlines(keepends=True)
+    lines = (run_dir / "imagenetvc_samples.cache.jsonl").read_text().splitlines(keepends=True)
     kept = [json.loads(line) for line in lines[:6]]
     kept[0]["marker"] = "not recomputed"
-    # what a kill leaves: a part file whose last line is cut short, and no result JSON
+    # what a kill leaves: a part file whose last line is cut short, and no result files
     (run_dir / "imagenetvc_samples.part0.jsonl").write_text(
         "".join(json.dumps(r) + "\n" for r in kept) + lines[6][: len(lines[6]) // 2])
-    (run_dir / "imagenetvc_samples.jsonl").unlink()
-    (run_dir / "imagenetvc.json").unlink()
+    for name in ("imagenetvc_samples.cache.jsonl", "imagenetvc_samples.jsonl", "imagenetvc.json"):
+        (run_dir / name).unlink()
 
     resumed = main(text_args(zoo, "killed", LIMIT, "--subsets", "color,others"))
     assert resumed["metrics"] == whole["metrics"]
