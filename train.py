@@ -306,22 +306,28 @@ def run_config(args, accelerator, dataset_size: int) -> dict:
     return config
 
 
-def read_resume_checkpoint(args, accelerator, path: Path, config: dict) -> dict:
-    """Read and verify the checkpoint; refuse one made with other result-changing settings."""
+def read_resume_checkpoint(accelerator, path: Path) -> dict:
+    """Read and verify every file of the checkpoint this process needs (before any data or model loads)."""
     from models.checkpoints import CheckpointError
-    from models.training_state import config_differences, read_training_checkpoint
+    from models.training_state import read_training_checkpoint
 
     try:
-        ckpt = read_training_checkpoint(path, accelerator.process_index)
+        return read_training_checkpoint(path, accelerator.process_index)
     except CheckpointError as err:
         raise InputError(f"--resume_from_checkpoint: {err}") from None
+
+
+def check_resume_config(args, ckpt: dict, config: dict) -> None:
+    """Refuse a checkpoint made with other result-changing settings, unless --ignore_config_mismatch."""
+    from models.training_state import config_differences
+
     diffs = config_differences(ckpt["trainer_state"]["config"], config)
     if diffs and not args.ignore_config_mismatch:
-        raise InputError(f"--resume_from_checkpoint {path} was made with other settings: {'; '.join(diffs)} "
+        raise InputError(f"--resume_from_checkpoint {ckpt['path']} was made with other settings: {'; '.join(diffs)} "
                          "(resume with the same flags, or pass --ignore_config_mismatch)")
     if diffs:
-        logger.warning("--ignore_config_mismatch: resuming %s despite other settings: %s", path, "; ".join(diffs))
-    return ckpt
+        logger.warning("--ignore_config_mismatch: resuming %s despite other settings: %s", ckpt["path"],
+                       "; ".join(diffs))
 
 
 class TrainState:
@@ -459,6 +465,8 @@ def main(argv=None, *, step_callback=None) -> dict:
         return _run(args, step_callback)
     except InputError as err:
         report_error(str(err))
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()  # every rank is here: exit cleanly, not in gloo's teardown
         raise SystemExit(2) from None
 
 
@@ -495,20 +503,19 @@ def prepare_data(args, accelerator):
 
     from data.captions import build_train_dataset, select_sources
 
-    def load_lm_config():
+    def load(what: str):
         try:
-            return (AutoConfig.from_pretrained(args.config_name or args.model_name_or_path,
-                                               trust_remote_code=args.trust_remote_code),
-                    AutoTokenizer.from_pretrained(args.tokenizer_name or args.model_name_or_path,
-                                                  use_fast=not args.use_slow_tokenizer,
-                                                  trust_remote_code=args.trust_remote_code))
+            if what == "config":
+                return AutoConfig.from_pretrained(args.config_name or args.model_name_or_path,
+                                                  trust_remote_code=args.trust_remote_code)
+            return AutoTokenizer.from_pretrained(args.tokenizer_name or args.model_name_or_path,
+                                                 use_fast=not args.use_slow_tokenizer,
+                                                 trust_remote_code=args.trust_remote_code)
         except (OSError, ValueError) as err:
-            raise InputError(f"cannot load the language model's config or tokenizer "
+            raise InputError(f"cannot load the language model's {what} "
                              f"({args.model_name_or_path}): {str(err).strip().splitlines()[0]}") from None
 
     def check_sources():
-        if args.pretrained_model is not None and not _pretrained_exists(args.pretrained_model):
-            raise InputError(f"--pretrained_model {args.pretrained_model}: not found (also tried .bin)")
         sources = select_sources(args.dataset_name)
         if not sources and args.train_file is None:
             raise InputError(f"--dataset_name {args.dataset_name!r} names no source: use cropped_vg, wiki, laion_220 "
@@ -530,18 +537,33 @@ def prepare_data(args, accelerator):
             raise InputError(f"the training set {args.dataset_name!r} is empty")
         return dataset, provider
 
-    lm_config, tokenizer = agreed(accelerator, load_lm_config, main_first=True)
+    lm_config = agreed(accelerator, load, "config", main_first=True)
     sources = agreed(accelerator, check_sources)
     if "wiki" in sources and args.max_length < args.wiki_chunk_tokens + 2:
         logger.warning("--max_length %d cuts the %d-token WikiText chunks", args.max_length, args.wiki_chunk_tokens)
+    # the tokenizer first only where the data needs it (WikiText): other data errors show without waiting for it
+    tokenizer = agreed(accelerator, load, "tokenizer", main_first=True) if "wiki" in sources else None
     dataset, provider = agreed(accelerator, build, sources, tokenizer, main_first=True)
+    if tokenizer is None:
+        tokenizer = agreed(accelerator, load, "tokenizer", main_first=True)
     names = sources + (["--train_file"] if args.train_file else [])
     logger.info("training set: %d items from %s", len(dataset), " + ".join(names))
     return lm_config, tokenizer, dataset, provider
 
 
-def load_models(args, accelerator, lm_config):
-    """The frozen vision encoder and the model: LM frozen in --lm_dtype, mm_proj and fusion_layer in fp32."""
+def load_pretrained(path: str):
+    """``--pretrained_model``'s trainable weights, read and checked (finite) before any data or model loads."""
+    from models.checkpoints import load_state
+
+    if not _pretrained_exists(path):
+        raise InputError(f"--pretrained_model {path}: not found (also tried .bin)")
+    return load_state(path)
+
+
+def load_models(args, accelerator, lm_config, pretrained=None):
+    """The frozen vision encoder and the model: LM frozen in --lm_dtype, mm_proj and fusion_layer in fp32.
+    ``pretrained``: what ``models.checkpoints.load_state`` read from ``--pretrained_model`` (checked first,
+    before the LM loads)."""
     from models.checkpoints import load_trainable
     from models.late_fusion import LateFusionLM
     from models.vision import load_vision_encoder
@@ -554,8 +576,8 @@ def load_models(args, accelerator, lm_config):
                                          trust_remote_code=args.trust_remote_code, **lm_kwargs)
     model.mm_proj.float()
     model.fusion_layer.float()
-    if args.pretrained_model is not None:
-        load_trainable(model, args.pretrained_model)
+    if pretrained is not None:
+        load_trainable(model, args.pretrained_model, loaded=pretrained)
     return encoder, model.train()
 
 
@@ -576,15 +598,18 @@ def _run(args, step_callback) -> dict:
     output_dir = Path(args.output_dir)
     resume_path = agreed(accelerator, resolve_resume, args.resume_from_checkpoint, output_dir)
     agreed(accelerator, check_output_dir, args, resume_path)
+    ckpt = None if resume_path is None else agreed(accelerator, read_resume_checkpoint, accelerator, resume_path)
+    pretrained = None if args.pretrained_model is None else agreed(accelerator, load_pretrained, args.pretrained_model)
     lm_config, tokenizer, dataset, provider = prepare_data(args, accelerator)
     if args.pregenerate_images:
         stats = pregenerate_wiki_images(accelerator, dataset, provider)
         logger.info("image cache %s: %s", provider.cache.root, stats)
         return {"pregenerated": stats}
     config = run_config(args, accelerator, len(dataset))
-    ckpt = None if resume_path is None else agreed(accelerator, read_resume_checkpoint, args, accelerator,
-                                                    resume_path, config)
-    encoder, model = agreed(accelerator, load_models, args, accelerator, lm_config)
+    if ckpt is not None:
+        agreed(accelerator, check_resume_config, args, ckpt, config)
+    encoder, model = agreed(accelerator, load_models, args, accelerator, lm_config, pretrained)
+    del pretrained
 
     # Decoding, cropping, generation and CLIP preprocessing run in the workers. CUDA cannot be used in
     # forked workers, so inline wiki image generation on a GPU needs spawned ones.
@@ -705,68 +730,72 @@ class _Run:
         bar = tqdm(total=max_train_steps, initial=state.completed_steps, desc="train", unit="step",
                    disable=not accelerator.is_local_main_process)
         started, steps_run = time.perf_counter(), 0
-        for epoch in range(state.epoch, num_epochs):
-            if state.completed_steps >= max_train_steps:
-                break
-            model.train()
-            train_dataloader.set_epoch(epoch)
-            skip = state.batches_in_epoch if epoch == state.epoch else 0
-            loader = accelerator.skip_first_batches(train_dataloader, skip) if skip else train_dataloader
-            batch_index, micro_losses, seen, bad = skip, [], 0, 0
-            for batch in loader:
-                batch_index += 1
-                skipped = batch.pop("bad_images")
-                self.budget.log(skipped)
-                seen, bad = seen + len(batch["input_ids"]) + len(skipped), bad + len(skipped)
-                with accelerator.accumulate(model):
-                    with torch.no_grad():
-                        patches, _ = encoder.encode_images(batch["pixel_values"].to(encoder.device, encoder.dtype))
-                    hidden = None if memo is None else memo(accelerator.unwrap_model(model), batch["input_ids"],
-                                                            batch["attention_mask"])
-                    loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                 image_patches=patches, labels=batch["labels"], hidden=hidden).loss
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients and args.max_grad_norm is not None:
-                        accelerator.clip_grad_norm_(params, args.max_grad_norm)
-                    optimizer.step()
-                    lr_scheduler.step()
-                    optimizer.zero_grad()
-                micro_losses.append(loss.detach().float())
-                if not accelerator.sync_gradients:
-                    continue
-
-                self.count_images(seen, bad)
-                seen, bad = 0, 0
-                state.completed_steps += 1
-                state.epoch, state.batches_in_epoch = epoch, batch_index
-                if batch_index == len(train_dataloader):
-                    state.epoch, state.batches_in_epoch = epoch + 1, 0
-                step_loss = torch.stack(micro_losses).mean().item()
-                micro_losses = []
-                losses.append(step_loss)
-                lrs.append(lr_scheduler.get_last_lr()[0])
-                steps_run += 1
-                window_loss, window_steps = window_loss + step_loss, window_steps + 1
-                samples_per_s = steps_run * total_batch / (time.perf_counter() - started)
-                bar.update(1)
-                bar.set_postfix(loss=f"{step_loss:.4f}", samples_per_s=f"{samples_per_s:.1f}")
-                if state.completed_steps % args.logging_steps == 0 or state.completed_steps == max_train_steps:
-                    mean_loss = accelerator.reduce(torch.tensor(window_loss / window_steps, device=accelerator.device),
-                                                   reduction="mean").item()
-                    if args.with_tracking:
-                        accelerator.log({"train_loss": mean_loss, "lr": lr_scheduler.get_last_lr()[0], "epoch": epoch,
-                                         "samples_per_second": samples_per_s}, step=state.completed_steps)
-                    window_loss, window_steps = 0.0, 0
-                if isinstance(args.checkpointing_steps, int) and state.completed_steps % args.checkpointing_steps == 0:
-                    self.save_checkpoint()
-                if step_callback is not None:
-                    step_callback(state.completed_steps)
+        try:
+            for epoch in range(state.epoch, num_epochs):
                 if state.completed_steps >= max_train_steps:
                     break
-            if args.checkpointing_steps == "epoch" and self.last_saved != state.completed_steps:
-                self.save_checkpoint()
-            saved.append(self.save_weights(epoch))
-        bar.close()
+                model.train()
+                train_dataloader.set_epoch(epoch)
+                skip = state.batches_in_epoch if epoch == state.epoch else 0
+                loader = accelerator.skip_first_batches(train_dataloader, skip) if skip else train_dataloader
+                batch_index, micro_losses, seen, bad = skip, [], 0, 0
+                for batch in loader:
+                    batch_index += 1
+                    skipped = batch.pop("bad_images")
+                    self.budget.log(skipped)
+                    seen, bad = seen + len(batch["input_ids"]) + len(skipped), bad + len(skipped)
+                    with accelerator.accumulate(model):
+                        with torch.no_grad():
+                            patches, _ = encoder.encode_images(batch["pixel_values"].to(encoder.device, encoder.dtype))
+                        hidden = None if memo is None else memo(accelerator.unwrap_model(model), batch["input_ids"],
+                                                                batch["attention_mask"])
+                        loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                     image_patches=patches, labels=batch["labels"], hidden=hidden).loss
+                        accelerator.backward(loss)
+                        if accelerator.sync_gradients and args.max_grad_norm is not None:
+                            accelerator.clip_grad_norm_(params, args.max_grad_norm)
+                        optimizer.step()
+                        lr_scheduler.step()
+                        optimizer.zero_grad()
+                    micro_losses.append(loss.detach().float())
+                    if not accelerator.sync_gradients:
+                        continue
+
+                    self.count_images(seen, bad)
+                    seen, bad = 0, 0
+                    state.completed_steps += 1
+                    state.epoch, state.batches_in_epoch = epoch, batch_index
+                    if batch_index == len(train_dataloader):
+                        state.epoch, state.batches_in_epoch = epoch + 1, 0
+                    step_loss = torch.stack(micro_losses).mean().item()
+                    micro_losses = []
+                    losses.append(step_loss)
+                    lrs.append(lr_scheduler.get_last_lr()[0])
+                    steps_run += 1
+                    window_loss, window_steps = window_loss + step_loss, window_steps + 1
+                    samples_per_s = steps_run * total_batch / (time.perf_counter() - started)
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{step_loss:.4f}", samples_per_s=f"{samples_per_s:.1f}")
+                    if state.completed_steps % args.logging_steps == 0 or state.completed_steps == max_train_steps:
+                        window = torch.tensor(window_loss / window_steps, device=accelerator.device)
+                        mean_loss = accelerator.reduce(window, reduction="mean").item()
+                        if args.with_tracking:
+                            accelerator.log({"train_loss": mean_loss, "lr": lr_scheduler.get_last_lr()[0],
+                                             "epoch": epoch, "samples_per_second": samples_per_s},
+                                            step=state.completed_steps)
+                        window_loss, window_steps = 0.0, 0
+                    every = args.checkpointing_steps
+                    if isinstance(every, int) and state.completed_steps % every == 0:
+                        self.save_checkpoint()
+                    if step_callback is not None:
+                        step_callback(state.completed_steps)
+                    if state.completed_steps >= max_train_steps:
+                        break
+                if args.checkpointing_steps == "epoch" and self.last_saved != state.completed_steps:
+                    self.save_checkpoint()
+                saved.append(self.save_weights(epoch))
+        finally:  # a stop mid-run ends the progress bar's line before the error line
+            bar.close()
         if not saved:  # resumed at the very end: nothing to train, but the run still ends with its weights
             saved.append(self.save_weights(max(state.epoch - 1, 0)))
         return {"losses": losses, "lrs": lrs, "completed_steps": state.completed_steps, "saved": saved,

@@ -173,6 +173,22 @@ def rng_state() -> dict:
     return state
 
 
+def check_rng_state(state, where: str) -> None:
+    """One CheckpointError naming ``where`` unless ``state`` has the shape of :func:`rng_state`'s output
+    (checked on throwaway generators, so a resume fails before any model loads)."""
+    try:
+        random.Random().setstate(state["python"])
+        kind, keys, pos, has_gauss, cached = state["numpy"]
+        np.random.RandomState().set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+        tensors = [state["torch"], *state.get("cuda", [])]
+        ok = all(torch.is_tensor(t) and t.dtype == torch.uint8 and t.dim() == 1 for t in tensors)
+        ok = ok and state["torch"].numel() == torch.get_rng_state().numel()
+    except (KeyError, TypeError, ValueError, OverflowError):
+        ok = False
+    if not ok:
+        raise CheckpointError(f"{where}: not a valid RNG state")
+
+
 def set_rng_state(state: dict, where: str) -> None:
     """Restore :func:`rng_state`'s output; a state of the wrong shape is one CheckpointError naming ``where``."""
     try:
@@ -353,9 +369,10 @@ def read_training_checkpoint(path: Path, process_index: int) -> dict:
     if not reader.has(f"{rng_name}.json"):
         raise CheckpointError(f"{path / (rng_name + '.json')}: missing (the checkpoint was saved by "
                               f"{trainer_state.get('num_processes')} processes)")
+    rng, rng_where = reader.component(rng_name), str(path / f"{rng_name}.json")
+    check_rng_state(rng, rng_where)
     return {"path": path, "weights": weights, "optimizer": optimizer, "scheduler": reader.component("scheduler"),
-            "trainer_state": trainer_state, "rng": reader.component(rng_name),
-            "rng_where": str(path / f"{rng_name}.json")}
+            "trainer_state": trainer_state, "rng": rng, "rng_where": rng_where}
 
 
 def restore_training_checkpoint(ckpt: dict, accelerator, model, optimizer, scheduler) -> None:
