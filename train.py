@@ -276,6 +276,9 @@ def check_output_dir(args, resume_path: Path | None) -> None:
     if not found or resume_path is not None or args.overwrite_output_dir:
         return
     names = ", ".join(p.name for p in found[:4]) + (f" and {len(found) - 4} more" if len(found) > 4 else "")
+    if args.resume_from_checkpoint:  # 'latest' found nothing complete to resume
+        raise InputError(f"--output_dir {args.output_dir} holds no complete checkpoint to resume, but {names}: "
+                         "replace them with --overwrite_output_dir, or choose another --output_dir")
     raise InputError(f"--output_dir {args.output_dir} already holds {names}: resume with --resume_from_checkpoint "
                      "PATH|latest, replace them with --overwrite_output_dir, or choose another --output_dir")
 

@@ -56,10 +56,14 @@ def save_trainable(model, out_dir: str | os.PathLike, *, base_model: str, vision
         f"{model.proj_hidden}) and one fusion block of the `{model.model_type}` architecture. The frozen "
         f"LM (`{base_model}`) and vision encoder (`{vision_encoder}`) are not included; load them "
         "from their own ids.\n")
+    import shutil
+
+    old = out.with_name(out.name + ".replaced")  # the previous weights stay whole until the new ones are in place
     if out.exists():
-        import shutil
-        shutil.rmtree(out)
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out, old)
     os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
     return out
 
 

@@ -174,6 +174,8 @@ TRAIN_CASES = {
                                    "latin1.jsonl: not UTF-8"),
     "train_file csv not utf-8": (dict(dataset_name=None, vg_dir=None, train_file="{tmp}/latin1.csv"),
                                  "latin1.csv: not UTF-8"),
+    "laion csv not utf-8": (dict(dataset_name="laion_220", vg_dir=None, laion_file="{tmp}/latin1.csv",
+                                 laion_image_root="{tmp}"), "latin1.csv: not UTF-8"),
     "wiki text not utf-8": (dict(dataset_name="wiki", vg_dir=None, wiki_file="{tmp}/latin1.txt",
                                  image_generator="toyworld", image_cache="{tmp}/cache"), "latin1.txt: not UTF-8"),
 }
