@@ -375,6 +375,21 @@ def read_training_checkpoint(path: Path, process_index: int) -> dict:
             "trainer_state": trainer_state, "rng": rng, "rng_where": rng_where}
 
 
+def _kind(value) -> str:
+    if isinstance(value, bool) or value is None:
+        return type(value).__name__
+    if isinstance(value, (int, float)):
+        return "number"
+    return "sequence" if isinstance(value, (list, tuple)) else type(value).__name__
+
+
+def _fits(saved, current: dict) -> bool:
+    """Whether a saved settings dict has the keys of ``current`` and values of the same kinds (a state dict
+    loaded into torch objects sets these as attributes: nothing unexpected may get in)."""
+    return isinstance(saved, dict) and set(saved) == set(current) and all(
+        _kind(saved[k]) == _kind(current[k]) for k in current)
+
+
 def restore_training_checkpoint(ckpt: dict, accelerator, model, optimizer, scheduler) -> None:
     """Load what :func:`read_training_checkpoint` returned into the prepared objects and set the RNGs last."""
     from models.checkpoints import load_trainable
@@ -387,13 +402,16 @@ def restore_training_checkpoint(ckpt: dict, accelerator, model, optimizer, sched
         shapes = {tuple(v.shape) for v in values.values() if torch.is_tensor(v) and v.dim() > 0}
         if not isinstance(index, int) or not 0 <= index < len(params) or shapes - {tuple(params[index].shape)}:
             raise CheckpointError(f"{path / 'optimizer.json'}: does not fit this model's trainable parameters")
+    groups = optimizer.state_dict()["param_groups"]
+    if not isinstance(saved["param_groups"], list) or len(saved["param_groups"]) != len(groups) or not all(
+            _fits(s, c) for s, c in zip(saved["param_groups"], groups)):
+        raise CheckpointError(f"{path / 'optimizer.json'}: its parameter groups do not fit this optimizer")
     try:
         optimizer.load_state_dict(saved)
     except (KeyError, TypeError, ValueError) as err:
         raise CheckpointError(f"{path / 'optimizer.json'}: does not fit this optimizer "
                               f"({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
-    current = scheduler.state_dict()
-    if not isinstance(ckpt["scheduler"], dict) or set(ckpt["scheduler"]) != set(current):
+    if not _fits(ckpt["scheduler"], scheduler.state_dict()):
         raise CheckpointError(f"{path / 'scheduler.json'}: does not fit this learning-rate scheduler")
     scheduler.load_state_dict(ckpt["scheduler"])
     scaler = ckpt["trainer_state"].get("scaler")

@@ -487,6 +487,46 @@ def test_unreadable_rng_state_fails(trained, tmp_path, lm_dirs, tiny_clip_spec, 
     assert not (out / "checkpoint-1.tmp").exists()
 
 
+def edit_component(ckpt: Path, name: str, change) -> None:
+    """Change a checkpoint's ``name`` component in place and forge its marker to match."""
+    from safetensors.torch import load_file
+
+    from models.training_state import decode_tree, write_component
+
+    tensors_file = ckpt / f"{name}.safetensors"
+    obj = decode_tree(json.loads((ckpt / f"{name}.json").read_text()),
+                      load_file(tensors_file) if tensors_file.exists() else {}, name)
+    change(obj)
+    write_component(ckpt, name, obj)
+    rewrite_marker(ckpt)
+
+
+FORGED = {  # valid JSON and safetensors, with content that must not reach the torch objects
+    "optimizer lr as text": ("optimizer", lambda o: o["param_groups"][0].update(lr="0.1"), "parameter groups"),
+    "optimizer extra setting": ("optimizer", lambda o: o["param_groups"][0].update(evil=1), "parameter groups"),
+    "optimizer state of another shape": ("optimizer", lambda o: o["state"][0].update(exp_avg=torch.zeros(3)),
+                                         "does not fit this model"),
+    "optimizer state not finite": ("optimizer", lambda o: o["state"][1]["exp_avg"].fill_(float("nan")),
+                                   "non-finite"),
+    "scheduler extra attribute": ("scheduler", lambda o: o.update(optimizer="x"), "does not fit this learning-rate"),
+    "negative step": ("trainer_state", lambda o: o.update(completed_steps=-5), "completed_steps must be"),
+    "no run config": ("trainer_state", lambda o: o.pop("config"), "no run config"),
+}
+
+
+@pytest.mark.parametrize("case", list(FORGED))
+def test_forged_checkpoint_content_is_refused(case, trained, tmp_path, lm_dirs, tiny_clip_spec, vg_dir, capsys):
+    name, change, expected = FORGED[case]
+    out = copy_run(trained, tmp_path)
+    edit_component(out / "checkpoint-1", name, change)
+    with pytest.raises(SystemExit) as exc:
+        train.main(flags(out, lm_dirs["gpt2"], tiny_clip_spec, vg_dir, resume_from_checkpoint=out / "checkpoint-1",
+                         **TRAINED))
+    line = one_error_line(capsys, 2, exc)
+    assert expected in line and f"{name}." in line, line
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-1", "checkpoint-2", "test_0"]
+
+
 # ----------------------------------------------------------------------------- training images
 
 def image_file(root: Path, n: int, bad: dict) -> Path:
