@@ -599,8 +599,10 @@ def _run(args, step_callback) -> dict:
     hf_logging.set_verbosity_error()
     set_seed(args.seed)
     output_dir = Path(args.output_dir)
-    resume_path = agreed(accelerator, resolve_resume, args.resume_from_checkpoint, output_dir)
-    agreed(accelerator, check_output_dir, args, resume_path)
+    resume_path = None
+    if not args.pregenerate_images:  # which writes to the image cache only
+        resume_path = agreed(accelerator, resolve_resume, args.resume_from_checkpoint, output_dir)
+        agreed(accelerator, check_output_dir, args, resume_path)
     ckpt = None if resume_path is None else agreed(accelerator, read_resume_checkpoint, accelerator, resume_path)
     pretrained = None if args.pretrained_model is None else agreed(accelerator, load_pretrained, args.pretrained_model)
     lm_config, tokenizer, dataset, provider = prepare_data(args, accelerator)

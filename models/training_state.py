@@ -368,7 +368,7 @@ def read_training_checkpoint(path: Path, process_index: int) -> dict:
     rng_name = f"rng_state_{process_index}"
     if not reader.has(f"{rng_name}.json"):
         raise CheckpointError(f"{path / (rng_name + '.json')}: missing (the checkpoint was saved by "
-                              f"{trainer_state.get('num_processes')} processes)")
+                              f"{trainer_state['config'].get('num_processes')} processes)")
     rng, rng_where = reader.component(rng_name), str(path / f"{rng_name}.json")
     check_rng_state(rng, rng_where)
     return {"path": path, "weights": weights, "optimizer": optimizer, "scheduler": reader.component("scheduler"),
