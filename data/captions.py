@@ -11,6 +11,10 @@ Sources (docs/method.md, "Training"), selected by substrings of ``--dataset_name
 
 Every dataset yields ``{"image": PIL.Image (RGB), "text": str}``. Construction only reads metadata and
 checks paths; image decoding, cropping and generation run in ``__getitem__``, i.e. in DataLoader workers.
+An image that cannot be decoded or cropped there raises :class:`BadImage`; :class:`SkipBadImages` replaces
+such an item by the next readable one and reports what it skipped, and :class:`BadImageBudget` counts the
+skipped images and says when too many of them were bad. A file that is not UTF-8 or has the wrong shape is
+one ``ValueError`` naming it.
 Texts are kept as flat byte blobs and numpy arrays (not lists of Python objects), so forked workers
 do not copy them page by page through reference counting.
 """
@@ -71,15 +75,44 @@ def clamp_box(x: float, y: float, w: float, h: float, width: int, height: int) -
     return left, upper, right, lower
 
 
+class BadImage(ValueError):
+    """A training image that cannot be decoded (missing, corrupt, truncated) or whose crop box lies outside it."""
+
+    def __init__(self, path: str, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path, self.reason = str(path), reason
+
+
 def _open_rgb(path: str, xywh=None, what: str = "") -> Image.Image:
-    """Decode ``path`` to RGB, cropped to the clamped box ``xywh`` when given."""
-    with Image.open(path) as image:
-        if xywh is None:
-            return image.convert("RGB")
-        box = clamp_box(*xywh, *image.size)
-        if box is None:
-            raise ValueError(f"{what}: box {tuple(xywh)} lies outside its {image.size[0]}x{image.size[1]} image {path}")
-        return image.crop(box).convert("RGB")
+    """Decode ``path`` to RGB, cropped to the clamped box ``xywh`` when given; :class:`BadImage` if it cannot be."""
+    try:
+        with Image.open(path) as image:
+            if xywh is None:
+                return image.convert("RGB")
+            box = clamp_box(*xywh, *image.size)
+            if box is None:
+                raise BadImage(path, f"{what}: box {tuple(float(v) for v in xywh)} lies outside its "
+                                     f"{image.size[0]}x{image.size[1]} image")
+            return image.crop(box).convert("RGB")
+    except BadImage:
+        raise
+    except Exception as err:  # noqa: BLE001 - PIL reports broken files as OSError, SyntaxError, struct.error, ...
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise BadImage(path, f"unreadable image ({type(err).__name__}{': ' + reason if reason else ''})") from None
+
+
+def _not_utf8(path, err: UnicodeDecodeError) -> ValueError:
+    return ValueError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start} of a read block)")
+
+
+def _read_json(path: Path):
+    """A whole JSON file, or one ValueError naming it (not UTF-8, not JSON)."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise _not_utf8(path, err) from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: invalid JSON ({err.msg} at line {err.lineno})") from None
 
 
 class _Strings:
@@ -149,12 +182,17 @@ class VGRegions(Dataset):
             if not f.is_file():
                 raise FileNotFoundError(f"Visual Genome: {f} not found")
         images = self._read_images(images_file, vg_dir)
-        records = json.loads(regions_file.read_text(encoding="utf-8"))
+        records = _read_json(regions_file)
+        if not isinstance(records, list):
+            raise ValueError(f"{regions_file}: expected a JSON list of {{'id', 'regions'}} records, "
+                             f"found a {type(records).__name__}")
 
         paths, path_index = [], {}
         owners, boxes, phrases = [], [], []
         missing, invalid = 0, 0
         for rec_no, record in enumerate(records):
+            if not isinstance(record, dict) or not isinstance(record.get("regions"), list):
+                raise ValueError(f"{regions_file}: record {rec_no}: expected an object with a 'regions' list")
             for region in record["regions"]:
                 if max_samples is not None and len(owners) >= max_samples:
                     break
@@ -163,7 +201,7 @@ class VGRegions(Dataset):
                     image_id = region.get("image_id", region.get("image", record.get("id")))
                     xywh = tuple(float(region[k]) for k in ("x", "y", "width", "height"))
                     phrase = region["phrase"].strip()
-                except (KeyError, TypeError, ValueError) as err:
+                except (KeyError, TypeError, ValueError, AttributeError) as err:
                     raise ValueError(f"{regions_file}: record {rec_no}: malformed region ({err!r})") from None
                 if image_id not in images:
                     raise ValueError(f"{regions_file}: region {region_id}: image {image_id} not in {images_file}")
@@ -206,8 +244,13 @@ class VGRegions(Dataset):
                 listings[folder] = set(os.listdir(folder)) if folder.is_dir() else set()
             return rel.name in listings[folder]
 
+        entries = _read_json(images_file)
+        if not isinstance(entries, list):
+            raise ValueError(f"{images_file}: expected a JSON list of image records, found a {type(entries).__name__}")
         images = {}
-        for no, entry in enumerate(json.loads(images_file.read_text(encoding="utf-8"))):
+        for no, entry in enumerate(entries):
+            if not isinstance(entry, dict):
+                raise ValueError(f"{images_file}: entry {no}: expected an object")
             try:
                 image_id = entry["image_id"] if "image_id" in entry else entry["id"]
                 width, height = int(entry["width"]), int(entry["height"])
@@ -237,16 +280,22 @@ def _read_table(path: Path, columns: list[str]):
     import pandas as pd
 
     suffix = path.suffix.lower()
-    if suffix == ".parquet":
-        import pyarrow.parquet as pq
+    if suffix not in (".parquet", ".jsonl", ".json", ".csv"):
+        raise ValueError(f"{path}: unsupported file type {suffix!r} (use .parquet, .jsonl, .json or .csv)")
+    try:
+        if suffix == ".parquet":
+            import pyarrow.parquet as pq
 
-        present = pq.read_schema(path).names
-        return pd.read_parquet(path, columns=[c for c in columns if c in present])
-    if suffix in (".jsonl", ".json"):
-        return pd.read_json(path, lines=suffix == ".jsonl", dtype=False)
-    if suffix == ".csv":
-        return pd.read_csv(path, dtype=str, keep_default_na=False)
-    raise ValueError(f"{path}: unsupported file type {suffix!r} (use .parquet, .jsonl, .json or .csv)")
+            present = pq.read_schema(path).names
+            return pd.read_parquet(path, columns=[c for c in columns if c in present])
+        if suffix == ".csv":
+            return pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
+        return pd.read_json(path, lines=suffix == ".jsonl", dtype=False, encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise _not_utf8(path, err) from None
+    except (ValueError, OSError) as err:  # pandas/pyarrow parse errors
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"{path}: cannot be read as {suffix[1:]} ({reason})") from None
 
 
 def _index_images(root: Path) -> dict[str, str]:
@@ -334,15 +383,18 @@ def _caption_rows(path: Path):
     from data.benchmarks import read_jsonl
 
     suffix = path.suffix.lower()
-    if suffix == ".jsonl":
-        yield from read_jsonl(path)
-    elif suffix == ".csv":
-        with open(path, encoding="utf-8", newline="") as f:
-            reader = csv.DictReader(f)
-            for row in reader:
-                yield reader.line_num, row
-    else:
-        raise ValueError(f"{path}: unsupported file type {suffix!r} (use .jsonl or .csv)")
+    try:
+        if suffix == ".jsonl":
+            yield from read_jsonl(path)
+        elif suffix == ".csv":
+            with open(path, encoding="utf-8-sig", newline="") as f:  # a BOM is not part of the first column name
+                reader = csv.DictReader(f)
+                for row in reader:
+                    yield reader.line_num, row
+        else:
+            raise ValueError(f"{path}: unsupported file type {suffix!r} (use .jsonl or .csv)")
+    except UnicodeDecodeError as err:
+        raise _not_utf8(path, err) from None
 
 
 class CaptionFile(Dataset):
@@ -453,13 +505,16 @@ class WikiChunks(Dataset):
         self.tokenizer, self.image_provider, self.seed = tokenizer, image_provider, seed
         needed = None if max_chunks is None else max_chunks * chunk_tokens
         pieces, total, batch = [], 0, []
-        for line in _wiki_lines(source, hub_config):
-            batch.append(line)
-            if len(batch) == 1000:
-                total += self._tokenize(batch, pieces)
-                batch = []
-                if needed is not None and total >= needed:
-                    break
+        try:
+            for line in _wiki_lines(source, hub_config):
+                batch.append(line)
+                if len(batch) == 1000:
+                    total += self._tokenize(batch, pieces)
+                    batch = []
+                    if needed is not None and total >= needed:
+                        break
+        except UnicodeDecodeError as err:
+            raise _not_utf8(source, err) from None
         if batch:
             self._tokenize(batch, pieces)
         ids = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int32)
@@ -553,6 +608,85 @@ def build_train_dataset(dataset_name: str | None, *, vg_dir=None, laion_file=Non
     return parts[0] if len(parts) == 1 else ConcatDataset(parts)
 
 
+# ----------------------------------------------------------------------------- unreadable images
+
+class NoReadableImage(RuntimeError):
+    """Many consecutive items of a training set have unreadable images."""
+
+    @staticmethod
+    def message_of(err: BaseException) -> str:
+        """The one-line message, also when a DataLoader worker re-raised it with the worker's traceback."""
+        lines = [line for line in str(err).strip().splitlines() if line.strip()]
+        last = lines[-1] if lines else type(err).__name__
+        return last.split("NoReadableImage: ", 1)[-1]
+
+
+class SkipBadImages(Dataset):
+    """A training set whose unreadable items are replaced by the next readable one (index order, wrapping).
+
+    An item whose image cannot be decoded or cropped (:class:`BadImage`) is skipped; the item returned in its
+    place lists the skipped ``(path, reason)`` pairs under ``"bad_images"`` so the training loop can count them
+    (the collator gathers them per batch). Batches keep their size, every process of a distributed run keeps
+    the same number of batches, and an index always gives the same item, so resuming stays exact.
+    More than ``max_consecutive`` unreadable items in a row raise :class:`NoReadableImage`.
+    """
+
+    def __init__(self, dataset: Dataset, max_consecutive: int = 100):
+        self.dataset, self.max_consecutive = dataset, max_consecutive
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> dict:
+        n, bad = len(self.dataset), []
+        for offset in range(min(n, self.max_consecutive)):
+            try:
+                item = self.dataset[(int(i) + offset) % n]
+            except BadImage as err:
+                bad.append((err.path, err.reason))
+                continue
+            return {**item, "bad_images": bad}
+        raise NoReadableImage(f"{len(bad)} consecutive training images cannot be read, e.g. {bad[0][0]}: "
+                              f"{bad[0][1]}")
+
+
+class BadImageBudget:
+    """Counts the training images seen and the unreadable ones skipped; logs each bad path once.
+
+    :meth:`exceeded` is true when more than ``max_fraction`` of the images seen were bad. The fraction is
+    taken over at least ``min(dataset_size, floor)`` images, so one bad image among the first few does not
+    stop a large run, while a small training set is judged on its own size from the start.
+    """
+
+    floor = 1000
+
+    def __init__(self, max_fraction: float, dataset_size: int, seen: int = 0, bad: int = 0):
+        self.max_fraction, self.dataset_size = max_fraction, dataset_size
+        self.seen, self.bad = seen, bad
+        self.example: tuple[str, str] | None = None
+        self._logged: set[str] = set()
+
+    def log(self, bad_images) -> None:
+        """Log the paths of this process's skipped images not logged before."""
+        for path, reason in bad_images:
+            self.example = self.example or (path, reason)
+            if path not in self._logged:
+                self._logged.add(path)
+                logging.getLogger("train.bad_images").warning("skipping an unreadable training image: %s: %s",
+                                                              path, reason)
+
+    def add(self, seen: int, bad: int) -> None:
+        self.seen, self.bad = self.seen + seen, self.bad + bad
+
+    def exceeded(self) -> bool:
+        return self.bad > self.max_fraction * max(self.seen, min(self.dataset_size, self.floor))
+
+    def message(self) -> str:
+        example = f"; e.g. {self.example[0]}: {self.example[1]}" if self.example else "; see the warnings above"
+        return (f"{self.bad} of the {self.seen} training images seen so far cannot be read (more than "
+                f"--max_bad_images {self.max_fraction:g} of them){example}")
+
+
 # ----------------------------------------------------------------------------- collator
 
 class CaptionCollator:
@@ -566,7 +700,8 @@ class CaptionCollator:
 
     Returns ``input_ids``, ``attention_mask``, ``labels`` (``input_ids`` with -100 on padding, and on
     the tokens of an item's optional ``"prompt"``, which is put before its text as context), all
-    ``[B, T]`` long, and ``pixel_values`` ``[B, 3, H, W]`` from ``image_transform`` (PIL -> tensor).
+    ``[B, T]`` long, ``pixel_values`` ``[B, 3, H, W]`` from ``image_transform`` (PIL -> tensor), and
+    ``bad_images``: the ``(path, reason)`` pairs :class:`SkipBadImages` skipped to fill the batch.
     """
 
     def __init__(self, tokenizer, image_transform, max_length: int = 128, add_eos: bool = True):
@@ -603,4 +738,5 @@ class CaptionCollator:
             "attention_mask": attention_mask,
             "labels": labels,
             "pixel_values": torch.stack([self.image_transform(item["image"]) for item in batch]),
+            "bad_images": [bad for item in batch for bad in item.get("bad_images", ())],
         }

@@ -5,13 +5,16 @@ vision encoder and the projector width, and a short ``README.md`` model card.
 
 The released vLMIG checkpoints are a ``torch.save`` of the WHOLE model's ``state_dict()`` (the
 frozen LM included, sometimes with a DDP ``module.`` prefix), given with or without the ``.bin``
-suffix. Only their ``mm_proj.*`` and ``fusion_layer.*`` keys are read. Loading is strict: any
-missing, unexpected or mis-shaped trainable key is one clear error.
+suffix. Only their ``mm_proj.*`` and ``fusion_layer.*`` keys are read, with ``weights_only=True``:
+nothing in a file can run code. Loading is strict: any missing, unexpected or mis-shaped trainable
+key, any non-finite value, and any unreadable file (empty, truncated, random bytes, a pickle of
+objects) is one clear single-line error naming the file.
 """
 from __future__ import annotations
 
 import json
 import os
+import pickle
 from pathlib import Path
 
 import torch
@@ -24,8 +27,12 @@ TRAINABLE_PREFIXES = ("mm_proj.", "fusion_layer.")
 _IGNORED_SUFFIXES = (".rotary_emb.inv_freq", ".attn.bias", ".attn.masked_bias")
 
 
-class CheckpointMismatchError(ValueError):
-    pass
+class CheckpointError(ValueError):
+    """A weights file that cannot be used: unreadable, not a checkpoint, or holding non-finite values."""
+
+
+class CheckpointMismatchError(CheckpointError):
+    """A readable checkpoint that does not fit the model."""
 
 
 def save_trainable(model, out_dir: str | os.PathLike, *, base_model: str, vision_encoder: str,
@@ -49,16 +56,29 @@ def save_trainable(model, out_dir: str | os.PathLike, *, base_model: str, vision
         f"{model.proj_hidden}) and one fusion block of the `{model.model_type}` architecture. The frozen "
         f"LM (`{base_model}`) and vision encoder (`{vision_encoder}`) are not included; load them "
         "from their own ids.\n")
+    import shutil
+
+    old = out.with_name(out.name + ".replaced")  # the previous weights stay whole until the new ones are in place
     if out.exists():
-        import shutil
-        shutil.rmtree(out)
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out, old)
     os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
     return out
 
 
 def read_checkpoint_config(path: str | os.PathLike) -> dict:
+    """The ``config.json`` beside a checkpoint ({} when there is none); one CheckpointError line if unreadable."""
     cfg = Path(path) / CONFIG_NAME
-    return json.loads(cfg.read_text()) if cfg.is_file() else {}
+    if not cfg.is_file():
+        return {}
+    try:
+        config = json.loads(cfg.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{str(cfg)!r} is not valid JSON ({type(e).__name__})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{str(cfg)!r} does not hold a JSON object")
+    return config
 
 
 def _resolve(path: str | os.PathLike) -> Path:
@@ -77,36 +97,73 @@ def _resolve(path: str | os.PathLike) -> Path:
     raise FileNotFoundError(f"checkpoint {str(p)!r} not found (also tried {p.name}.bin)")
 
 
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default (zip) format
+_PICKLE_MAGIC = b"\x80"  # torch.save's legacy format starts with a pickle protocol opcode
+
+
 def _torch_load(f: Path):
     """``torch.load`` with ``weights_only``; memory-mapped when the file's format allows, since a
-    released file holds the whole LM (16.7 GB for Llama-3) of which only ~0.5 GB is read."""
+    released file holds the whole LM (16.7 GB for Llama-3) of which only ~0.5 GB is read.
+
+    Every failure is one :class:`CheckpointError` line. torch's own messages are not passed on: they
+    suggest ``weights_only=False``, which would let the file run code."""
+    with open(f, "rb") as handle:
+        head = handle.read(4)
+    if not head:
+        raise CheckpointError(f"checkpoint {str(f)!r} is empty (0 bytes): not a checkpoint")
+    if head != _ZIP_MAGIC and not head.startswith(_PICKLE_MAGIC):
+        raise CheckpointError(f"checkpoint {str(f)!r} is not a checkpoint (neither a safetensors file nor a "
+                              "PyTorch state dict)")
     try:
-        return torch.load(str(f), map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError as e:
-        if "mmap" not in str(e):
-            raise
+        if head == _ZIP_MAGIC:
+            return torch.load(str(f), map_location="cpu", weights_only=True, mmap=True)
         return torch.load(str(f), map_location="cpu", weights_only=True)  # legacy (non-zip) format
+    except pickle.UnpicklingError:
+        raise CheckpointError(f"checkpoint {str(f)!r} is not a plain state dict of tensors (it holds other Python "
+                              "objects, which are never loaded)") from None
+    except Exception as e:  # noqa: BLE001 - zip, storage and EOF errors of a damaged file
+        raise CheckpointError(f"checkpoint {str(f)!r} is truncated or corrupt ({type(e).__name__})") from None
+
+
+def read_safetensors(f: str | os.PathLike, data: bytes | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file (or of its bytes ``data``), or one :class:`CheckpointError` line."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load, load_file
+
+    try:
+        return load(data) if data is not None else load_file(str(f))
+    except (SafetensorError, ValueError, OSError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{str(f)!r} is not a valid safetensors file ({reason})") from None
+
+
+def check_finite(state: dict[str, torch.Tensor], where: str | os.PathLike) -> None:
+    """One :class:`CheckpointError` naming the first tensor of ``state`` holding NaN or inf."""
+    for key, value in state.items():
+        if torch.is_tensor(value) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            bad = int((~torch.isfinite(value)).sum())
+            raise CheckpointError(f"checkpoint {str(where)!r}: {key} holds {bad} non-finite value(s) (NaN or inf)")
 
 
 def load_state(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
-    """The trainable part of a checkpoint (ours or a released ``.bin``) and its config, if any."""
+    """The trainable part of a checkpoint (ours or a released ``.bin``) and its config, if any.
+    Raises :class:`CheckpointError` when the file is unreadable or a trainable tensor is not finite."""
     f = _resolve(path)
     if f.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        state = load_file(str(f))
+        state = read_safetensors(f)
     else:
-        try:
-            state = _torch_load(f)
-        except Exception as e:  # noqa: BLE001 - report any unpickling failure as one line
-            raise CheckpointMismatchError(f"checkpoint {str(f)!r} cannot be read: {str(e).splitlines()[0]}") from None
+        state = _torch_load(f)
         if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
             state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise CheckpointMismatchError(f"checkpoint {str(f)!r} does not hold a state dict")
+    if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
+        raise CheckpointError(f"checkpoint {str(f)!r} does not hold a state dict")
     if state and all(k.startswith("module.") for k in state):
         state = {k[len("module."):]: v for k, v in state.items()}
     trainable = {k: v for k, v in state.items()
                  if k.startswith(TRAINABLE_PREFIXES) and not k.endswith(_IGNORED_SUFFIXES)}
+    if not all(torch.is_tensor(v) for v in trainable.values()):
+        raise CheckpointError(f"checkpoint {str(f)!r}: its mm_proj/fusion_layer entries are not all tensors")
+    check_finite(trainable, f)
     return trainable, read_checkpoint_config(f.parent)
 
 

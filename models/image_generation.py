@@ -16,6 +16,7 @@ import argparse
 import hashlib
 import json
 import logging
+import math
 import os
 import tempfile
 from collections import Counter
@@ -357,41 +358,98 @@ def add_generation_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     return parser
 
 
+def check_generation_args(args: argparse.Namespace) -> None:
+    """One-line ValueError for a generation flag of :func:`add_generation_args` out of range."""
+    for name in ("image_size", "num_inference_steps", "gen_batch_size"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if not math.isfinite(args.guidance_scale) or args.guidance_scale < 0:
+        raise ValueError(f"--guidance_scale must be a finite number >= 0, got {args.guidance_scale}")
+    if not 0.0 <= args.toyworld_noise <= 1.0:  # also false for NaN
+        raise ValueError(f"--toyworld_noise must be between 0 and 1, got {args.toyworld_noise}")
+
+
+def check_device(spec: "str | None") -> "torch.device | None":
+    """``--device`` as a torch.device (None: the default), or one-line ValueError when unknown or absent."""
+    if spec is None:
+        return None
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device {spec!r}: not a device (use cpu, cuda or cuda:N)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {spec}: no CUDA device is available")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+    elif device.type != "cpu":
+        raise ValueError(f"--device {spec!r}: not supported here (use cpu, cuda or cuda:N)")
+    return device
+
+
 def read_texts(path: "str | os.PathLike") -> list[str]:
-    """Non-empty lines of a UTF-8 text file, stripped."""
+    """Non-empty lines of a UTF-8 text file, stripped; one-line errors naming the file."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"prompts file {path} not found")
-    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"prompts file {path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    return [line.strip() for line in text.splitlines() if line.strip()]
 
 
-def main(argv: "list[str] | None" = None) -> dict:
-    from accelerate import PartialState
-    from tqdm.auto import tqdm
+def build_parser() -> argparse.ArgumentParser:
+    from data.prompts import STRATEGIES
+    from models.cli import OneLineArgumentParser, positive_int
 
-    from data.prompts import STRATEGIES, derive_prompts
-
-    parser = argparse.ArgumentParser(description="Pre-generate the images of a prompts file into the image cache.")
+    parser = OneLineArgumentParser(description="Pre-generate the images of a prompts file into the image cache.")
     parser.add_argument("--prompts_file", required=True, help="one text per line")
     parser.add_argument("--image_prompt", choices=STRATEGIES, default="sentences")
     parser.add_argument("--k", type=int, default=6, help="images per text")
-    parser.add_argument("--last_n_words", type=int, default=70, help="length of the last prompt of 'sentences'")
+    parser.add_argument("--last_n_words", type=positive_int, default=70,
+                        help="length of the last prompt of 'sentences'")
     add_generation_args(parser)
     parser.add_argument("--seed", type=int, default=0, help="base seed, part of every image key")
     parser.add_argument("--device", default=None, help="default: this process's accelerator device")
     parser.add_argument("--dtype", choices=("auto", *DTYPES), default="auto")
-    args = parser.parse_args(argv)
-    check_k(args.k)
+    return parser
 
+
+def main(argv: "list[str] | None" = None) -> dict:
+    """Pre-generate; bad input is one ``error:`` line and exit status 2, with nothing generated."""
+    from models.cli import report_error
+
+    args = build_parser().parse_args(argv)
+    try:
+        return pregenerate(args)
+    except (ValueError, OSError) as err:
+        report_error(str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__)
+        raise SystemExit(2) from None
+
+
+def pregenerate(args: argparse.Namespace) -> dict:
+    """Fill the cache with the images of every text of ``args.prompts_file``, each process taking its share."""
+    from accelerate import PartialState
+    from tqdm.auto import tqdm
+
+    from data.prompts import derive_prompts
+
+    check_k(args.k)
+    check_generation_args(args)
+    device = check_device(args.device)
     texts = read_texts(args.prompts_file)
+    if not texts:
+        raise ValueError(f"prompts file {args.prompts_file} holds no text")
     state = PartialState()
-    shard = texts[state.process_index :: state.num_processes]
     generator = build_generator(
-        args.image_generator, device=args.device or state.device, dtype=args.dtype, noise=args.toyworld_noise
+        args.image_generator, device=device or state.device, dtype=args.dtype, noise=args.toyworld_noise
     )
+    cache = ImageCache(args.image_cache)  # created only once every input is known to be good
+    shard = texts[state.process_index :: state.num_processes]
     provider = ImageProvider(
         generator,
-        ImageCache(args.image_cache),
+        cache,
         image_size=args.image_size,
         num_inference_steps=args.num_inference_steps,
         guidance_scale=args.guidance_scale,

@@ -1,6 +1,7 @@
 import hashlib
 import logging
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -260,8 +261,12 @@ def test_read_only_cache_dir(tmp_path):
         tmp_path.chmod(0o755)
 
 
-def test_main_bad_input(tmp_path):
-    with pytest.raises(FileNotFoundError, match="prompts file .*nope.txt not found"):
-        ig.main(["--prompts_file", str(tmp_path / "nope.txt"), "--image_generator", "toyworld"])
-    with pytest.raises(ValueError, match="k must be >= 1"):
-        ig.main(["--prompts_file", str(tmp_path / "nope.txt"), "--k", "0"])
+def test_main_bad_input(tmp_path, capsys):
+    """One ``error:`` line and exit status 2 (tests/test_hostile_train.py has every case)."""
+    for argv, message in ((["--prompts_file", str(tmp_path / "nope.txt"), "--image_generator", "toyworld"],
+                           "prompts file .*nope.txt not found"),
+                          (["--prompts_file", str(tmp_path / "nope.txt"), "--k", "0"], "k must be >= 1")):
+        with pytest.raises(SystemExit) as exc:
+            ig.main(argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exc.value.code == 2 and len(err) == 1 and re.match(f"error: {message}", err[0]), err
