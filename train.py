@@ -52,7 +52,8 @@ LM_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float3
 RECORDED_ARGS = ("run_name", "dataset_name", "max_elements", "max_train_samples", "per_device_train_batch_size",
                  "gradient_accumulation_steps", "learning_rate", "lr_scheduler_type", "num_warmup_steps",
                  "weight_decay", "max_train_steps", "num_train_epochs", "max_length", "mixed_precision",
-                 "lm_dtype", "seed", "image_generator", "image_size", "num_inference_steps")
+                 "lm_dtype", "seed", "image_generator", "image_size", "num_inference_steps", "image_source",
+                 "image_index", "retrieve_by")
 
 
 class InputError(Exception):
@@ -78,6 +79,7 @@ def _checkpointing_steps(text: str) -> int | str:
 
 def build_parser() -> argparse.ArgumentParser:
     from models.image_generation import add_generation_args
+    from models.image_retrieval import add_retrieval_args
     from models.vision import DEFAULT_VISION_ENCODER
 
     p = argparse.ArgumentParser(description="Train the late-fusion projector and fusion block (LM and CLIP frozen).")
@@ -132,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--pregenerate_images", action="store_true",
                    help="fill --image_cache with the images of the wiki chunks, then exit")
     add_generation_args(p)
+    add_retrieval_args(p)
 
     g.add_argument("--cache_lm_states", action="store_true",
                    help="keep the frozen LM's hidden states of every distinct training text in memory and reuse "
@@ -278,7 +281,14 @@ def _pretrained_exists(path: str) -> bool:
 
 
 def build_image_provider(args, device):
+    """The wiki images' source: the generator with its cache, or (``--image_source retrieve``) a retriever
+    over ``--image_index``, whose vision encoder is bound once loaded (:func:`prefetch_wiki_images`)."""
     from models.image_generation import ImageCache, ImageProvider, build_generator
+
+    if args.image_source == "retrieve":
+        from models.image_retrieval import build_retriever
+
+        return build_retriever(args, device=device)
 
     generator = build_generator(args.image_generator, device=device, noise=args.toyworld_noise)
     return ImageProvider(generator, ImageCache(args.image_cache), image_size=args.image_size,
@@ -286,15 +296,20 @@ def build_image_provider(args, device):
                          seed=args.seed, gen_batch_size=args.gen_batch_size)
 
 
-def pregenerate_wiki_images(accelerator, dataset, provider) -> dict:
-    """Fill the image cache for every wiki chunk of ``dataset``, each process taking its share."""
+def _wiki_parts(dataset) -> list:
     from torch.utils.data import ConcatDataset
-    from tqdm.auto import tqdm
 
     from data.captions import WikiChunks
 
     parts = dataset.datasets if isinstance(dataset, ConcatDataset) else [dataset]
-    for chunks in (d for d in parts if isinstance(d, WikiChunks)):
+    return [d for d in parts if isinstance(d, WikiChunks)]
+
+
+def pregenerate_wiki_images(accelerator, dataset, provider) -> dict:
+    """Fill the image cache for every wiki chunk of ``dataset``, each process taking its share."""
+    from tqdm.auto import tqdm
+
+    for chunks in _wiki_parts(dataset):
         mine = list(range(accelerator.process_index, len(chunks), accelerator.num_processes))
         step = 8 * provider.gen_batch_size
         with tqdm(total=len(mine), unit="chunk", disable=not accelerator.is_local_main_process) as bar:
@@ -305,6 +320,23 @@ def pregenerate_wiki_images(accelerator, dataset, provider) -> dict:
                 bar.set_postfix(provider.stats())
     accelerator.wait_for_everyone()
     return provider.stats()
+
+
+def prefetch_wiki_images(accelerator, dataset, retriever, encoder) -> int:
+    """Retrieved wiki images: rank every chunk's image prompt now, on the device (each process its share,
+    then shared with all), so that the DataLoader workers only read image files. Returns the prompt count."""
+    from accelerate.utils import gather_object
+
+    try:
+        retriever.bind(encoder)  # refuses an index built with another vision encoder
+    except ValueError as err:
+        raise InputError(str(err)) from None
+    for chunks in _wiki_parts(dataset):
+        mine = range(accelerator.process_index, len(chunks), accelerator.num_processes)
+        retriever.prefetch([[chunks.prompt(i)] for i in mine])
+    for rankings in gather_object([retriever.rankings]):
+        retriever.rankings.update(rankings)
+    return len(retriever.rankings)
 
 
 def _tracker_config(args) -> dict:
@@ -373,6 +405,12 @@ def prepare_data(args, accelerator):
                          "or laion_220_short (or combinations such as wiki_laion_220), or give --train_file")
     if args.pregenerate_images and "wiki" not in sources:
         raise InputError("--pregenerate_images needs the wiki source in --dataset_name")
+    if args.image_source == "retrieve" and "wiki" not in sources:
+        raise InputError("--image_source retrieve replaces the wiki source's generated images, and "
+                         f"--dataset_name {args.dataset_name!r} has no wiki source")
+    if args.pregenerate_images and args.image_source == "retrieve":
+        raise InputError("--pregenerate_images generates the wiki images; with --image_source retrieve there is "
+                         "nothing to generate")
     if "wiki" in sources and args.max_length < args.wiki_chunk_tokens + 2:
         logger.warning("--max_length %d cuts the %d-token WikiText chunks", args.max_length, args.wiki_chunk_tokens)
     try:
@@ -439,10 +477,14 @@ def _run(args, step_callback) -> dict:
         logger.info("image cache %s: %s", provider.cache.root, stats)
         return {"pregenerated": stats}
     encoder, model = load_models(args, accelerator, lm_config)
+    if provider is not None and args.image_source == "retrieve":
+        logger.info("retrieved the images of %d wiki prompts from %s",
+                    prefetch_wiki_images(accelerator, dataset, provider, encoder), args.image_index)
 
     # Decoding, cropping, generation and CLIP preprocessing run in the workers. CUDA cannot be used in
     # forked workers, so inline wiki image generation on a GPU needs spawned ones.
-    spawn = provider is not None and accelerator.device.type == "cuda" and args.num_workers > 0
+    spawn = (provider is not None and args.image_source == "generate" and accelerator.device.type == "cuda"
+             and args.num_workers > 0)  # retrieved images: the workers only read files
     train_dataloader = DataLoader(
         dataset, batch_size=args.per_device_train_batch_size, shuffle=args.shuffle_data,
         collate_fn=CaptionCollator(tokenizer, encoder.preprocess, max_length=args.max_length),

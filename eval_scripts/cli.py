@@ -25,6 +25,7 @@ def build_parser(description: str, *, image_prompt_choices=("sentences", "full",
                  default_image_prompt: str = "sentences", default_k: int = 10) -> argparse.ArgumentParser:
     """The flags every eval script shares (released spellings kept as aliases)."""
     from models.image_generation import add_generation_args
+    from models.image_retrieval import add_retrieval_args
     from models.mixing import MIX_MODES
 
     p = argparse.ArgumentParser(description=description)
@@ -37,12 +38,14 @@ def build_parser(description: str, *, image_prompt_choices=("sentences", "full",
                    help="CLIP spec (default: the checkpoint's, else ViT-B-32-quickgelu/openai)")
     g.add_argument("--proj_hidden", type=int, default=None, help="projector width when no checkpoint is given")
     g = p.add_argument_group("images")
-    g.add_argument("--generate_images", nargs="?", const=True, default=False, type=bool_word,
-                   help="fuse k generated images (a switch; '--generate_images True/False' also works)")
+    g.add_argument("--generate_images", nargs="?", const=True, default=None, type=bool_word,
+                   help="fuse k images (a switch; '--generate_images True/False' also works; default: on "
+                        "with --image_source retrieve, else off)")
     g.add_argument("--k", type=int, default=default_k, help="images per input")
     g.add_argument("--image_prompt", choices=image_prompt_choices, default=default_image_prompt,
                    help="how image prompts are derived from the input")
     add_generation_args(p)
+    add_retrieval_args(p)
     g = p.add_argument_group("mixing")
     g.add_argument("--mix", choices=MIX_MODES, default="logits",
                    help="logits: average weighted logits (the released code); probs: the paper's Eq. 2")

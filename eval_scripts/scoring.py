@@ -47,7 +47,8 @@ class Scorer:
         patches = torch.stack(patches).unflatten(0, (len(images), k))
         cos = torch.tensor(cos).view(len(images), k)
         weights = clip_weights(cos, self.args.clip_temperature, self.args.uniform_weights).to(self.device)
-        records = [[{"path": im.path, "prompt": im.prompt, "weight": round(float(w), 6)}
+        records = [[{"path": im.path, "prompt": im.prompt, "weight": round(float(w), 6),
+                     **getattr(im, "provenance", {})}  # retrieved images: index row and similarity
                     for im, w in zip(item, row)] for item, row in zip(images, weights.tolist())]
         return patches, weights, records
 
