@@ -34,7 +34,6 @@ import datetime as _dt
 import hashlib
 import io
 import json
-import logging
 import os
 import shutil
 import sys
@@ -43,8 +42,6 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 import numpy as np
-
-logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 EMBEDDINGS, PATHS, CAPTIONS, SKIPPED, MANIFEST, PARTIAL = (
@@ -363,6 +360,10 @@ class _Loader:
         return self.fn(self.batches[i])
 
 
+def _as_is(item):
+    return item
+
+
 def _batch_file(partial: Path, b: int) -> Path:
     return partial / f"batch-{b:08d}.npz"
 
@@ -384,7 +385,8 @@ def _load_batch(partial: Path, b: int) -> dict:
 
 def _plan(collection: Collection, encoder, batch_size: int, probe: list[float]) -> dict:
     listing = hashlib.sha256("\n".join(collection.paths).encode("utf-8")).hexdigest()
-    return {"format": FORMAT, "vision_encoder": encoder.spec, "probe": probe, "batch_size": batch_size,
+    return {"format": FORMAT, "vision_encoder": encoder.spec, "probe": probe, "dtype": str(encoder.dtype),
+            "batch_size": batch_size,
             "image_root": str(collection.root.resolve()), "count": len(collection.paths), "listing_sha256": listing}
 
 
@@ -412,7 +414,7 @@ def _check_partial(partial: Path, plan: dict, overwrite: bool) -> bool:
         old = json.loads(plan_file.read_text())
     except ValueError:
         old = {}
-    for key in ("vision_encoder", "batch_size", "image_root", "count", "listing_sha256", "probe"):
+    for key in ("vision_encoder", "dtype", "batch_size", "image_root", "count", "listing_sha256", "probe"):
         same = same_encoder(old.get(key, []), plan[key]) if key == "probe" else old.get(key) == plan[key]
         if same:
             continue
@@ -462,7 +464,7 @@ def build(args, batch_callback=None, state=None) -> dict | None:
     todo = [b for b in range(n_batches) if not _batch_file(partial, b).is_file()]
     mine = [b for b in todo if b % state.num_processes == state.process_index]
     loader = torch.utils.data.DataLoader(_Loader(mine, _BatchImages(collection, args.batch_size, encoder.preprocess)),
-                                         batch_size=None, num_workers=args.num_workers)
+                                         batch_size=None, num_workers=args.num_workers, collate_fn=_as_is)
     skipped = 0
     with tqdm(total=n_batches, initial=n_batches - len(todo), unit="batch", desc="index",
               disable=not state.is_local_main_process) as bar:

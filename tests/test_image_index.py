@@ -38,8 +38,8 @@ def draw_stand_ins(root: Path, names, size: int = 32) -> Path:
     return root
 
 
-def build(*argv, batch_size=16, callback=None, state=None):
-    return image_index.main(["build", *map(str, argv), "--batch_size", str(batch_size), "--num_workers", "0",
+def build(*argv, batch_size=16, callback=None, state=None, workers=0):
+    return image_index.main(["build", *map(str, argv), "--batch_size", str(batch_size), "--num_workers", str(workers),
                              "--device", "cpu"], batch_callback=callback, state=state)
 
 
@@ -135,7 +135,7 @@ def test_build_killed_and_resumed_gives_a_byte_identical_embedding_file(coco_ima
         ImageIndex(resumed)
     done = []
     build("--images", coco_images, "--out", resumed, "--vision_encoder", tiny_clip_spec, batch_size=8,
-          callback=done.append)
+          callback=done.append, workers=2)  # images decoded in DataLoader workers this time
     assert done == list(range(3, 10))  # only the missing batches were embedded
     assert (resumed / "embeddings.npy").read_bytes() == (whole / "embeddings.npy").read_bytes()
     assert (resumed / "paths.txt").read_bytes() == (whole / "paths.txt").read_bytes()

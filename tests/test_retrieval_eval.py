@@ -3,7 +3,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from eval_scripts.core import EvalError, Evaluator, run_main
 from eval_scripts.imagenetVC import main, parse_args
