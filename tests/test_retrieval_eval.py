@@ -201,3 +201,24 @@ def test_evaluator_refuses_k_above_the_index_before_loading_models(zoo, monkeypa
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", no_loading)
     with pytest.raises(EvalError, match="larger than the image index"):
         Evaluator(parse_args(args_for(zoo, "early", k=99)), "imagenetvc")
+
+
+SCRIPTS = [("boolq", "boolq", ["--data_dir", str(TEST_DATA / "boolq")]),
+           ("commonsenseQA", "commonsense_piqa", ["--testset", "piqa", "--data_dir", str(TEST_DATA / "piqa")]),
+           ("squad", "squad", ["--data_dir", str(TEST_DATA / "squad_v2"), "--max_new_tokens", "3"])]
+
+
+@pytest.mark.parametrize("script,task,extra", SCRIPTS, ids=[s[0] for s in SCRIPTS])
+def test_other_eval_scripts_take_retrieved_images(zoo, script, task, extra):
+    import importlib
+
+    module = importlib.import_module(f"eval_scripts.{script}")
+    argv = ["--model_name", zoo["lm"], "--vision_encoder", zoo["clip"], "--k", "3", "--limit", "2",
+            "--device", "cpu", "--output_dir", str(zoo["out"]), "--run_name", f"other-{script}",
+            "--image_source", "retrieve", "--image_index", str(zoo["index"]), *extra]
+    module.main(argv)
+    rows = read_jsonl(zoo["out"] / f"other-{script}" / f"{task}_samples.jsonl")
+    per_item = [group for r in rows for group in (r["images"] if isinstance(r["images"][0], list) else [r["images"]])]
+    images = [im for group in per_item for im in group]  # commonsense QA: one image set per answer option
+    assert images and all(len(group) == 3 for group in per_item)
+    assert all(set(im) == {"path", "prompt", "weight", "row", "similarity"} and 0 <= im["row"] < 12 for im in images)
