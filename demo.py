@@ -13,6 +13,11 @@
 
 It prints accuracy for text-only and k = 1, 3, 6 images under ``--mix probs`` and ``--mix logits``, and
 writes ``summary.json``, ``accuracy_vs_k.png`` and ``examples.html`` under ``--output_dir``.
+With ``--image_source retrieve`` it also builds a captioned collection (renderings of the evaluated objects
+captioned with their names only, wrong 30% of the time, among 10x as many renderings of other invented
+objects), indexes it (``python -m models.image_index build``) and evaluates with images retrieved by BM25
+over the captions (``--retrieve_by caption``): ``retrieve_k1`` and ``retrieve_k6`` in the summary. The
+random CLIP cannot rank images by text (``--retrieve_by clip``), nor tell near-duplicates apart.
 This is a sandbox: a real run uses SDXL-Turbo, CLIP ViT-B/32, a real LLM and real data (README).
 
 Every flag is checked before anything is written. The demo marks ``--output_dir`` as its own with a
@@ -78,6 +83,8 @@ def parse_args(argv=None):
     p.add_argument("--image_size", type=positive_int, default=64)
     p.add_argument("--seed", type=seed, default=0)
     p.add_argument("--cache_dir", default=None, help="where the converted SmolLM2 is kept")
+    p.add_argument("--image_source", choices=("generate", "retrieve"), default="generate",
+                   help="retrieve: also evaluate with images retrieved from a captioned collection")
     args = p.parse_args(argv)
     if args.objects is not None and args.objects > len(EVAL_OBJECTS):
         p.error(f"--objects {args.objects}: there are {len(EVAL_OBJECTS)} invented objects")
@@ -129,14 +136,19 @@ def train_model(args, out: Path, lm_dir: str, clip_spec: str) -> Path:
     return Path(result["saved"][-1])
 
 
+def eval_flags(args, out: Path, lm_dir: str, clip_spec: str, ckpt: Path) -> list[str]:
+    """The imagenetVC.py flags every demo evaluation shares."""
+    return ["--model_name", lm_dir, "--pretrained_model", str(ckpt), "--vision_encoder", clip_spec,
+            "--image_generator", "toyworld", "--toyworld_noise", str(args.noise), "--image_size",
+            str(args.image_size), "--image_cache", str(out / "image_cache"), "--data_dir", str(out / "eval"),
+            "--subsets", "color,shape", "--uniform_weights", "--output_dir", str(out / "results"),
+            "--device", "cpu", "--dtype", "fp32", "--batch_size", "16", "--seed", str(args.seed)]
+
+
 def evaluate(args, out: Path, lm_dir: str, clip_spec: str, ckpt: Path) -> dict:
     from eval_scripts import imagenetVC
 
-    common = ["--model_name", lm_dir, "--pretrained_model", str(ckpt), "--vision_encoder", clip_spec,
-              "--image_generator", "toyworld", "--toyworld_noise", str(args.noise), "--image_size",
-              str(args.image_size), "--image_cache", str(out / "image_cache"), "--data_dir", str(out / "eval"),
-              "--subsets", "color,shape", "--uniform_weights", "--output_dir", str(out / "results"),
-              "--device", "cpu", "--dtype", "fp32", "--batch_size", "16", "--seed", str(args.seed)]
+    common = eval_flags(args, out, lm_dir, clip_spec, ckpt)
     acc: dict[str, dict[str, float]] = {m: {} for m in MODES}
     text = imagenetVC.main(common + ["--run_name", "text_only", "--generate_images", "False"])
     for mode in MODES:
@@ -145,6 +157,36 @@ def evaluate(args, out: Path, lm_dir: str, clip_spec: str, ckpt: Path) -> dict:
             res = imagenetVC.main(common + ["--run_name", f"{mode}_k{k}", "--generate_images", "True",
                                             "--k", str(k), "--mix", mode])
             acc[mode][f"k{k}"] = res["metrics"]["overall"]["mean"] / 100
+    return acc
+
+
+RETRIEVE_KS = (1, 6)
+
+
+def evaluate_retrieval(args, out: Path, lm_dir: str, clip_spec: str, ckpt: Path, objects) -> dict:
+    """``--image_source retrieve``: index a captioned collection, then evaluate with images retrieved by BM25
+    over its captions (``--mix probs``); returns ``{"retrieve_k1": acc, "retrieve_k6": acc}``.
+
+    The demo's CLIP is random: its text-image cosines rank nothing (so ``--retrieve_by clip`` is meaningless
+    here) and its image-image cosines are high for any two renderings (so near-duplicate removal is off).
+    """
+    from data.toyworld import write_captioned_collection
+    from eval_scripts import imagenetVC
+    from models import image_index
+
+    root = out / "retrieval"  # the demo's own folder: rebuilt on every run
+    shutil.rmtree(root, ignore_errors=True)
+    collection = write_captioned_collection(root / "collection", objects, noise=args.noise, seed=args.seed,
+                                            image_size=args.image_size)
+    _log(f"indexing a captioned collection of toy-world renderings ({collection})")
+    image_index.main(["build", "--images", str(collection), "--out", str(root / "index"), "--vision_encoder",
+                      clip_spec, "--device", "cpu", "--dtype", "fp32", "--num_workers", "0"])
+    acc = {}
+    for k in RETRIEVE_KS:
+        res = imagenetVC.main(eval_flags(args, out, lm_dir, clip_spec, ckpt) + [
+            "--run_name", f"retrieve_k{k}", "--image_source", "retrieve", "--image_index", str(root / "index"),
+            "--retrieve_by", "caption", "--dedup_threshold", "1", "--k", str(k), "--mix", "probs"])
+        acc[f"retrieve_k{k}"] = res["metrics"]["overall"]["mean"] / 100
     return acc
 
 
@@ -238,12 +280,14 @@ def run(args) -> dict:
     _log(f"evaluating with eval_scripts/imagenetVC.py on {len(objects or EVAL_OBJECTS)} invented objects x "
          "(colour, shape) x 5 templates")
     acc = evaluate(args, out, lm_dir, clip_spec, ckpt)
+    retrieved = (evaluate_retrieval(args, out, lm_dir, clip_spec, ckpt, objects)
+                 if args.image_source == "retrieve" else {})
 
     plot_path, html_path = out / "accuracy_vs_k.png", out / "examples.html"
     plot(acc, args.ks, plot_path)
     write_html(out, max(args.ks), args.noise, html_path)
-    summary = {**acc["probs"], "logits": acc["logits"], "plot": str(plot_path), "html": str(html_path),
-               "config": vars(args), "seconds": round(time.perf_counter() - t0, 1)}
+    summary = {**acc["probs"], **retrieved, "logits": acc["logits"], "plot": str(plot_path),
+               "html": str(html_path), "config": vars(args), "seconds": round(time.perf_counter() - t0, 1)}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
 
     names = ["text_only", *(f"k{k}" for k in args.ks)]
@@ -251,6 +295,10 @@ def run(args) -> dict:
     print(f"{'':>14}" + "".join(f"{n:>11}" for n in names))
     for mode in MODES:
         print(f"{'--mix ' + mode:>14}" + "".join(f"{100 * acc[mode][n]:>10.1f}%" for n in names))
+    if retrieved:  # --mix probs, images retrieved by caption (k = 1 and 6)
+        cells = {"text_only": acc["probs"]["text_only"], **{f"k{k}": retrieved[f"retrieve_k{k}"] for k in RETRIEVE_KS}}
+        print(f"{'retrieved':>14}" + "".join(f"{100 * cells[n]:>10.1f}%" if n in cells else f"{'-':>11}"
+                                             for n in names))
     print(f"\nplot: {plot_path}\nexamples: {html_path}\nsummary: {out / 'summary.json'} "
           f"({summary['seconds']:.0f} s)")
     print("(sandbox: procedural images and a random tiny CLIP; a real run uses SDXL-Turbo, CLIP ViT-B/32, "

@@ -61,18 +61,20 @@ LM_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float3
 RECORDED_ARGS = ("run_name", "dataset_name", "max_elements", "max_train_samples", "per_device_train_batch_size",
                  "gradient_accumulation_steps", "learning_rate", "lr_scheduler_type", "num_warmup_steps",
                  "weight_decay", "max_train_steps", "num_train_epochs", "max_length", "mixed_precision",
-                 "lm_dtype", "seed", "image_generator", "image_size", "num_inference_steps", "max_bad_images")
+                 "lm_dtype", "seed", "image_generator", "image_size", "num_inference_steps", "max_bad_images",
+                 "image_source", "image_index", "retrieve_by")
 # Flags that change what a run computes: a checkpoint records them, and a resume must match them
 # (with the resolved mixed precision and LM dtype, the device type, the process count and the data size).
 RESULT_ARGS = ("model_name_or_path", "config_name", "tokenizer_name", "vision_encoder", "proj_hidden",
                "pretrained_model", "dataset_name", "vg_dir", "laion_file", "laion_image_root", "wiki_file",
                "wiki_num", "wiki_chunk_tokens", "train_file", "max_elements", "max_train_samples", "shuffle_data",
                "skip_invalid_boxes", "max_length", "image_generator", "image_size", "num_inference_steps",
-               "guidance_scale", "toyworld_noise", "per_device_train_batch_size", "gradient_accumulation_steps",
+               "guidance_scale", "toyworld_noise", "image_source", "image_index", "retrieve_by", "dedup_threshold",
+               "per_device_train_batch_size", "gradient_accumulation_steps",
                "learning_rate", "weight_decay", "lr_scheduler_type", "num_warmup_steps", "num_train_epochs",
                "max_train_steps", "max_grad_norm", "seed")
 _PATH_ARGS = ("model_name_or_path", "config_name", "tokenizer_name", "pretrained_model", "vg_dir", "laion_file",
-              "laion_image_root", "wiki_file", "train_file", "image_generator")
+              "laion_image_root", "wiki_file", "train_file", "image_generator", "image_index")
 
 
 class InputError(Exception):
@@ -91,6 +93,7 @@ def _checkpointing_steps(text: str) -> int | str:
 
 def build_parser():
     from models.image_generation import add_generation_args
+    from models.image_retrieval import add_retrieval_args
     from models.vision import DEFAULT_VISION_ENCODER
 
     p = OneLineArgumentParser(description="Train the late-fusion projector and fusion block (LM and CLIP frozen).")
@@ -156,6 +159,7 @@ def build_parser():
     g.add_argument("--pregenerate_images", action="store_true",
                    help="fill --image_cache with the images of the wiki chunks, then exit")
     add_generation_args(p)
+    add_retrieval_args(p)
 
     g.add_argument("--cache_lm_states", action="store_true",
                    help="keep the frozen LM's hidden states of every distinct training text in memory and reuse "
@@ -420,7 +424,14 @@ def _pretrained_exists(path: str) -> bool:
 
 
 def build_image_provider(args, device):
+    """The wiki images' source: the generator with its cache, or (``--image_source retrieve``) a retriever
+    over ``--image_index``, whose vision encoder is bound once loaded (:func:`prefetch_wiki_images`)."""
     from models.image_generation import ImageCache, ImageProvider, build_generator
+
+    if args.image_source == "retrieve":
+        from models.image_retrieval import build_retriever
+
+        return build_retriever(args, device=device)
 
     generator = build_generator(args.image_generator, device=device, noise=args.toyworld_noise)
     return ImageProvider(generator, ImageCache(args.image_cache), image_size=args.image_size,
@@ -428,15 +439,20 @@ def build_image_provider(args, device):
                          seed=args.seed, gen_batch_size=args.gen_batch_size)
 
 
-def pregenerate_wiki_images(accelerator, dataset, provider) -> dict:
-    """Fill the image cache for every wiki chunk of ``dataset``, each process taking its share."""
+def _wiki_parts(dataset) -> list:
     from torch.utils.data import ConcatDataset
-    from tqdm.auto import tqdm
 
     from data.captions import WikiChunks
 
     parts = dataset.datasets if isinstance(dataset, ConcatDataset) else [dataset]
-    for chunks in (d for d in parts if isinstance(d, WikiChunks)):
+    return [d for d in parts if isinstance(d, WikiChunks)]
+
+
+def pregenerate_wiki_images(accelerator, dataset, provider) -> dict:
+    """Fill the image cache for every wiki chunk of ``dataset``, each process taking its share."""
+    from tqdm.auto import tqdm
+
+    for chunks in _wiki_parts(dataset):
         mine = list(range(accelerator.process_index, len(chunks), accelerator.num_processes))
         step = 8 * provider.gen_batch_size
         with tqdm(total=len(mine), unit="chunk", disable=not accelerator.is_local_main_process) as bar:
@@ -447,6 +463,23 @@ def pregenerate_wiki_images(accelerator, dataset, provider) -> dict:
                 bar.set_postfix(provider.stats())
     accelerator.wait_for_everyone()
     return provider.stats()
+
+
+def prefetch_wiki_images(accelerator, dataset, retriever, encoder) -> int:
+    """Retrieved wiki images: rank every chunk's image prompt now, on the device (each process its share,
+    then shared with all), so that the DataLoader workers only read image files. Returns the prompt count."""
+    from accelerate.utils import gather_object
+
+    try:
+        retriever.bind(encoder)  # refuses an index built with another vision encoder
+    except ValueError as err:
+        raise InputError(str(err)) from None
+    for chunks in _wiki_parts(dataset):
+        mine = range(accelerator.process_index, len(chunks), accelerator.num_processes)
+        retriever.prefetch([[chunks.prompt(i)] for i in mine])
+    for rankings in gather_object([retriever.rankings]):
+        retriever.rankings.update(rankings)
+    return len(retriever.rankings)
 
 
 def _tracker_config(args) -> dict:
@@ -525,6 +558,12 @@ def prepare_data(args, accelerator):
                              "or laion_220_short (or combinations such as wiki_laion_220), or give --train_file")
         if args.pregenerate_images and "wiki" not in sources:
             raise InputError("--pregenerate_images needs the wiki source in --dataset_name")
+        if args.image_source == "retrieve" and "wiki" not in sources:
+            raise InputError("--image_source retrieve replaces the wiki source's generated images, and "
+                             f"--dataset_name {args.dataset_name!r} has no wiki source")
+        if args.pregenerate_images and args.image_source == "retrieve":
+            raise InputError("--pregenerate_images generates the wiki images; with --image_source retrieve there "
+                             "is nothing to generate")
         return sources
 
     def build(sources, tokenizer):
@@ -615,10 +654,14 @@ def _run(args, step_callback) -> dict:
         agreed(accelerator, check_resume_config, args, ckpt, config)
     encoder, model = agreed(accelerator, load_models, args, accelerator, lm_config, pretrained)
     del pretrained
+    if provider is not None and args.image_source == "retrieve":
+        logger.info("retrieved the images of %d wiki prompts from %s",
+                    prefetch_wiki_images(accelerator, dataset, provider, encoder), args.image_index)
 
     # Decoding, cropping, generation and CLIP preprocessing run in the workers. CUDA cannot be used in
     # forked workers, so inline wiki image generation on a GPU needs spawned ones.
-    spawn = provider is not None and accelerator.device.type == "cuda" and args.num_workers > 0
+    spawn = (provider is not None and args.image_source == "generate" and accelerator.device.type == "cuda"
+             and args.num_workers > 0)  # retrieved images: the workers only read files
     train_dataloader = DataLoader(
         SkipBadImages(dataset), batch_size=args.per_device_train_batch_size, shuffle=args.shuffle_data,
         collate_fn=CaptionCollator(tokenizer, encoder.preprocess, max_length=args.max_length),

@@ -11,6 +11,8 @@ canonical color and shape drawn from the ImageNetVC answer vocabulary, plus:
   model knows about a "blorvik" at evaluation time can only come from the generated images.
 * ``write_eval_csvs``: ImageNetVC-format ``color.csv`` and ``shape.csv`` about the invented objects,
   with a ``dev/`` folder of demonstrations, readable by the unchanged ImageNetVC loader.
+* ``write_captioned_collection``: a folder of "web photos" captioned with object names only, for
+  retrieving images instead of generating them (``demo.py --image_source retrieve``).
 
 Images are pure functions of (prompt, seed): every random choice comes from a generator seeded with a
 hash of both. The scene (color, shape, placement in relative units) does not depend on ``image_size``.
@@ -419,3 +421,61 @@ def write_eval_csvs(out_dir: str | Path, objects=None) -> dict[str, Path]:
         _write_csv(paths[subset], rows)
         _write_csv(out_dir / "dev" / f"{subset}.csv", DEV_DEMONSTRATIONS[subset])
     return paths
+
+
+# ----------------------------------------------------------------------------------------------------
+# A captioned image collection (retrieved instead of generated images)
+# ----------------------------------------------------------------------------------------------------
+
+_ONSETS = ("bl", "br", "cr", "dr", "fl", "gl", "gr", "kr", "pl", "pr", "sk", "sn", "sp", "st", "tr", "v", "z",
+           "m", "n", "j", "qu", "th", "w", "y")
+_VOWELS = ("a", "e", "i", "o", "u", "ai", "ee", "oo")
+_CODAS = ("b", "k", "l", "m", "n", "r", "t", "v", "x", "z", "sh", "nd", "rk", "lt")
+
+
+def distractor_names(n: int, seed: int = 0) -> list[str]:
+    """``n`` more invented object names (two syllables, deterministic in ``seed``), none of them an
+    evaluation object or its plural."""
+    rng = np.random.default_rng(seed)
+    taken = set(OBJECTS) | {name + "s" for name in OBJECTS}
+    names: list[str] = []
+    while len(names) < n:
+        name = (_pick(rng, _ONSETS) + _pick(rng, _VOWELS) + _pick(rng, _CODAS) + _pick(rng, _VOWELS)
+                + _pick(rng, _CODAS))
+        if name not in taken:
+            taken.add(name)
+            names.append(name)
+    return names
+
+
+def write_captioned_collection(out_dir: str | Path, objects=None, *, per_object: int = 6, distractor_factor: int = 10,
+                               noise: float = 0.3, seed: int = 0, image_size: int = 64) -> Path:
+    """A folder of renderings with a ``captions.jsonl`` beside them (``{"image", "caption"}`` rows), like
+    photos from the web captioned with the object's name only:
+
+    * ``per_object`` renderings of each of ``objects`` (default: every evaluation object), each wrong in
+      colour or shape with probability ``noise``, as the toy generator is;
+    * ``distractor_factor`` times as many renderings of other invented objects (:func:`distractor_names`),
+      each with its own colour and shape.
+
+    Deterministic in ``seed``; returns the folder (give it to ``python -m models.image_index build --images``).
+    """
+    names = list(OBJECTS) if objects is None else list(objects)
+    unknown = [name for name in names if name not in OBJECTS]
+    if unknown:
+        raise ValueError(f"unknown toy-world objects: {unknown}")
+    out_dir = Path(out_dir)
+    (out_dir / "images").mkdir(parents=True, exist_ok=True)
+    generator = ToyWorldGenerator(noise=noise)
+    scenes = [(name, i, generator.scene(name, seed * 1_000_003 + i)) for name in names for i in range(per_object)]
+    rng = np.random.default_rng(seed)
+    for name in distractor_names(distractor_factor * len(names), seed):
+        attributes = (_pick(rng, list(COLORS)), _pick(rng, SHAPES))
+        scenes += [(name, i, attributes) for i in range(per_object)]
+    with open(out_dir / "captions.jsonl", "w", encoding="utf-8") as f:
+        for name, i, (color, shape) in scenes:
+            relative = f"images/{name}-{i}.png"
+            render(color, shape, _rng("collection", name, i, seed), image_size).save(out_dir / relative,
+                                                                                   compress_level=1)
+            f.write(json.dumps({"image": relative, "caption": name}) + "\n")
+    return out_dir

@@ -41,6 +41,8 @@ NUMERIC_FLAGS: dict[str, tuple[float | None, float | None]] = {
     "gen_batch_size": (1, None),
     "toyworld_noise": (0.0, 1.0),
     "max_new_tokens": (1, None),
+    "dedup_threshold": (-1.0, 1.0),  # a cosine; 1 turns near-duplicate removal off
+    "faiss_threshold": (0, None),
 }
 
 
@@ -116,6 +118,9 @@ def check_output_dir(output_dir: str, run_name: str | None = None) -> None:
 def validate_args(args: argparse.Namespace) -> None:
     """All checks of the common flags (and of the script flags named in ``NUMERIC_FLAGS``)."""
     check_numbers(args)
+    if hasattr(args, "generate_images") and args.generate_images is None:
+        # not given: images come with --image_source retrieve
+        args.generate_images = getattr(args, "image_source", "generate") == "retrieve"
     if getattr(args, "generate_images", False) and getattr(args, "k", 1) < 1:
         raise EvalError(f"--k must be >= 1 when images are requested, got {args.k}")
     check_run_name(getattr(args, "run_name", None))
@@ -148,6 +153,7 @@ def build_parser(description: str, *, image_prompt_choices=("sentences", "full",
                  default_image_prompt: str = "sentences", default_k: int = 10) -> argparse.ArgumentParser:
     """The flags every eval script shares (released spellings kept as aliases)."""
     from models.image_generation import add_generation_args
+    from models.image_retrieval import add_retrieval_args
     from models.mixing import MIX_MODES
 
     p = EvalArgumentParser(description=description)
@@ -160,12 +166,14 @@ def build_parser(description: str, *, image_prompt_choices=("sentences", "full",
                    help="CLIP spec (default: the checkpoint's, else ViT-B-32-quickgelu/openai)")
     g.add_argument("--proj_hidden", type=int, default=None, help="projector width when no checkpoint is given")
     g = p.add_argument_group("images")
-    g.add_argument("--generate_images", nargs="?", const=True, default=False, type=bool_word,
-                   help="fuse k generated images (a switch; '--generate_images True/False' also works)")
+    g.add_argument("--generate_images", nargs="?", const=True, default=None, type=bool_word,
+                   help="fuse k images (a switch; '--generate_images True/False' also works; default: on "
+                        "with --image_source retrieve, else off)")
     g.add_argument("--k", type=int, default=default_k, help="images per input")
     g.add_argument("--image_prompt", choices=image_prompt_choices, default=default_image_prompt,
                    help="how image prompts are derived from the input")
     add_generation_args(p)
+    add_retrieval_args(p)
     g = p.add_argument_group("mixing")
     g.add_argument("--mix", choices=MIX_MODES, default="logits",
                    help="logits: average weighted logits (the released code); probs: the paper's Eq. 2")

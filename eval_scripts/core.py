@@ -30,7 +30,8 @@ validate_common_args = validate_args  # the former name
 # settings that must match for a re-run with the same --run_name to resume
 RESUME_KEYS = ("model_name", "pretrained_model", "vision_encoder", "generate_images", "k", "image_prompt",
                "image_generator", "image_size", "num_inference_steps", "guidance_scale", "mix",
-               "clip_temperature", "uniform_weights", "seed")
+               "clip_temperature", "uniform_weights", "seed",
+               "image_source", "image_index", "retrieve_by", "dedup_threshold")
 
 
 class Evaluator:
@@ -60,6 +61,9 @@ class Evaluator:
         self._stats0 = self._runtime_stats()
 
     def _open_records(self, runtime: Runtime) -> None:
+        if self.use_images and runtime.retriever is not None and self.args.k > len(runtime.retriever):
+            raise EvalError(f"--k {self.args.k} is larger than the image index {self.args.image_index} "
+                            f"({len(runtime.retriever)} images)")
         self.records = RunRecords(self.args, self.task, runtime.state, self.resume_keys)
         self.records.check_resume()
 

@@ -22,7 +22,8 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # the flags a Runtime is built from: tasks that share one must agree on them
 RUNTIME_KEYS = ("model_name", "pretrained_model", "vision_encoder", "proj_hidden", "device", "dtype",
                 "image_generator", "image_size", "num_inference_steps", "guidance_scale", "seed",
-                "image_cache", "gen_batch_size", "toyworld_noise")
+                "image_cache", "gen_batch_size", "toyworld_noise",
+                "image_source", "image_index", "retrieve_by", "dedup_threshold", "faiss_threshold")
 
 # The frozen LM's hidden states per token sequence, shared by every runtime in this process (e.g. the
 # demo's text-only, k=1, k=3 and k=6 runs score the same prompts). Bounded in bytes.
@@ -106,6 +107,14 @@ class Runtime:
             vision_dim, proj_hidden = ckpt_cfg.get("vision_dim"), args.proj_hidden
         args.vision_encoder = args.vision_encoder or ckpt_cfg.get("vision_encoder") or DEFAULT_VISION_ENCODER
         self.spec["vision_encoder"] = args.vision_encoder
+        self.retriever = None  # retrieved images: the index is opened (and checked) before any model loads
+        if use_images and getattr(args, "image_source", "generate") == "retrieve":
+            from models.image_index import ImageIndexError
+            from models.image_retrieval import build_retriever
+            try:
+                self.retriever = build_retriever(args, device=self.device)
+            except ImageIndexError as e:
+                raise EvalError(str(e)) from None
         if before_load is not None:
             before_load(self)
         self.vision = None
@@ -116,6 +125,11 @@ class Runtime:
                 raise EvalError(f"--pretrained_model {args.pretrained_model!r} expects vision width {vision_dim}, "
                                 f"but {args.vision_encoder!r} gives {self.vision.hidden_size}")
             vision_dim = self.vision.hidden_size
+            if self.retriever is not None:
+                try:
+                    self.retriever.bind(self.vision)
+                except ValueError as e:
+                    raise EvalError(str(e)) from None
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(args.model_name)
         except (OSError, ValueError) as e:
@@ -139,14 +153,19 @@ class Runtime:
         if use_images:
             from models import image_generation
             from models.image_generation import ImageCache, ImageProvider, build_generator
+            self._pipeline_loads0 = image_generation.PIPELINE_LOADS  # the counter is process-wide
+        if self.retriever is not None:
+            self.provider = self.retriever  # the same interface as the generator's provider
+        elif use_images:
             generator = build_generator(args.image_generator, device=self.device, dtype=args.dtype,
                                         noise=args.toyworld_noise)
             self.provider = ImageProvider(generator, ImageCache(args.image_cache), image_size=args.image_size,
                                           num_inference_steps=args.num_inference_steps,
                                           guidance_scale=args.guidance_scale, seed=args.seed,
                                           gen_batch_size=args.gen_batch_size)
-            self._pipeline_loads0 = image_generation.PIPELINE_LOADS  # the counter is process-wide
-        self._features: OrderedDict[str, tuple[torch.Tensor, float]] = OrderedDict()  # path -> (patches, cos)
+        # (path, prompt) -> (patches, cos): a CLIP weight depends on the image AND its prompt, and one
+        # retrieved image can serve several prompts
+        self._features: OrderedDict[tuple[str, str], tuple[torch.Tensor, float]] = OrderedDict()
         self._max_text: dict[int, int | None] = {}
         self.setup_seconds = time.perf_counter() - self.t0
 
@@ -174,16 +193,17 @@ class Runtime:
 
     # ------------------------------------------------------------------ images
     def image_features(self, images) -> tuple[list[torch.Tensor], list[float]]:
-        """CLIP patch tokens and image-prompt cosine of each image (memoised by path)."""
-        todo = list(OrderedDict((im.path, im) for im in images if im.path not in self._features).values())
+        """CLIP patch tokens and image-prompt cosine of each image (memoised by (path, prompt))."""
+        todo = list(OrderedDict(((im.path, im.prompt), im) for im in images
+                                if (im.path, im.prompt) not in self._features).values())
         with self.watch.phase("clip"):
             for start in range(0, len(todo), 64):
                 chunk = todo[start:start + 64]
                 patches, embeds = self.vision.encode_images(self.vision.pixels([im.image for im in chunk]))
                 cos = self.vision.image_text_similarity(embeds, [im.prompt for im in chunk])
                 for im, p, c in zip(chunk, patches, cos.tolist()):
-                    self._features[im.path] = (p, c)
-        out = [self._features[im.path] for im in images]
+                    self._features[(im.path, im.prompt)] = (p, c)
+        out = [self._features[(im.path, im.prompt)] for im in images]
         while len(self._features) > 4096:  # bounded: images are shared by nearby items only
             self._features.popitem(last=False)
         return [p for p, _ in out], [c for _, c in out]

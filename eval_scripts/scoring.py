@@ -54,7 +54,8 @@ class Scorer:
         weights = clip_weights(cos, self.args.clip_temperature, self.args.uniform_weights).to(self.device)
         if not bool(torch.isfinite(weights).all()):
             raise NonFiniteScores("the vision encoder gave NaN or infinite image weights")
-        records = [[{"path": im.path, "prompt": im.prompt, "weight": round(float(w), 6)}
+        records = [[{"path": im.path, "prompt": im.prompt, "weight": round(float(w), 6),
+                     **getattr(im, "provenance", {})}  # retrieved images: index row and similarity
                     for im, w in zip(item, row)] for item, row in zip(images, weights.tolist())]
         return patches, weights, records
 

@@ -2,6 +2,7 @@
 
 Real SmolLM2, real train.py and eval_scripts/imagenetVC.py; k = 3 is left out.
 Thresholds (issue 7, under --mix probs): k = 6 beats text-only by >= 30 points and k = 1 by >= 5.
+With --image_source retrieve (issue 17), images retrieved by caption: k = 6 beats text-only by >= 20 points.
 """
 import json
 from pathlib import Path
@@ -14,7 +15,8 @@ def summary(tmp_path_factory, smollm2_path):
     import demo
 
     out = tmp_path_factory.mktemp("demo")
-    return demo.main(["--output_dir", str(out), "--ks", "1,6"]), out  # the demo's training, fewer evaluations
+    # the demo's training, fewer evaluations; retrieved images evaluated too (one training for both)
+    return demo.main(["--output_dir", str(out), "--ks", "1,6", "--image_source", "retrieve"]), out
 
 
 def test_fused_images_beat_text_only_and_more_images_help(summary):
@@ -32,3 +34,17 @@ def test_demo_writes_summary_plot_and_page(summary):
     assert Path(on_disk["plot"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     page = Path(on_disk["html"]).read_text()
     assert page.count("<img") == 8 * 6 and "text-only" in page and "fused" in page
+
+
+def test_retrieved_images_beat_text_only(summary):
+    from data.toyworld import OBJECTS, find_object
+
+    s, out = summary
+    assert s["retrieve_k6"] - s["text_only"] >= 0.20, s
+    captions = (out / "retrieval" / "collection" / "captions.jsonl").read_text().splitlines()
+    own = sum(json.loads(c)["caption"] in OBJECTS for c in captions)
+    assert len(captions) >= 11 * own  # at least 10x as many distractors as renderings of evaluated objects
+    rows = [json.loads(r) for r in (out / "results" / "retrieve_k6" / "imagenetvc_samples.jsonl").read_text().splitlines()]
+    for r in rows[:20]:  # each question's 6 images: renderings of the object it asks about
+        name = find_object(r["images"][0]["prompt"])
+        assert all(Path(im["path"]).name.startswith(name + "-") and "row" in im for im in r["images"]), r

@@ -57,7 +57,7 @@ def test_bool_word():
 
 def test_generate_images_is_a_switch_and_takes_the_released_true_false():
     p = build_parser("x")
-    assert p.parse_args([]).generate_images is False
+    assert p.parse_args([]).generate_images is False  # resolved at parse time: off unless --image_source retrieve
     assert p.parse_args(["--generate_images"]).generate_images is True
     assert p.parse_args(["--generate_images", "True"]).generate_images is True
     assert p.parse_args(["--generate_images", "False"]).generate_images is False  # a plain bool() would say True

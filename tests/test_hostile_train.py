@@ -171,7 +171,7 @@ TRAIN_CASES = {
     "vg images not a list": (dict(vg_dir="{tmp}/vg_images_dict"), "image_data.json: expected a JSON list"),
     "vg not utf-8": (dict(vg_dir="{tmp}/vg_latin1"), "region_descriptions.json: not UTF-8"),
     "train_file jsonl not utf-8": (dict(dataset_name=None, vg_dir=None, train_file="{tmp}/latin1.jsonl"),
-                                   "latin1.jsonl: not UTF-8"),
+                                   "latin1.jsonl:1: not UTF-8"),
     "train_file csv not utf-8": (dict(dataset_name=None, vg_dir=None, train_file="{tmp}/latin1.csv"),
                                  "latin1.csv: not UTF-8"),
     "laion csv not utf-8": (dict(dataset_name="laion_220", vg_dir=None, laion_file="{tmp}/latin1.csv",
@@ -596,7 +596,7 @@ def test_torchrun_rank0_prints_one_line_and_the_others_stay_quiet(tmp_path, lm_d
     assert sorted(errs) == [0, 1], proc.stderr[-2000:]
     lines = [line for line in errs[0].splitlines() if line.strip()]
     assert [line for line in lines if line.startswith("error: ")] == [lines[-1]]
-    assert "latin1.jsonl: not UTF-8" in lines[-1]
+    assert "latin1.jsonl:1: not UTF-8" in lines[-1]
     for text in errs.values():
         assert "Traceback" not in text and "gloo" not in text.lower(), text[-2000:]
     assert "error:" not in errs[1]

@@ -1,0 +1,554 @@
+"""A CLIP index over a local image collection: retrieved images as an alternative to generated ones.
+
+Build one (batched, resumable, sharded over processes under ``accelerate launch``)::
+
+    python -m models.image_index build --images DIR --out INDEX_DIR --vision_encoder ViT-B-32-quickgelu/openai
+    python -m models.image_index build --images captions_val2017.json --image_root val2017/ --out INDEX_DIR
+    accelerate launch -m models.image_index build --images DIR --out INDEX_DIR     # one shard per process
+
+``--images`` is a folder (every JPEG, PNG and WebP under it, recursively, in sorted path order; captions
+are read from a ``captions.jsonl`` beside the images when there is one, rows ``{"image": relative path,
+"caption": text}``) or a COCO-style captions JSON (``images`` with ``file_name``, ``annotations`` with
+``image_id`` and ``caption``) whose files lie under ``--image_root``.
+
+An index folder holds:
+
+* ``embeddings.npy``: float32 ``[count, dim]``, the L2-normalised CLIP image embeddings, one row per image
+  (``np.load(..., mmap_mode="r")`` maps it without reading it);
+* ``paths.txt``: the image of each row, relative to the image root, one per line;
+* ``captions.jsonl`` (captioned collections): the captions of each row, one JSON list per line;
+* ``skipped.txt`` (when some images could not be read): ``path<TAB>reason`` lines;
+* ``manifest.json``, written last: the encoder's identity (spec and the embedding of a fixed probe
+  image), the count and dimension, the image root, ``content_sha256`` (the images' relative paths and
+  bytes, in row order) and ``embeddings_sha256`` (checked when the index is opened).
+
+Resuming: each batch of ``--batch_size`` images is embedded into its own file under ``INDEX_DIR/.partial``
+(written atomically), so a killed build continues with the batches still missing and, the batch layout
+being fixed, ends with a byte-identical ``embeddings.npy``. Unreadable images are skipped, counted and
+reported once. A finished index is never overwritten without ``--overwrite``.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import hashlib
+import io
+import json
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+EMBEDDINGS, PATHS, CAPTIONS, SKIPPED, MANIFEST, PARTIAL = (
+    "embeddings.npy", "paths.txt", "captions.jsonl", "skipped.txt", "manifest.json", ".partial")
+INDEX_FILES = (EMBEDDINGS, PATHS, CAPTIONS, SKIPPED, MANIFEST, PARTIAL)
+FORMAT = 1
+PROBE_MIN_COSINE = 0.99  # the same encoder in another dtype or on another device stays far above this
+
+
+class ImageIndexError(ValueError):
+    """Bad input or a missing, corrupt or mismatched index: reported as one line, exit status 2."""
+
+
+# ---------------------------------------------------------------------------------------------- the collection
+@dataclass
+class Collection:
+    """The images to index: ``paths`` relative to ``root`` (POSIX separators, sorted), and the captions of each
+    image when the collection has any (``None`` otherwise)."""
+
+    root: Path
+    paths: list[str]
+    captions: list[list[str]] | None
+    source: str
+
+
+def _caption_list(value) -> list[str]:
+    values = value if isinstance(value, list) else [value]
+    return [v.strip() for v in values if isinstance(v, str) and v.strip()]
+
+
+def _folder_collection(folder: Path) -> Collection:
+    paths = []
+    for here, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if d != PARTIAL)
+        for name in files:
+            if name.lower().endswith(IMAGE_SUFFIXES):
+                rel = PurePosixPath(Path(here, name).relative_to(folder).as_posix())
+                if "\n" not in str(rel) and "\r" not in str(rel):  # paths.txt holds one path per line
+                    paths.append(str(rel))
+    paths.sort()
+    if not paths:
+        raise ImageIndexError(f"--images {folder}: no JPEG, PNG or WebP images under it")
+    captions = None
+    caption_file = folder / "captions.jsonl"
+    if caption_file.is_file():
+        from data.benchmarks import read_jsonl
+
+        by_path: dict[str, list[str]] = {p: [] for p in paths}
+        for line_no, row in read_jsonl(caption_file):
+            image = row.get("image", row.get("file_name"))
+            if not isinstance(image, str) or image.strip() not in by_path:
+                raise ImageIndexError(f"{caption_file}:{line_no}: 'image' must name an image under {folder} "
+                                      f"(relative path), got {image!r}")
+            by_path[image.strip()].extend(_caption_list(row.get("caption", row.get("captions"))))
+        captions = [by_path[p] for p in paths]
+    return Collection(folder, paths, captions, f"folder {folder}")
+
+
+def _coco_collection(captions_json: Path, image_root) -> Collection:
+    if image_root is None:
+        raise ImageIndexError(f"--images {captions_json} is a captions JSON: give the folder of its images "
+                              "with --image_root")
+    root = Path(image_root)
+    if not root.is_dir():
+        raise ImageIndexError(f"--image_root {root} is not a directory")
+    try:
+        data = json.loads(captions_json.read_text(encoding="utf-8"))
+        names = {int(im["id"]): str(im["file_name"]) for im in data["images"]}
+        notes = [(int(a["image_id"]), a["caption"]) for a in data.get("annotations", [])]
+    except (ValueError, KeyError, TypeError) as err:
+        raise ImageIndexError(f"--images {captions_json}: not a COCO-style captions JSON ('images' with 'id' and "
+                              f"'file_name', 'annotations' with 'image_id' and 'caption'): {err!r}") from None
+    by_name: dict[str, list[str]] = {}
+    for image_id, name in names.items():
+        by_name.setdefault(PurePosixPath(name.replace("\\", "/")).as_posix(), [])
+    for image_id, caption in notes:
+        if image_id in names:
+            by_name[PurePosixPath(names[image_id].replace("\\", "/")).as_posix()].extend(_caption_list(caption))
+    paths = sorted(p for p in by_name if "\n" not in p and "\r" not in p)
+    if not paths:
+        raise ImageIndexError(f"--images {captions_json}: lists no images")
+    return Collection(root, paths, [by_name[p] for p in paths], f"captions {captions_json}")
+
+
+def list_collection(images, image_root=None) -> Collection:
+    """The collection named by ``--images`` (a folder, or a COCO-style captions JSON plus ``image_root``)."""
+    path = Path(images)
+    if path.is_dir():
+        if image_root is not None:
+            raise ImageIndexError("--image_root goes with a captions JSON in --images, not with a folder")
+        return _folder_collection(path)
+    if path.is_file() and path.suffix.lower() == ".json":
+        return _coco_collection(path, image_root)
+    if path.is_file():
+        raise ImageIndexError(f"--images {path}: expected a folder of images or a COCO-style captions .json")
+    raise ImageIndexError(f"--images {path}: no such folder or file")
+
+
+# ---------------------------------------------------------------------------------------------- encoder identity
+def probe_image():
+    """A fixed synthetic image (colour gradients plus seeded noise) whose embedding identifies an encoder."""
+    from PIL import Image
+
+    y, x = np.mgrid[0:64, 0:64].astype(np.float32) / 63
+    rng = np.random.default_rng(20240617)
+    rgb = np.stack([x, y, 1 - (x + y) / 2], -1) * 200 + rng.normal(0, 20, (64, 64, 3))
+    return Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8), "RGB")
+
+
+def encoder_probe(encoder) -> list[float]:
+    """The encoder's normalised embedding of :func:`probe_image`."""
+    _, embeds = encoder.encode_images(encoder.pixels([probe_image()]))
+    return [round(float(v), 6) for v in embeds[0].float().cpu()]
+
+
+def same_encoder(probe_a, probe_b) -> bool:
+    a, b = np.asarray(probe_a, dtype=np.float64), np.asarray(probe_b, dtype=np.float64)
+    if a.shape != b.shape or not a.size:
+        return False
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-12)) >= PROBE_MIN_COSINE
+
+
+# ---------------------------------------------------------------------------------------------- the index
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_index(out: Path, blocks, count: int, dim: int, paths: list[str], captions: list[list[str]] | None,
+                meta: dict, skipped: list[tuple[str, str]] = ()) -> dict:
+    """Write an index folder from row ``blocks`` (float32 arrays, ``count`` rows of ``dim`` in all).
+
+    ``meta`` must give ``vision_encoder``, ``probe``, ``image_root`` and ``content_sha256``. Every file is
+    written to a temporary name and renamed; the manifest comes last, so a folder without one is no index.
+    Returns the manifest.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MANIFEST).unlink(missing_ok=True)  # an old index stops being one before any of its files changes
+    tmp = out / f".{EMBEDDINGS}.tmp"
+    array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(count, dim))
+    row = 0
+    for block in blocks:
+        array[row:row + len(block)] = block
+        row += len(block)
+    if row != count:
+        raise RuntimeError(f"index rows: got {row}, expected {count}")
+    array.flush()
+    del array
+    os.replace(tmp, out / EMBEDDINGS)
+    _write_atomic(out / PATHS, "".join(p + "\n" for p in paths).encode("utf-8"))
+    if captions is not None:
+        _write_atomic(out / CAPTIONS, "".join(json.dumps(c, ensure_ascii=False) + "\n" for c in captions).encode())
+    else:
+        (out / CAPTIONS).unlink(missing_ok=True)
+    if skipped:
+        _write_atomic(out / SKIPPED, "".join(f"{p}\t{r}\n" for p, r in skipped).encode("utf-8"))
+    else:
+        (out / SKIPPED).unlink(missing_ok=True)
+    manifest = {"format": FORMAT, **meta, "count": count, "dim": dim, "captioned": captions is not None,
+                "skipped": len(skipped), "embeddings_sha256": _sha256_file(out / EMBEDDINGS),
+                "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+    _write_atomic(out / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
+    return manifest
+
+
+class ImageIndex:
+    """An index folder, checked on opening: manifest, embedding shape and checksum, paths, captions.
+
+    ``embeddings`` is the memory-mapped float32 ``[count, dim]`` array, mapped on first use (and dropped
+    when the object is pickled, e.g. into DataLoader workers, which only need the paths).
+    """
+
+    def __init__(self, directory, verify: bool = True):
+        self.dir = Path(directory)
+        where = f"image index {self.dir}"
+        if not (self.dir / MANIFEST).is_file():
+            hint = " (an unfinished build: rerun the same build command to complete it)" \
+                if (self.dir / PARTIAL).is_dir() else ""
+            raise ImageIndexError(f"{where}: no {MANIFEST}{hint}; build one with python -m models.image_index "
+                                  "build --images DIR --out INDEX_DIR")
+        try:
+            manifest = json.loads((self.dir / MANIFEST).read_text(encoding="utf-8"))
+            self.count, self.dim = int(manifest["count"]), int(manifest["dim"])
+            self.vision_encoder, self.probe = str(manifest["vision_encoder"]), list(manifest["probe"])
+            self.root = Path(manifest["image_root"])
+            if manifest.get("format") != FORMAT:
+                raise ValueError(f"format {manifest.get('format')!r}, expected {FORMAT}")
+        except (ValueError, KeyError, TypeError) as err:
+            raise ImageIndexError(f"{where}: corrupt {MANIFEST} ({err}); rebuild the index") from None
+        self.manifest = manifest
+        try:
+            header = np.load(self.dir / EMBEDDINGS, mmap_mode="r")
+        except (OSError, ValueError) as err:
+            raise ImageIndexError(f"{where}: cannot read {EMBEDDINGS} ({str(err).splitlines()[0]}); "
+                                  "rebuild the index") from None
+        if header.dtype != np.float32 or header.shape != (self.count, self.dim):
+            raise ImageIndexError(f"{where}: {EMBEDDINGS} holds {header.dtype} {tuple(header.shape)}, the manifest "
+                                  f"says float32 ({self.count}, {self.dim}); rebuild the index")
+        del header
+        if verify and _sha256_file(self.dir / EMBEDDINGS) != manifest.get("embeddings_sha256"):
+            raise ImageIndexError(f"{where}: {EMBEDDINGS} does not match its manifest checksum (corrupt or "
+                                  "changed); rebuild the index")
+        from data.captions import _Strings
+
+        paths = self._lines(PATHS)
+        self.paths = _Strings(paths)
+        self.captions = None
+        if manifest.get("captioned"):
+            try:
+                self.captions = [list(json.loads(line)) for line in self._lines(CAPTIONS)]
+            except ValueError as err:
+                raise ImageIndexError(f"{where}: corrupt {CAPTIONS} ({err}); rebuild the index") from None
+        self._embeddings = None
+
+    def _lines(self, name: str) -> list[str]:
+        try:
+            lines = (self.dir / name).read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as err:
+            raise ImageIndexError(f"image index {self.dir}: cannot read {name} ({err}); rebuild the index") from None
+        if len(lines) != self.count:
+            raise ImageIndexError(f"image index {self.dir}: {name} has {len(lines)} lines, the manifest says "
+                                  f"{self.count} images; rebuild the index")
+        return lines
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getstate__(self):
+        return {**self.__dict__, "_embeddings": None}
+
+    @property
+    def embeddings(self) -> np.ndarray:
+        if self._embeddings is None:
+            self._embeddings = np.load(self.dir / EMBEDDINGS, mmap_mode="r")
+        return self._embeddings
+
+    def path(self, row: int) -> str:
+        return str(self.root / self.paths[row])
+
+    def check_encoder(self, encoder) -> None:
+        """Refuse an encoder other than the one that built the index (compared by its probe embedding)."""
+        if not same_encoder(self.probe, encoder_probe(encoder)):
+            raise ImageIndexError(f"image index {self.dir} was built with vision encoder {self.vision_encoder!r}, "
+                                  f"not {encoder.spec!r}: evaluate with that encoder or rebuild the index")
+
+    def check_k(self, k: int) -> None:
+        if k > self.count:
+            raise ImageIndexError(f"--k {k} is larger than the image index {self.dir} ({self.count} images)")
+
+
+# ---------------------------------------------------------------------------------------------- building
+def unreadable_reason(err: Exception) -> str:
+    """One line saying why an image could not be read."""
+    from PIL import UnidentifiedImageError
+
+    if isinstance(err, UnidentifiedImageError):
+        return "not an image PIL can decode"
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
+class _BatchImages:
+    """Decodes and preprocesses batch ``b`` of the collection (picklable: runs in DataLoader workers).
+
+    Returns the pixel tensor of the readable images, their positions in the collection, the SHA-256 of
+    each one's bytes, and ``(position, reason)`` for each unreadable one.
+    """
+
+    def __init__(self, collection: Collection, batch_size: int, preprocess):
+        self.collection, self.batch_size, self.preprocess = collection, batch_size, preprocess
+
+    def __call__(self, b: int) -> dict:
+        import torch
+        from PIL import Image
+
+        start = b * self.batch_size
+        pixels, kept, digests, skipped = [], [], [], []
+        for pos in range(start, min(start + self.batch_size, len(self.collection.paths))):
+            try:
+                data = (self.collection.root / self.collection.paths[pos]).read_bytes()
+                with Image.open(io.BytesIO(data)) as image:
+                    pixels.append(self.preprocess(image.convert("RGB")))
+            except Exception as err:  # PIL reports broken files with many exception types
+                skipped.append((pos, unreadable_reason(err)))
+                continue
+            kept.append(pos)
+            digests.append(np.frombuffer(hashlib.sha256(data).digest(), dtype=np.uint8))
+        return {"batch": b, "pixels": torch.stack(pixels) if pixels else None, "kept": np.asarray(kept, np.int64),
+                "digests": np.stack(digests) if digests else np.zeros((0, 32), np.uint8), "skipped": skipped}
+
+
+class _Loader:
+    """Map-style dataset over batch numbers (a DataLoader with ``batch_size=None`` yields them one by one)."""
+
+    def __init__(self, batches: list[int], fn: _BatchImages):
+        self.batches, self.fn = batches, fn
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __getitem__(self, i):
+        return self.fn(self.batches[i])
+
+
+def _as_is(item):
+    return item
+
+
+def _batch_file(partial: Path, b: int) -> Path:
+    return partial / f"batch-{b:08d}.npz"
+
+
+def _save_batch(partial: Path, item: dict, embeds: np.ndarray) -> None:
+    path = _batch_file(partial, item["batch"])
+    buf = io.BytesIO()
+    skipped = item["skipped"]
+    np.savez(buf, embeddings=embeds.astype(np.float32), kept=item["kept"], digests=item["digests"],
+             skipped_pos=np.asarray([p for p, _ in skipped], np.int64),
+             skipped_reason=np.asarray([r for _, r in skipped] or [""])[:len(skipped)].astype(str))
+    _write_atomic(path, buf.getvalue())
+
+
+def _load_batch(partial: Path, b: int) -> dict:
+    with np.load(_batch_file(partial, b), allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
+
+
+def _plan(collection: Collection, encoder, batch_size: int, probe: list[float]) -> dict:
+    listing = hashlib.sha256("\n".join(collection.paths).encode("utf-8")).hexdigest()
+    return {"format": FORMAT, "vision_encoder": encoder.spec, "probe": probe, "dtype": str(encoder.dtype),
+            "batch_size": batch_size,
+            "image_root": str(collection.root.resolve()), "count": len(collection.paths), "listing_sha256": listing}
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    """Refuse to write into a folder that holds something other than an index, or a finished index
+    without ``--overwrite``."""
+    if out.exists() and not out.is_dir():
+        raise ImageIndexError(f"--out {out} exists and is not a directory")
+    if not out.is_dir():
+        return
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in INDEX_FILES and not p.name.startswith("."))
+    if foreign:
+        raise ImageIndexError(f"--out {out} holds other files ({foreign[0]}, ...); choose a new or empty folder")
+    if (out / MANIFEST).is_file() and not overwrite:
+        raise ImageIndexError(f"--out {out} already holds an image index; pass --overwrite to rebuild it")
+
+
+def _check_partial(partial: Path, plan: dict, overwrite: bool) -> bool:
+    """Whether a partial build left by a killed run can be resumed (same settings and encoder weights).
+    One started with other settings is refused, or discarded with ``--overwrite`` (returns False)."""
+    plan_file = partial / "plan.json"
+    if not plan_file.is_file():
+        return False
+    try:
+        old = json.loads(plan_file.read_text())
+    except ValueError:
+        old = {}
+    for key in ("vision_encoder", "dtype", "batch_size", "image_root", "count", "listing_sha256", "probe"):
+        same = same_encoder(old.get(key, []), plan[key]) if key == "probe" else old.get(key) == plan[key]
+        if same:
+            continue
+        if overwrite:
+            return False
+        what = {"count": "image listing", "listing_sha256": "image listing",
+                "probe": f"weights of {plan['vision_encoder']!r}"}.get(key, f"--{key} ({old.get(key)!r})")
+        raise ImageIndexError(f"an unfinished build in {partial.parent} was started with another {what}; "
+                              "rerun it with the same settings, or pass --overwrite to start afresh")
+    return True
+
+
+def build(args, batch_callback=None, state=None) -> dict | None:
+    """Embed the collection into ``args.out`` (see the module docstring); returns the manifest (main process).
+
+    ``state``: the process layout (default: Accelerate's ``PartialState``). Process ``r`` of ``n`` embeds the
+    batches ``r, r + n, ...`` not yet on disk; after a barrier the main process merges them.
+    """
+    import torch
+    from accelerate import PartialState
+    from tqdm.auto import tqdm
+
+    from models.image_generation import resolve_dtype
+    from models.vision import load_vision_encoder
+
+    if args.batch_size < 1:
+        raise ImageIndexError(f"--batch_size must be >= 1, got {args.batch_size}")
+    if args.num_workers < 0:
+        raise ImageIndexError(f"--num_workers must be >= 0, got {args.num_workers}")
+    out = Path(args.out)
+    collection = list_collection(args.images, args.image_root)
+    _check_out(out, args.overwrite)
+    state = state or PartialState(cpu=args.device == "cpu")
+    device = torch.device(args.device) if args.device else state.device
+    encoder = load_vision_encoder(args.vision_encoder, device=device, dtype=resolve_dtype(args.dtype, device))
+    plan = _plan(collection, encoder, args.batch_size, encoder_probe(encoder))
+    partial = out / PARTIAL
+    resume = _check_partial(partial, plan, args.overwrite)
+    state.wait_for_everyone()  # every process has checked the old plan before the main one discards it
+    if state.is_main_process and not resume and partial.is_dir():
+        shutil.rmtree(partial)
+    state.wait_for_everyone()
+    partial.mkdir(parents=True, exist_ok=True)
+    if not (partial / "plan.json").is_file():  # the same plan from every process: written atomically
+        _write_atomic(partial / "plan.json", json.dumps(plan, indent=2).encode())
+    n_batches = -(-len(collection.paths) // args.batch_size)
+    todo = [b for b in range(n_batches) if not _batch_file(partial, b).is_file()]
+    mine = [b for b in todo if b % state.num_processes == state.process_index]
+    loader = torch.utils.data.DataLoader(_Loader(mine, _BatchImages(collection, args.batch_size, encoder.preprocess)),
+                                         batch_size=None, num_workers=args.num_workers, collate_fn=_as_is)
+    skipped = 0
+    with tqdm(total=n_batches, initial=n_batches - len(todo), unit="batch", desc="index",
+              disable=not state.is_local_main_process) as bar:
+        for item in loader:
+            if item["pixels"] is not None:
+                _, embeds = encoder.encode_images(item["pixels"].to(encoder.device, encoder.dtype))
+                embeds = torch.nn.functional.normalize(embeds.float(), dim=-1).cpu().numpy()
+            else:
+                embeds = np.zeros((0, len(plan["probe"])), np.float32)
+            _save_batch(partial, item, embeds)
+            skipped += len(item["skipped"])
+            bar.update(state.num_processes)
+            bar.set_postfix(skipped=skipped)
+            if batch_callback is not None:
+                batch_callback(item["batch"])
+    state.wait_for_everyone()
+    if not state.is_main_process:
+        return None
+    return _merge(out, partial, collection, plan, n_batches)
+
+
+def _merge(out: Path, partial: Path, collection: Collection, plan: dict, n_batches: int) -> dict:
+    missing = [b for b in range(n_batches) if not _batch_file(partial, b).is_file()]
+    if missing:
+        raise RuntimeError(f"index build: batch {missing[0]} was not embedded by any process")
+    kept, skipped, content = [], [], hashlib.sha256()
+    for b in range(n_batches):
+        z = _load_batch(partial, b)
+        for pos, digest in zip(z["kept"].tolist(), z["digests"]):
+            kept.append(pos)
+            content.update(collection.paths[pos].encode("utf-8") + b"\0" + digest.tobytes())
+        skipped += [(collection.paths[p], r) for p, r in zip(z["skipped_pos"].tolist(), z["skipped_reason"].tolist())]
+    if not kept:
+        shutil.rmtree(partial)
+        if not any(out.iterdir()):
+            out.rmdir()
+        first = f" (first: {skipped[0][0]}: {skipped[0][1]})" if skipped else ""
+        raise ImageIndexError(f"none of the {len(collection.paths)} images of {collection.source} could be read{first}")
+    blocks = (_load_batch(partial, b)["embeddings"] for b in range(n_batches))
+    meta = {"vision_encoder": plan["vision_encoder"], "probe": plan["probe"], "image_root": plan["image_root"],
+            "source": collection.source, "batch_size": plan["batch_size"], "content_sha256": content.hexdigest()}
+    captions = [collection.captions[p] for p in kept] if collection.captions is not None else None
+    manifest = write_index(out, blocks, len(kept), len(plan["probe"]), [collection.paths[p] for p in kept],
+                           captions, meta, skipped)
+    shutil.rmtree(partial)
+    if skipped:  # reported once, with where to find the whole list
+        print(f"skipped {len(skipped)} unreadable image(s) (first: {skipped[0][0]}: {skipped[0][1]}); "
+              f"all listed in {out / SKIPPED}", file=sys.stderr)
+    print(f"indexed {manifest['count']} images from {collection.source} with {plan['vision_encoder']} -> {out}")
+    return manifest
+
+
+# ---------------------------------------------------------------------------------------------- command line
+def build_parser() -> argparse.ArgumentParser:
+    from models.vision import DEFAULT_VISION_ENCODER
+
+    p = argparse.ArgumentParser(prog="python -m models.image_index",
+                                description="Build a CLIP index over a local image collection.")
+    sub = p.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("build", help="embed every image of a folder or captions JSON")
+    b.add_argument("--images", required=True, help="a folder (searched recursively) or a COCO-style captions JSON")
+    b.add_argument("--image_root", default=None, help="the folder of the images a captions JSON names")
+    b.add_argument("--out", required=True, help="the index folder to write")
+    b.add_argument("--vision_encoder", default=DEFAULT_VISION_ENCODER, help="CLIP spec, as for the eval scripts")
+    b.add_argument("--batch_size", type=int, default=256, help="images per forward pass (fixed for a resume)")
+    b.add_argument("--num_workers", type=int, default=4, help="DataLoader workers decoding images")
+    b.add_argument("--device", default=None, help="default: this process's accelerator device")
+    b.add_argument("--dtype", choices=("auto", "fp16", "bf16", "fp32"), default="auto",
+                   help="encoder dtype (auto: fp16 on CUDA, fp32 elsewhere); embeddings are stored as float32")
+    b.add_argument("--overwrite", action="store_true",
+                   help="replace a finished index in --out (and an unfinished build made with other settings)")
+    return p
+
+
+def main(argv=None, *, batch_callback=None, state=None) -> dict | None:
+    """``batch_callback(batch_number)`` runs after each batch is saved (tests use it to simulate a kill);
+    ``state``: see :func:`build`."""
+    args = build_parser().parse_args(argv)
+    try:
+        return build(args, batch_callback, state)
+    except (ImageIndexError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()
