@@ -12,6 +12,9 @@ Parts:
 
 The vision encoder is NOT part of this module: callers pass CLIP patch tokens in. Checkpoints hold
 only ``mm_proj`` and ``fusion_layer``.
+
+Masked LMs (BERT, RoBERTa, ...) get the same model around an encoder: :mod:`models.masked_fusion`.
+:func:`model_kind` tells the two apart, and :meth:`LateFusionLM.from_pretrained` builds the right one.
 """
 from __future__ import annotations
 
@@ -58,11 +61,50 @@ def _hidden_size(config) -> int:
     raise ValueError(f"cannot tell the hidden size of a {config.model_type!r} config")
 
 
-def build_fusion_layer(lm_config) -> tuple[nn.Module, float]:
+SUPPORTED_MODELS = ("a causal LM (AutoModelForCausalLM: GPT-2, Llama, Gemma, OPT, Qwen2, ...) or a masked LM "
+                    "with its MLM head (AutoModelForMaskedLM: BERT, RoBERTa, DistilBERT, ALBERT, ...)")
+
+
+def model_kind(config) -> str:
+    """``"causal"`` or ``"masked"``: which kind of LM a config describes, i.e. which wrapper it gets.
+
+    Decided by ``config.architectures`` (the head class the checkpoint was saved with) when it names a
+    causal-LM or masked-LM class (or a masked-LM type's ``...ForPreTraining``, which holds an MLM head),
+    else by ``config.model_type``: a type only the causal Auto class knows is causal; a type both know
+    (BERT's ``BertLMHeadModel``) is causal only with ``is_decoder``. An encoder-decoder model, or an
+    encoder saved without its MLM head (``BertModel``, ``...ForSequenceClassification``), is a ValueError
+    naming what is supported.
+    """
+    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+                                                        MODEL_FOR_MASKED_LM_MAPPING_NAMES)
+
+    mtype = getattr(config, "model_type", None)
+    if getattr(config, "is_encoder_decoder", False):
+        raise ValueError(f"{mtype!r} is an encoder-decoder model, which late fusion does not support; "
+                         f"use {SUPPORTED_MODELS}")
+    causal, masked = mtype in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, mtype in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+    archs = list(getattr(config, "architectures", None) or [])
+    for arch in archs:
+        if arch in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
+            return "causal"
+        if arch in MODEL_FOR_MASKED_LM_MAPPING_NAMES.values() or (masked and arch.endswith("ForPreTraining")):
+            return "masked"
+    if causal and not masked:
+        return "causal"
+    if masked and not archs:
+        return "causal" if causal and getattr(config, "is_decoder", False) else "masked"
+    what = f"{mtype!r} ({', '.join(archs)})" if archs else repr(mtype)
+    raise ValueError(f"{what} is neither a causal LM nor a masked LM with its MLM head (an encoder without "
+                     f"an MLM head?); late fusion supports {SUPPORTED_MODELS}")
+
+
+def build_fusion_layer(lm_config, keep_pad_id: bool = False) -> tuple[nn.Module, float]:
     """The LM's base-model class with one layer and no token embedding.
 
     Returns the module and the scale the architecture applies to its input embeddings (Gemma
     multiplies them by sqrt(d); the released Gemma fusion layer does too), which the caller applies.
+    ``keep_pad_id``: keep the config's pad id, for architectures that number positions after it
+    (RoBERTa); otherwise the block is built without one.
     """
     from transformers import AutoModel
 
@@ -74,8 +116,9 @@ def build_fusion_layer(lm_config) -> tuple[nn.Module, float]:
         cfg.layer_types = list(cfg.layer_types[:1])
     # A one-row embedding (then removed) instead of a vocabulary-sized one: no 525M-parameter
     # allocation for Llama-3. The pad id must fit in it.
-    cfg.vocab_size = 1
-    cfg.pad_token_id = None
+    pad = cfg.pad_token_id if keep_pad_id else None
+    cfg.vocab_size = 1 if pad is None else pad + 1
+    cfg.pad_token_id = pad
     if getattr(cfg, "use_cache", None) is None:
         cfg.use_cache = True
     layer = AutoModel.from_config(cfg)
@@ -107,6 +150,10 @@ def positions_from_mask(mask: torch.Tensor, offset: torch.Tensor | int = 0) -> t
 class LateFusionLM(nn.Module):
     """A frozen causal LM plus a trained projector and one fusion block."""
 
+    kind = "causal"
+    label_shift = 1  # the loss predicts the token after each position
+    build_fusion = staticmethod(build_fusion_layer)
+
     def __init__(self, lm: nn.Module, vision_dim: int, proj_hidden: int | None = None):
         super().__init__()
         self.lm = lm
@@ -118,7 +165,7 @@ class LateFusionLM(nn.Module):
         self.vision_dim = int(vision_dim)
         self.proj_hidden = int(proj_hidden or default_proj_hidden(self.model_type, self.hidden_size))
         self.mm_proj = VisualProjector(self.vision_dim, self.proj_hidden, self.hidden_size)
-        self.fusion_layer, self.fusion_input_scale = build_fusion_layer(lm.config)
+        self.fusion_layer, self.fusion_input_scale = self.build_fusion(lm.config)
         self._softcap = getattr(cfg, "final_logit_softcapping", None)
         self._lm_cache_kw = _cache_kwarg(self.lm.base_model)
         self._fusion_cache_kw = _cache_kwarg(self.fusion_layer)
@@ -128,8 +175,21 @@ class LateFusionLM(nn.Module):
     @classmethod
     def from_pretrained(cls, model_name_or_path: str, vision_dim: int, proj_hidden: int | None = None,
                         torch_dtype=None, device=None, **lm_kwargs) -> "LateFusionLM":
-        from transformers import AutoModelForCausalLM
+        """The LM from the hub or a directory, frozen, with a new projector and fusion block. A masked LM
+        (:func:`model_kind`) gives a :class:`models.masked_fusion.MaskedLateFusionLM`."""
+        from transformers import AutoConfig, AutoModelForCausalLM
 
+        if cls is LateFusionLM:
+            try:
+                config = lm_kwargs.get("config") or AutoConfig.from_pretrained(
+                    model_name_or_path, trust_remote_code=lm_kwargs.get("trust_remote_code", False))
+            except OSError as e:
+                raise FileNotFoundError(f"cannot load language model {model_name_or_path!r}: "
+                                        f"{str(e).splitlines()[0]}") from None
+            if model_kind(config) == "masked":
+                from models.masked_fusion import MaskedLateFusionLM
+                return MaskedLateFusionLM.from_pretrained(model_name_or_path, vision_dim, proj_hidden,
+                                                          torch_dtype=torch_dtype, device=device, **lm_kwargs)
         try:
             lm = AutoModelForCausalLM.from_pretrained(model_name_or_path, dtype=torch_dtype, **lm_kwargs)
         except OSError as e:
@@ -218,8 +278,9 @@ class LateFusionLM(nn.Module):
                 return_logits: bool | None = None) -> FusionOutput:
         """One image per row: the next-token loss on the fused logits at the text positions.
 
-        ``labels`` are aligned with ``input_ids`` (-100 where ignored); they are shifted here, and the
-        LM head runs only on positions that have a label (unless ``return_logits``, the default when
+        ``labels`` are aligned with ``input_ids`` (-100 where ignored); they are shifted here by
+        ``label_shift`` (a masked LM predicts its own positions: no shift), and the LM head runs only on
+        positions that have a label (unless ``return_logits``, the default when
         no labels are given, asks for all of them). ``hidden``: the frozen LM's hidden states, if the
         caller has them memoised.
         """
@@ -231,9 +292,10 @@ class LateFusionLM(nn.Module):
         logits = self.lm_head(fused) if return_logits else None
         loss = None
         if labels is not None:
-            targets = labels[:, 1:]
+            width = labels.shape[1] - self.label_shift
+            targets = labels[:, self.label_shift:]
             keep = targets != -100
-            scored = logits[:, :-1][keep] if logits is not None else self.lm_head(fused[:, :-1][keep])
+            scored = logits[:, :width][keep] if logits is not None else self.lm_head(fused[:, :width][keep])
             loss = nn.functional.cross_entropy(scored.float(), targets[keep]) if keep.any() \
                 else fused.sum() * 0.0
         return FusionOutput(loss=loss, logits=logits)
