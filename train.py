@@ -14,6 +14,11 @@ DDP through Accelerate's config) and ``torchrun --nproc_per_node N train.py`` (o
 Only ``mm_proj`` and ``fusion_layer`` train (fp32, under autocast with ``--mixed_precision``/``--run_bf16``);
 the LM and the vision encoder stay frozen in ``--lm_dtype`` and in eval mode.
 
+A masked LM (``--model_name_or_path bert-base-uncased``, RoBERTa, ...) trains with the masked-LM objective
+instead of next-token prediction: ``--mlm_probability`` of the caption tokens are masked (80% mask token,
+10% random, 10% unchanged; ``data.masking``), the draws seeded per batch, and the loss is taken at those
+positions only (``docs/masked_lm.md``).
+
 Outputs under ``--output_dir``:
 
 * ``checkpoint-<step>/``: ``accelerator.save_state`` (trainable weights, optimizer, scheduler, RNG
@@ -52,7 +57,7 @@ LM_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float3
 RECORDED_ARGS = ("run_name", "dataset_name", "max_elements", "max_train_samples", "per_device_train_batch_size",
                  "gradient_accumulation_steps", "learning_rate", "lr_scheduler_type", "num_warmup_steps",
                  "weight_decay", "max_train_steps", "num_train_epochs", "max_length", "mixed_precision",
-                 "lm_dtype", "seed", "image_generator", "image_size", "num_inference_steps")
+                 "lm_dtype", "seed", "image_generator", "image_size", "num_inference_steps", "mlm_probability")
 
 
 class InputError(Exception):
@@ -96,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a checkpoint-<step> folder, or 'latest' (the newest in --output_dir, if any)")
 
     g = p.add_argument_group("models")
-    g.add_argument("--model_name_or_path", required=True, help="the frozen causal LM (hub id or local dir)")
+    g.add_argument("--model_name_or_path", required=True,
+                   help="the frozen LM (hub id or local dir): a causal LM, or a masked LM (trained with --mlm_probability)")
     g.add_argument("--config_name", default=None, help="LM config, if not the one of --model_name_or_path")
     g.add_argument("--tokenizer_name", default=None, help="tokenizer, if not the one of --model_name_or_path")
     g.add_argument("--use_slow_tokenizer", action="store_true")
@@ -129,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max_length", "--max_seq_length", dest="max_length", type=_positive_int, default=512,
                    help="tokens per text, EOS included (WikiText chunks need wiki_chunk_tokens + 2)")
     g.add_argument("--num_workers", type=int, default=4, help="DataLoader workers (decoding, cropping, generation)")
+    g.add_argument("--mlm_probability", type=float, default=0.15,
+                   help="masked LMs: the share of caption tokens masked for the MLM loss (BERT's 0.15; the first "
+                        "release used 0.2)")
     g.add_argument("--pregenerate_images", action="store_true",
                    help="fill --image_cache with the images of the wiki chunks, then exit")
     add_generation_args(p)
@@ -169,6 +178,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--num_workers must be >= 0")
     if args.num_warmup_steps < 0:
         parser.error("--num_warmup_steps must be >= 0")
+    if not 0.0 < args.mlm_probability < 1.0:
+        parser.error(f"--mlm_probability must lie strictly between 0 and 1, got {args.mlm_probability}")
     return args
 
 
@@ -355,6 +366,7 @@ def prepare_data(args, accelerator):
     from transformers import AutoConfig, AutoTokenizer
 
     from data.captions import build_train_dataset, select_sources
+    from models.late_fusion import model_kind
 
     try:
         lm_config = AutoConfig.from_pretrained(args.config_name or args.model_name_or_path,
@@ -365,6 +377,11 @@ def prepare_data(args, accelerator):
     except (OSError, ValueError) as err:
         raise InputError(f"cannot load the language model's config or tokenizer "
                          f"({args.model_name_or_path}): {str(err).strip().splitlines()[0]}") from None
+    try:
+        if model_kind(lm_config) == "masked" and tokenizer.mask_token_id is None:
+            raise ValueError(f"the tokenizer of the masked LM {args.model_name_or_path} has no mask token")
+    except ValueError as err:
+        raise InputError(str(err)) from None
     if args.pretrained_model is not None and not _pretrained_exists(args.pretrained_model):
         raise InputError(f"--pretrained_model {args.pretrained_model}: not found (also tried .bin)")
     sources = select_sources(args.dataset_name)
@@ -416,6 +433,25 @@ def load_models(args, accelerator, lm_config):
     return encoder, model.train()
 
 
+def masked_lm_setup(args, model, encoder, tokenizer):
+    """For a masked LM: the MLM masker, with ``--max_length`` cut to the text the fusion block can number
+    after the visual prefix (None for a causal LM)."""
+    from PIL import Image
+
+    from data.masking import MLMMasker
+
+    if model.kind != "masked":
+        return None
+    n_visual = encoder.encode_images(encoder.pixels([Image.new("RGB", (64, 64))]))[0].shape[1]
+    limit = model.max_positions - n_visual if model.max_positions else None
+    if limit is not None and args.max_length > limit:
+        logger.warning("--max_length %d: cut to %d, the positions the %s fusion block has left after %d visual "
+                       "tokens", args.max_length, limit, model.model_type, n_visual)
+        args.max_length = limit
+    logger.info("masked LM: MLM objective, masking probability %s", args.mlm_probability)
+    return MLMMasker(tokenizer, args.mlm_probability)
+
+
 def _run(args, step_callback) -> dict:
     from accelerate.utils import set_seed
     from torch.utils.data import DataLoader
@@ -439,13 +475,15 @@ def _run(args, step_callback) -> dict:
         logger.info("image cache %s: %s", provider.cache.root, stats)
         return {"pregenerated": stats}
     encoder, model = load_models(args, accelerator, lm_config)
+    masker = masked_lm_setup(args, model, encoder, tokenizer)
 
     # Decoding, cropping, generation and CLIP preprocessing run in the workers. CUDA cannot be used in
     # forked workers, so inline wiki image generation on a GPU needs spawned ones.
     spawn = provider is not None and accelerator.device.type == "cuda" and args.num_workers > 0
     train_dataloader = DataLoader(
         dataset, batch_size=args.per_device_train_batch_size, shuffle=args.shuffle_data,
-        collate_fn=CaptionCollator(tokenizer, encoder.preprocess, max_length=args.max_length),
+        collate_fn=CaptionCollator(tokenizer, encoder.preprocess, max_length=args.max_length,
+                                   add_eos=masker is None),  # a masked LM's tokenizer ends its texts itself
         num_workers=args.num_workers, pin_memory=accelerator.device.type == "cuda",
         multiprocessing_context="spawn" if spawn else None,
         # a private generator keeps the global RNG (dropout) independent of the data loading
@@ -485,7 +523,7 @@ def _run(args, step_callback) -> dict:
                 num_epochs, max_train_steps, total_batch, args.per_device_train_batch_size,
                 accelerator.num_processes, args.gradient_accumulation_steps)
     result = _train_loop(args, accelerator, model, encoder, optimizer, train_dataloader, lr_scheduler, state,
-                         max_train_steps, num_epochs, output_dir, total_batch, step_callback)
+                         max_train_steps, num_epochs, output_dir, total_batch, step_callback, masker)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     result["model"] = accelerator.unwrap_model(model)
@@ -506,9 +544,10 @@ def _save_weights(args, accelerator, model, output_dir: Path, epoch: int, state:
 
 
 def _train_loop(args, accelerator, model, encoder, optimizer, train_dataloader, lr_scheduler, state,
-                max_train_steps, num_epochs, output_dir, total_batch, step_callback) -> dict:
+                max_train_steps, num_epochs, output_dir, total_batch, step_callback, masker=None) -> dict:
     from tqdm.auto import tqdm
 
+    from data.masking import batch_seed
     from models.late_fusion import HiddenStateMemo
 
     params = accelerator.unwrap_model(model).trainable_parameters()
@@ -528,6 +567,10 @@ def _train_loop(args, accelerator, model, encoder, optimizer, train_dataloader, 
         batch_index, micro_losses = skip, []
         for batch in loader:
             batch_index += 1
+            if masker is not None:  # seeded by the batch's place in the run: a resumed run masks it the same way
+                batch["input_ids"], batch["labels"] = masker(
+                    batch["input_ids"], batch["labels"], batch_seed(args.seed, epoch, batch_index,
+                                                                    accelerator.process_index))
             with accelerator.accumulate(model):
                 with torch.no_grad():
                     patches, _ = encoder.encode_images(batch["pixel_values"].to(encoder.device, encoder.dtype))

@@ -7,6 +7,7 @@ scripts' words are real pieces; RoBERTa uses the real GPT-2 BPE with RoBERTa's s
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,23 +19,35 @@ WORDPIECE_SIZE = 3000
 MLM_ARCHS = ("bert", "roberta", "distilbert", "albert")
 
 
-def repository_text_files() -> list[str]:
-    suffixes = {".csv", ".jsonl", ".json", ".txt", ".lst"}
-    return sorted(str(p) for root in (EVAL_DATA, TEST_DATA) for p in root.rglob("*") if p.suffix in suffixes)
+def repository_text_files() -> list[Path]:
+    """The evaluation files and the caption and WikiText samples (the words the tiny models see)."""
+    roots = (EVAL_DATA, TEST_DATA / "visual_genome", TEST_DATA / "coco_captions", TEST_DATA / "wikitext2")
+    return sorted(p for root in roots for p in root.rglob("*") if p.suffix in {".csv", ".jsonl", ".json", ".txt"})
 
 
 def build_wordpiece_tokenizer(out_dir) -> str:
-    """Train a lower-cased WordPiece vocabulary on the repository's text; save it as an HF BERT tokenizer."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+    """A lower-cased WordPiece vocabulary of the repository's text, saved as an HF BERT tokenizer.
+
+    Deterministic (the ``tokenizers`` trainer breaks ties differently from run to run): BERT's own
+    normalizer and pre-tokenizer split the text into words; the vocabulary holds the special tokens,
+    every character seen (alone and as a ``##`` continuation) and the most frequent words (ties by
+    spelling), so a rare word splits into pieces.
+    """
+    from collections import Counter
+
+    from tokenizers import normalizers, pre_tokenizers
     from transformers import BertTokenizer
 
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.train(repository_text_files(), trainers.WordPieceTrainer(vocab_size=WORDPIECE_SIZE,
-                                                                 special_tokens=WORDPIECE_SPECIALS,
-                                                                 show_progress=False))
-    BertTokenizer(vocab=tok.get_vocab(), do_lower_case=True).save_pretrained(out_dir)
+    normalizer, splitter = normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
+    counts = Counter()
+    for path in repository_text_files():
+        text = normalizer.normalize_str(path.read_text(encoding="utf-8", errors="replace"))
+        counts.update(word for word, _ in splitter.pre_tokenize_str(text))
+    chars = sorted({c for word in counts for c in word})
+    vocab = WORDPIECE_SPECIALS + chars + ["##" + c for c in chars]
+    words = [w for w, _ in sorted(counts.items(), key=lambda x: (-x[1], x[0])) if len(w) > 1]
+    vocab += words[:WORDPIECE_SIZE - len(vocab)]
+    BertTokenizer(vocab={t: i for i, t in enumerate(vocab)}, do_lower_case=True).save_pretrained(out_dir)
     return str(out_dir)
 
 
