@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from data.benchmarks import boolq_context, boolq_released_prompt, load_boolq
 from data.prompts import derive_prompts
-from eval_scripts.core import Evaluator, build_parser, first_token_ids, run_main
+from eval_scripts.core import Evaluator, build_parser, first_token_ids, require_causal_lm, run_main
 
 CANDIDATES = ("yes", "no")
 LAST_N_WORDS = 60
@@ -68,6 +68,7 @@ def make_compute(ev: Evaluator):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    require_causal_lm(args, "boolq.py")
     data = load_boolq(args.data_dir, limit=args.limit, split=args.split)
     ev = Evaluator(args, "boolq" if args.prompt_format == "released" else f"boolq_{args.prompt_format}")
     records = ev.run(build_items(ev, data), make_compute(ev))

@@ -37,7 +37,7 @@ import math
 
 from data.benchmarks import COMMONSENSE_TESTSETS, MCExample, load_commonsense
 from data.prompts import derive_prompts
-from eval_scripts.core import EvalError, Evaluator, build_parser, run_main
+from eval_scripts.core import EvalError, Evaluator, build_parser, require_causal_lm, run_main
 from eval_scripts.metrics import mc_predictions, ppl_prediction
 
 PROTOCOLS = ("released", "harness")
@@ -162,6 +162,7 @@ def metrics_from(records: list[dict], protocol: str) -> dict:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    require_causal_lm(args, "commonsenseQA.py")
     examples = load_commonsense(args.testset, args.data_dir, split=args.split, limit=args.limit)
     ev = Evaluator(args, task_name(args))
     records = ev.run(build_items(ev, examples), make_compute(ev), desc=ev.task)

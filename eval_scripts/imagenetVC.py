@@ -14,6 +14,9 @@ Protocol (METHOD.md, section 5):
 Images: ``--image_prompt question`` (default) generates the k images from the question alone, so
 all 5 templates share them; ``--image_prompt full`` reproduces the release (the templated prompt).
 
+A masked LM (BERT, RoBERTa, ...) answers at a mask token after each templated prompt, "{prompt} [MASK].",
+scored by fill-mask (``eval_scripts.masked_scoring``, ``docs/masked_lm.md``).
+
     python eval_scripts/imagenetVC.py --model_name meta-llama/Meta-Llama-3-8B --run_name llama3_imagenetvc \
         --pretrained_model output/llama3/ft_wiki_laion_220_2 --generate_images True --k 10
 """
@@ -56,7 +59,8 @@ def build_items(ev: Evaluator, subset: str) -> list[dict]:
                 source = ex["question"] if args.image_prompt == "question" else imagenetvc_prompt(ex["question"], t)
                 image_prompts = derive_prompts(source, args.k, "full")
             items.append({"id": f"{ex['id']}/t{t}", "shard_key": ex["id"], "subset": subset, "template": t,
-                          "prompt": imagenetvc_prompt(ex["question"], t, demos), "answer": ex["answer"],
+                          "prompt": ev.answer_prompt(imagenetvc_prompt(ex["question"], t, demos)),
+                          "answer": ex["answer"],
                           "candidates": ex["candidates"], "image_prompts": image_prompts})
     return items
 

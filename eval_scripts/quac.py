@@ -21,7 +21,7 @@ answers, is_impossible, exact_match, f1, correct`` (exact match) and ``images``.
 from __future__ import annotations
 
 from data.benchmarks import QUAC_CANNOTANSWER, load_quac
-from eval_scripts.core import run_main
+from eval_scripts.core import require_causal_lm, run_main
 from eval_scripts.metrics import exact_match, quac_f1, quac_references, quac_scores
 from eval_scripts.squad import abstained, parse_args, run_generation
 
@@ -39,6 +39,7 @@ def quac_example_scores(prediction: str, answers: list[str]) -> tuple[float, flo
 
 def main(argv=None) -> dict:
     args = parse_args(__doc__.split("\n")[0], argv)
+    require_causal_lm(args, "quac.py")
     ev, results, skipped = run_generation(args, "QuAC", load_quac(args.data_dir, split=args.split),
                                           quac_example_scores)
     official = quac_scores([quac_answer(r["prediction"]) for r in results], [r["answers"] for r in results])

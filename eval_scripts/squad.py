@@ -31,7 +31,7 @@ from typing import Callable
 
 from data.benchmarks import load_squad, qa_one_shot_prompt
 from data.prompts import derive_prompts
-from eval_scripts.core import EvalError, Evaluator, build_parser, run_main
+from eval_scripts.core import EvalError, Evaluator, build_parser, require_causal_lm, run_main
 from eval_scripts.metrics import exact_match, f1, normalize_answer
 
 LAST_N_WORDS = 70
@@ -122,6 +122,7 @@ def group_means(records: list[dict]) -> dict:
 
 def main(argv=None) -> dict:
     args = parse_args(__doc__.split("\n")[0], argv)
+    require_causal_lm(args, "squad.py")
     ev, results, skipped = run_generation(args, "SQuAD", load_squad(args.data_dir, split=args.split), squad_scores)
     metrics = {**group_means(results), "skipped": skipped}
     return ev.finish(metrics, [("exact_match", f"{metrics['exact_match']:.2f}"), ("f1", f"{metrics['f1']:.2f}")])
