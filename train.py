@@ -102,7 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("models")
     g.add_argument("--model_name_or_path", required=True,
-                   help="the frozen LM (hub id or local dir): a causal LM, or a masked LM (trained with --mlm_probability)")
+                   help="the frozen LM (hub id or local dir): a causal LM, or a masked LM (trained with the MLM "
+                        "objective, see --mlm_probability)")
     g.add_argument("--config_name", default=None, help="LM config, if not the one of --model_name_or_path")
     g.add_argument("--tokenizer_name", default=None, help="tokenizer, if not the one of --model_name_or_path")
     g.add_argument("--use_slow_tokenizer", action="store_true")
@@ -435,7 +436,7 @@ def load_models(args, accelerator, lm_config):
 
 def masked_lm_setup(args, model, encoder, tokenizer):
     """For a masked LM: the MLM masker, with ``--max_length`` cut to the text the fusion block can number
-    after the visual prefix (None for a causal LM)."""
+    after the visual prefix and the LM-state cache off (None for a causal LM)."""
     from PIL import Image
 
     from data.masking import MLMMasker
@@ -448,6 +449,9 @@ def masked_lm_setup(args, model, encoder, tokenizer):
         logger.warning("--max_length %d: cut to %d, the positions the %s fusion block has left after %d visual "
                        "tokens", args.max_length, limit, model.model_type, n_visual)
         args.max_length = limit
+    if args.cache_lm_states:
+        logger.warning("--cache_lm_states: off for a masked LM, whose inputs are masked anew at every step")
+        args.cache_lm_states = False
     logger.info("masked LM: MLM objective, masking probability %s", args.mlm_probability)
     return MLMMasker(tokenizer, args.mlm_probability)
 

@@ -98,7 +98,8 @@ def test_text_only_predictions_are_fill_mask(lm, zoo):
         out = {o["token"]: o["score"] for o in fill(rec["prompt"], targets=targets, top_k=len(targets))}
         first = [tok(t, add_special_tokens=False)["input_ids"][0] for t in targets]
         if lm == "roberta":  # the released capitalised variant: the better of " word" and " Word"
-            caps = [tok(" " + c[:1].upper() + c[1:], add_special_tokens=False)["input_ids"][0] for c in rec["candidates"]]
+            caps = [tok(" " + c[:1].upper() + c[1:], add_special_tokens=False)["input_ids"][0]
+                    for c in rec["candidates"]]
             out.update({o["token"]: o["score"] for o in fill(rec["prompt"], targets=[tok.decode([c]) for c in caps],
                                                               top_k=len(caps))})
             first = [max((f, c), key=lambda t: out[t]) for f, c in zip(first, caps)]

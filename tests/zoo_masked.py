@@ -75,8 +75,9 @@ def tiny_mlm_config(arch: str, vocab_size: int, d: int = 32, init: float = 0.02)
         return tf.BertConfig(hidden_size=d, num_hidden_layers=2, num_attention_heads=4, intermediate_size=2 * d,
                              **common)
     if arch == "roberta":
+        common["max_position_embeddings"] = 130  # RoBERTa numbers positions from pad id + 1 = 2
         return tf.RobertaConfig(hidden_size=d, num_hidden_layers=2, num_attention_heads=4, intermediate_size=2 * d,
-                                pad_token_id=1, bos_token_id=0, eos_token_id=2, **{**common, "max_position_embeddings": 130})
+                                pad_token_id=1, bos_token_id=0, eos_token_id=2, **common)
     if arch == "distilbert":
         return tf.DistilBertConfig(dim=d, n_layers=2, n_heads=4, hidden_dim=2 * d, **common)
     if arch == "albert":
