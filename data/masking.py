@@ -1,10 +1,12 @@
 """Masked-language-modelling inputs for training a masked LM's fusion block (``train.py``).
 
 Each maskable token is chosen with probability ``probability`` (``--mlm_probability``, 0.15 by
-default, BERT's rate); a chosen token becomes the mask token 80% of the time, a random token 10% of
-the time, and stays unchanged 10% of the time, and is the only kind of position with a label.
-Special tokens ([CLS], [SEP], <s>, ...), padding and an item's context prompt (label -100 from the
-collator) are never chosen. See ``docs/masked_lm.md`` for the first release's choices.
+default, BERT's rate); a row where none was chosen gets one of its maskable tokens chosen at random
+(short captions such as Visual Genome's phrases would otherwise often add no loss). A chosen token
+becomes the mask token 80% of the time, a random token 10% of the time, and stays unchanged 10% of
+the time, and is the only kind of position with a label. Special tokens ([CLS], [SEP], <s>, ...),
+padding and an item's context prompt (label -100 from the collator) are never chosen. See
+``docs/masked_lm.md`` for the first release's choices.
 
 The draws come from a generator the caller seeds per batch (:func:`batch_seed`), so a batch is
 masked the same way in a resumed run, on any process count, whatever else used the global RNG.
@@ -46,10 +48,15 @@ class MLMMasker:
     def __call__(self, input_ids: torch.Tensor, labels: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         g = torch.Generator().manual_seed(seed)
         shape = input_ids.shape
-        choose, share = torch.rand(shape, generator=g), torch.rand(shape, generator=g)
+        choose, share, pick = (torch.rand(shape, generator=g) for _ in range(3))
         random_ids = torch.randint(self.vocab_size, shape, generator=g)
         device = input_ids.device
-        chosen = self.maskable(input_ids, labels) & (choose < self.probability).to(device)
+        maskable = self.maskable(input_ids, labels)
+        chosen = maskable & (choose < self.probability).to(device)
+        # a row with maskable tokens but none chosen: choose one of them at random
+        forced = pick.to(device).masked_fill(~maskable, -1.0).argmax(1, keepdim=True)
+        none = (~chosen.any(1, keepdim=True)) & maskable.any(1, keepdim=True)
+        chosen = chosen | (torch.zeros_like(chosen).scatter(1, forced, True) & none)
         to_mask = chosen & (share < MASK_SHARE).to(device)
         to_random = chosen & ((share >= MASK_SHARE) & (share < MASK_SHARE + RANDOM_SHARE)).to(device)
         masked = input_ids.masked_fill(to_mask, self.mask_id)

@@ -240,7 +240,8 @@ def test_albert_fusion_block_reads_states_at_the_encoder_width(mlm_dirs):
 
 def test_masking_never_touches_special_padding_or_context_tokens(wordpiece_dir):
     tok = AutoTokenizer.from_pretrained(wordpiece_dir)
-    enc = tok(["a red apple on a wooden table"] * 300 + ["blue"] * 100, padding=True, return_tensors="pt")
+    long = "a red apple and a green pear lie on a wooden table next to the window of the small kitchen"
+    enc = tok([long] * 300 + ["blue"] * 100, padding=True, return_tensors="pt")
     ids, attn = enc["input_ids"], enc["attention_mask"]
     labels = ids.masked_fill(attn == 0, -100)
     labels[:50, :3] = -100  # a context prompt: never masked
@@ -251,8 +252,9 @@ def test_masking_never_touches_special_padding_or_context_tokens(wordpiece_dir):
     assert not (chosen & (special | (attn == 0))).any() and not chosen[:50, :3].any()
     assert torch.equal(mlm_labels[chosen], ids[chosen]) and torch.equal(masked[~chosen], ids[~chosen])
     maskable = (labels != -100) & ~special
-    share = chosen.sum().item() / maskable.sum().item()
+    share = chosen[:300].sum().item() / maskable[:300].sum().item()
     assert 0.13 < share < 0.17
+    assert (chosen[300:].sum(1) == 1).all()  # a one-word caption always gets its word chosen
     n = chosen.sum().item()
     as_mask = (masked[chosen] == tok.mask_token_id).sum().item() / n
     unchanged = (masked[chosen] == ids[chosen]).sum().item() / n
