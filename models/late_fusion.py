@@ -70,10 +70,10 @@ def model_kind(config) -> str:
 
     Decided by ``config.architectures`` (the head class the checkpoint was saved with) when it names a
     causal-LM or masked-LM class (or a masked-LM type's ``...ForPreTraining``, which holds an MLM head),
-    else by ``config.model_type``: a type only the causal Auto class knows is causal; a type both know
-    (BERT's ``BertLMHeadModel``) is causal only with ``is_decoder``. An encoder-decoder model, or an
-    encoder saved without its MLM head (``BertModel``, ``...ForSequenceClassification``), is a ValueError
-    naming what is supported.
+    else by ``config.model_type``: a type the masked Auto class does not know is causal (the causal Auto
+    class then loads it or says why not); a type both know (BERT's ``BertLMHeadModel``) is causal only
+    with ``is_decoder``. An encoder-decoder model, or a masked-LM type saved without its MLM head
+    (``BertModel``, ``...ForSequenceClassification``), is a ValueError naming what is supported.
     """
     from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
                                                         MODEL_FOR_MASKED_LM_MAPPING_NAMES)
@@ -85,13 +85,14 @@ def model_kind(config) -> str:
     causal, masked = mtype in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, mtype in MODEL_FOR_MASKED_LM_MAPPING_NAMES
     archs = list(getattr(config, "architectures", None) or [])
     for arch in archs:
-        if arch in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
+        if arch in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values() or arch.endswith(("ForCausalLM", "LMHeadModel")):
             return "causal"
-        if arch in MODEL_FOR_MASKED_LM_MAPPING_NAMES.values() or (masked and arch.endswith("ForPreTraining")):
+        if (arch in MODEL_FOR_MASKED_LM_MAPPING_NAMES.values() or arch.endswith("ForMaskedLM")
+                or (masked and arch.endswith("ForPreTraining"))):
             return "masked"
-    if causal and not masked:
+    if not masked:
         return "causal"
-    if masked and not archs:
+    if not archs:
         return "causal" if causal and getattr(config, "is_decoder", False) else "masked"
     what = f"{mtype!r} ({', '.join(archs)})" if archs else repr(mtype)
     raise ValueError(f"{what} is neither a causal LM nor a masked LM with its MLM head (an encoder without "

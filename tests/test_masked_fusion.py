@@ -191,6 +191,8 @@ def test_model_kind():
     assert model_kind(tf.BertConfig(is_decoder=True)) == "causal"  # BertLMHeadModel
     assert model_kind(tf.BertConfig(architectures=["BertLMHeadModel"])) == "causal"
     assert model_kind(tf.DistilBertConfig()) == "masked"
+    assert model_kind(tf.GPT2Config(architectures=["MyRemoteCodeForCausalLM"])) == "causal"
+    assert model_kind(tf.GPT2Config(architectures=["GPT2Model"])) == "causal"  # its head: the causal side's concern
     for config, what in ((tf.BertConfig(architectures=["BertModel"]), "'bert' (BertModel)"),
                          (tf.RobertaConfig(architectures=["RobertaForSequenceClassification"]), "'roberta'"),
                          (tf.T5Config(), "encoder-decoder"), (tf.BartConfig(), "encoder-decoder")):
