@@ -14,6 +14,11 @@ DDP through Accelerate's config) and ``torchrun --nproc_per_node N train.py`` (o
 Only ``mm_proj`` and ``fusion_layer`` train (fp32, under autocast with ``--mixed_precision``/``--run_bf16``);
 the LM and the vision encoder stay frozen in ``--lm_dtype`` and in eval mode.
 
+A masked LM (``--model_name_or_path bert-base-uncased``, RoBERTa, ...) trains with the masked-LM objective
+instead of next-token prediction: ``--mlm_probability`` of the caption tokens are masked (80% mask token,
+10% random, 10% unchanged; ``data.masking``), the draws seeded per batch, and the loss is taken at those
+positions only (``docs/masked_lm.md``).
+
 Outputs under ``--output_dir``:
 
 * ``checkpoint-<step>/``: the training state (trainable weights, optimizer, scheduler, RNG states, data
@@ -62,7 +67,7 @@ RECORDED_ARGS = ("run_name", "dataset_name", "max_elements", "max_train_samples"
                  "gradient_accumulation_steps", "learning_rate", "lr_scheduler_type", "num_warmup_steps",
                  "weight_decay", "max_train_steps", "num_train_epochs", "max_length", "mixed_precision",
                  "lm_dtype", "seed", "image_generator", "image_size", "num_inference_steps", "max_bad_images",
-                 "image_source", "image_index", "retrieve_by")
+                 "image_source", "image_index", "retrieve_by", "mlm_probability")
 # Flags that change what a run computes: a checkpoint records them, and a resume must match them
 # (with the resolved mixed precision and LM dtype, the device type, the process count and the data size).
 RESULT_ARGS = ("model_name_or_path", "config_name", "tokenizer_name", "vision_encoder", "proj_hidden",
@@ -72,7 +77,7 @@ RESULT_ARGS = ("model_name_or_path", "config_name", "tokenizer_name", "vision_en
                "guidance_scale", "toyworld_noise", "image_source", "image_index", "retrieve_by", "dedup_threshold",
                "per_device_train_batch_size", "gradient_accumulation_steps",
                "learning_rate", "weight_decay", "lr_scheduler_type", "num_warmup_steps", "num_train_epochs",
-               "max_train_steps", "max_grad_norm", "seed")
+               "max_train_steps", "max_grad_norm", "seed", "mlm_probability")
 _PATH_ARGS = ("model_name_or_path", "config_name", "tokenizer_name", "pretrained_model", "vg_dir", "laion_file",
               "laion_image_root", "wiki_file", "train_file", "image_generator", "image_index")
 
@@ -118,7 +123,9 @@ def build_parser():
                    help="resume even when the checkpoint was made with other result-changing settings")
 
     g = p.add_argument_group("models")
-    g.add_argument("--model_name_or_path", required=True, help="the frozen causal LM (hub id or local dir)")
+    g.add_argument("--model_name_or_path", required=True,
+                   help="the frozen LM (hub id or local dir): a causal LM, or a masked LM (trained with the MLM "
+                        "objective, see --mlm_probability)")
     g.add_argument("--config_name", default=None, help="LM config, if not the one of --model_name_or_path")
     g.add_argument("--tokenizer_name", default=None, help="tokenizer, if not the one of --model_name_or_path")
     g.add_argument("--use_slow_tokenizer", action="store_true")
@@ -156,6 +163,9 @@ def build_parser():
                    help="tokens per text, EOS included (WikiText chunks need wiki_chunk_tokens + 2)")
     g.add_argument("--num_workers", type=non_negative_int, default=4,
                    help="DataLoader workers (decoding, cropping, generation)")
+    g.add_argument("--mlm_probability", type=finite_float(0.0, 1.0, low_open=True), default=0.15,
+                   help="masked LMs: the share of caption tokens masked for the MLM loss (BERT's 0.15; the first "
+                        "release used 0.2), strictly between 0 and 1")
     g.add_argument("--pregenerate_images", action="store_true",
                    help="fill --image_cache with the images of the wiki chunks, then exit")
     add_generation_args(p)
@@ -209,6 +219,8 @@ def parse_args(argv=None):
         parser.error(f"--output_dir {output_dir} exists and is not a directory")
     if args.overwrite_output_dir and args.resume_from_checkpoint:
         parser.error("--overwrite_output_dir and --resume_from_checkpoint exclude each other")
+    if args.mlm_probability >= 1.0:
+        parser.error(f"--mlm_probability must lie strictly between 0 and 1, got {args.mlm_probability}")
     return args
 
 
@@ -538,6 +550,7 @@ def prepare_data(args, accelerator):
     from transformers import AutoConfig, AutoTokenizer
 
     from data.captions import build_train_dataset, select_sources
+    from models.late_fusion import model_kind
 
     def load(what: str):
         try:
@@ -588,6 +601,11 @@ def prepare_data(args, accelerator):
     dataset, provider = agreed(accelerator, build, sources, tokenizer, main_first=True)
     if tokenizer is None:
         tokenizer = agreed(accelerator, load, "tokenizer", main_first=True)
+    try:
+        if model_kind(lm_config) == "masked" and tokenizer.mask_token_id is None:
+            raise InputError(f"the tokenizer of the masked LM {args.model_name_or_path} has no mask token")
+    except ValueError as err:  # not a supported model: said in full when the model loads
+        logger.debug("model kind: %s", err)
     names = sources + (["--train_file"] if args.train_file else [])
     logger.info("training set: %d items from %s", len(dataset), " + ".join(names))
     return lm_config, tokenizer, dataset, provider
@@ -621,6 +639,28 @@ def load_models(args, accelerator, lm_config, pretrained=None):
     if pretrained is not None:
         load_trainable(model, args.pretrained_model, loaded=pretrained)
     return encoder, model.train()
+
+
+def masked_lm_setup(args, model, encoder, tokenizer):
+    """For a masked LM: the MLM masker, with ``--max_length`` cut to the text the fusion block can number
+    after the visual prefix and the LM-state cache off (None for a causal LM)."""
+    from PIL import Image
+
+    from data.masking import MLMMasker
+
+    if model.kind != "masked":
+        return None
+    n_visual = encoder.encode_images(encoder.pixels([Image.new("RGB", (64, 64))]))[0].shape[1]
+    limit = model.max_positions - n_visual if model.max_positions else None
+    if limit is not None and args.max_length > limit:
+        logger.warning("--max_length %d: cut to %d, the positions the %s fusion block has left after %d visual "
+                       "tokens", args.max_length, limit, model.model_type, n_visual)
+        args.max_length = limit
+    if args.cache_lm_states:
+        logger.warning("--cache_lm_states: off for a masked LM, whose inputs are masked anew at every step")
+        args.cache_lm_states = False
+    logger.info("masked LM: MLM objective, masking probability %s", args.mlm_probability)
+    return MLMMasker(tokenizer, args.mlm_probability)
 
 
 def _run(args, step_callback) -> dict:
@@ -657,6 +697,7 @@ def _run(args, step_callback) -> dict:
     if provider is not None and args.image_source == "retrieve":
         logger.info("retrieved the images of %d wiki prompts from %s",
                     prefetch_wiki_images(accelerator, dataset, provider, encoder), args.image_index)
+    masker = masked_lm_setup(args, accelerator.unwrap_model(model), encoder, tokenizer)
 
     # Decoding, cropping, generation and CLIP preprocessing run in the workers. CUDA cannot be used in
     # forked workers, so inline wiki image generation on a GPU needs spawned ones.
@@ -664,7 +705,8 @@ def _run(args, step_callback) -> dict:
              and args.num_workers > 0)  # retrieved images: the workers only read files
     train_dataloader = DataLoader(
         SkipBadImages(dataset), batch_size=args.per_device_train_batch_size, shuffle=args.shuffle_data,
-        collate_fn=CaptionCollator(tokenizer, encoder.preprocess, max_length=args.max_length),
+        collate_fn=CaptionCollator(tokenizer, encoder.preprocess, max_length=args.max_length,
+                                   add_eos=masker is None),  # a masked LM's tokenizer ends its texts itself
         num_workers=args.num_workers, pin_memory=accelerator.device.type == "cuda",
         multiprocessing_context="spawn" if spawn else None,
         # a private generator keeps the global RNG (dropout) independent of the data loading
@@ -705,7 +747,7 @@ def _run(args, step_callback) -> dict:
                 num_epochs, max_train_steps, total_batch, args.per_device_train_batch_size,
                 accelerator.num_processes, args.gradient_accumulation_steps)
     run = _Run(args, accelerator, model, encoder, optimizer, train_dataloader, lr_scheduler, state, budget,
-               config, resume_path, output_dir)
+               config, resume_path, output_dir, masker)
     try:
         result = run.train(max_train_steps, num_epochs, total_batch, step_callback)
     except NoReadableImage as err:
@@ -721,8 +763,9 @@ class _Run:
     """The training loop and what it saves (checkpoints, weights), for one invocation of :func:`main`."""
 
     def __init__(self, args, accelerator, model, encoder, optimizer, train_dataloader, lr_scheduler, state,
-                 budget, config, resume_path, output_dir):
+                 budget, config, resume_path, output_dir, masker=None):
         self.args, self.accelerator, self.model, self.encoder = args, accelerator, model, encoder
+        self.masker = masker  # masked LMs: the MLM masking of each batch
         self.optimizer, self.train_dataloader, self.lr_scheduler = optimizer, train_dataloader, lr_scheduler
         self.state, self.budget, self.config = state, budget, config
         self.resume_path, self.output_dir = resume_path, output_dir
@@ -766,6 +809,7 @@ class _Run:
     def train(self, max_train_steps, num_epochs, total_batch, step_callback) -> dict:
         from tqdm.auto import tqdm
 
+        from data.masking import batch_seed
         from models.late_fusion import HiddenStateMemo
 
         args, accelerator, model, state = self.args, self.accelerator, self.model, self.state
@@ -789,6 +833,10 @@ class _Run:
                 batch_index, micro_losses, seen, bad = skip, [], 0, 0
                 for batch in loader:
                     batch_index += 1
+                    if self.masker is not None:  # seeded by the batch's place in the run: a resume masks it alike
+                        batch["input_ids"], batch["labels"] = self.masker(
+                            batch["input_ids"], batch["labels"],
+                            batch_seed(args.seed, epoch, batch_index, accelerator.process_index))
                     skipped = batch.pop("bad_images")
                     self.budget.log(skipped)
                     seen, bad = seen + len(batch["input_ids"]) + len(skipped), bad + len(skipped)

@@ -716,12 +716,21 @@ class CaptionCollator:
         if max_length < 1 + add_eos:
             raise ValueError(f"max_length {max_length} leaves no room for text")
 
+    def _context_length(self, prompt: str) -> int:
+        """How many tokens a context prompt takes at the start of its row: its own and the tokenizer's
+        leading special tokens, not the ones a tokenizer appends to every text ([SEP], </s>)."""
+        ids = self.tokenizer(prompt.rstrip(), verbose=False)["input_ids"]
+        special = set(self.tokenizer.all_special_ids)
+        n = len(ids)
+        while n and ids[n - 1] in special:
+            n -= 1
+        return n
+
     def __call__(self, batch: list[dict]) -> dict[str, torch.Tensor]:
         texts = [item.get("prompt", "") + item["text"] for item in batch]
         rows = self.tokenizer(texts, truncation=True, max_length=self.max_length - self.add_eos,
                               verbose=False)["input_ids"]
-        context = [len(self.tokenizer(item["prompt"].rstrip(), verbose=False)["input_ids"]) if item.get("prompt") else 0
-                   for item in batch]
+        context = [self._context_length(item["prompt"]) if item.get("prompt") else 0 for item in batch]
         if self.add_eos:
             rows = [ids if ids and ids[-1] == self.eos_id else ids + [self.eos_id] for ids in rows]
         length = max(len(ids) for ids in rows)

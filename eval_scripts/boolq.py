@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from data.benchmarks import boolq_context, boolq_released_prompt, load_boolq
 from data.prompts import derive_prompts
-from eval_scripts.core import Evaluator, build_parser, first_token_ids, run_main
+from eval_scripts.core import Evaluator, build_parser, first_token_ids, require_causal_lm, run_main
 
 CANDIDATES = ("yes", "no")
 LAST_N_WORDS = 60
@@ -95,6 +95,7 @@ def metrics_from(records: list[dict]) -> dict:
 
 def evaluate(args, runtime=None) -> dict:
     """Run the benchmark with parsed ``args`` (on a shared ``runtime``, if given: the suite's)."""
+    require_causal_lm(args, "boolq.py")
     data = load_boolq(args.data_dir, limit=args.limit, split=args.split, data_file=args.data_file)
     ev = Evaluator(args, task_name(args), runtime=runtime)
     metrics = metrics_from(ev.run(build_items(ev, data), make_compute(ev)))

@@ -159,7 +159,7 @@ def build_parser(description: str, *, image_prompt_choices=("sentences", "full",
     p = EvalArgumentParser(description=description)
     g = p.add_argument_group("model")
     g.add_argument("--model_name", "--model_name_or_path", dest="model_name", default="gpt2",
-                   help="causal LM: hub id or local dir")
+                   help="causal or masked LM: hub id or local dir")
     g.add_argument("--pretrained_model", default=None,
                    help="trained fusion weights: a dir written by train.py, or a released .bin (suffix optional)")
     g.add_argument("--vision_encoder", default=None,

@@ -39,7 +39,7 @@ import math
 
 from data.benchmarks import COMMONSENSE_TESTSETS, MCExample, load_commonsense
 from data.prompts import derive_prompts
-from eval_scripts.core import EvalError, Evaluator, build_parser, run_main
+from eval_scripts.core import EvalError, Evaluator, build_parser, require_causal_lm, run_main
 from eval_scripts.metrics import mc_predictions, ppl_prediction
 
 PROTOCOLS = ("released", "harness")
@@ -185,6 +185,7 @@ def metrics_from(records: list[dict], protocol: str) -> dict:
 
 def evaluate(args, runtime=None) -> dict:
     """Run the benchmark with parsed ``args`` (on a shared ``runtime``, if given: the suite's)."""
+    require_causal_lm(args, "commonsenseQA.py")
     examples = load_commonsense(args.testset, args.data_dir, split=args.split, limit=args.limit,
                                 data_file=args.data_file)
     ev = Evaluator(args, task_name(args), runtime=runtime)

@@ -8,7 +8,8 @@ The evaluator joins three parts, one concern each:
 
 * :mod:`eval_scripts.runtime`: what is loaded once from the flags (model, tokenizer, vision encoder,
   image provider, memos); several evaluators can share one runtime (the suite does);
-* :mod:`eval_scripts.scoring`: the scoring primitives with this task's mixing settings;
+* :mod:`eval_scripts.scoring`: the scoring primitives with this task's mixing settings
+  (:mod:`eval_scripts.masked_scoring` for a masked LM: fill-mask candidate scoring only);
 * :mod:`eval_scripts.records`: the run directory: resuming, sharding, samples and result files.
 
 Flags and one-line errors live in :mod:`eval_scripts.cli`.
@@ -21,6 +22,7 @@ import time
 from typing import Callable
 
 from eval_scripts.cli import EvalError, bool_word, build_parser, parse_choices, run_main, validate_args  # noqa: F401
+from eval_scripts.masked_scoring import MaskedScorer
 from eval_scripts.records import RunRecords
 from eval_scripts.runtime import DTYPES, Runtime, clear_memos  # noqa: F401
 from eval_scripts.scoring import Scorer, first_token_ids  # noqa: F401
@@ -32,6 +34,22 @@ RESUME_KEYS = ("model_name", "pretrained_model", "vision_encoder", "generate_ima
                "image_generator", "image_size", "num_inference_steps", "guidance_scale", "mix",
                "clip_temperature", "uniform_weights", "seed",
                "image_source", "image_index", "retrieve_by", "dedup_threshold")
+
+
+def require_causal_lm(args: argparse.Namespace, script: str) -> None:
+    """One clear error, before anything is loaded or written, when ``script`` (which scores next tokens or
+    generates) is given a masked LM. A model whose config cannot be read is left to the runtime to report."""
+    from transformers import AutoConfig
+
+    from models.late_fusion import model_kind
+
+    try:
+        config = AutoConfig.from_pretrained(args.model_name)
+    except (OSError, ValueError):
+        return
+    if model_kind(config) == "masked":
+        raise EvalError(f"{script} needs a causal LM (it scores next tokens or generates), but {args.model_name!r} "
+                        "is a masked LM; masked LMs run object_commonsense.py and imagenetVC.py")
 
 
 class Evaluator:
@@ -57,7 +75,7 @@ class Evaluator:
             args.vision_encoder = runtime.spec["vision_encoder"]
             self._open_records(runtime)
         self.runtime = runtime
-        self.scorer = Scorer(runtime, args, self.use_images)
+        self.scorer = (MaskedScorer if runtime.model.kind == "masked" else Scorer)(runtime, args, self.use_images)
         self._stats0 = self._runtime_stats()
 
     def _open_records(self, runtime: Runtime) -> None:
@@ -78,6 +96,11 @@ class Evaluator:
     is_main = property(lambda self: self.runtime.is_main)
     watch = property(lambda self: self.runtime.watch)
     out_dir = property(lambda self: self.records.out_dir)
+
+    def answer_prompt(self, prompt: str) -> str:
+        """The prompt whose answer candidates are scored: as is for a causal LM, followed by the mask
+        token for a masked LM (:func:`eval_scripts.masked_scoring.masked_prompt`)."""
+        return self.scorer.answer_prompt(prompt) if isinstance(self.scorer, MaskedScorer) else prompt
 
     def images_for(self, prompt_lists):
         return self.scorer.images_for(prompt_lists)

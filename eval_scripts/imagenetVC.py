@@ -17,6 +17,9 @@ all 5 templates share them; ``--image_prompt full`` reproduces the release (the 
 Data: the CSVs shipped under ``data/evaluation/imagenetvc`` by default; ``--data_dir`` (a folder of
 ``{subset}.csv`` with ``dev/``), ``--data_file`` (one subset's CSV) or ``--from_hub`` instead.
 
+A masked LM (BERT, RoBERTa, ...) answers at a mask token after each templated prompt, "{prompt} [MASK].",
+scored by fill-mask (``eval_scripts.masked_scoring``, ``docs/masked_lm.md``).
+
     python eval_scripts/imagenetVC.py --model_name meta-llama/Meta-Llama-3-8B --run_name llama3_imagenetvc \
         --pretrained_model output/llama3/ft_wiki_laion_220_2 --generate_images True --k 10
 """
@@ -100,7 +103,8 @@ def build_items(ev: Evaluator, subset: str, examples: list[dict]) -> list[dict]:
                 source = ex["question"] if args.image_prompt == "question" else imagenetvc_prompt(ex["question"], t)
                 image_prompts = derive_prompts(source, args.k, "full")
             items.append({"id": f"{ex['id']}/t{t}", "shard_key": ex["id"], "subset": subset, "template": t,
-                          "prompt": imagenetvc_prompt(ex["question"], t, demos), "answer": ex["answer"],
+                          "prompt": ev.answer_prompt(imagenetvc_prompt(ex["question"], t, demos)),
+                          "answer": ex["answer"],
                           "candidates": ex["candidates"], "image_prompts": image_prompts})
     return items
 

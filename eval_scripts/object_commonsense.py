@@ -67,6 +67,10 @@ objects, which equals our ``mean`` because every template sees the same examples
 Images: with ``--image_prompt object`` (the default), the k images come from the object phrase (for
 size, "{a} and {b}"), so all templates share them. ``--image_prompt full`` uses the templated prompt instead.
 
+A masked LM (BERT, RoBERTa, ...) answers at a mask token after each templated prompt, "{prompt} [MASK]."
+(e.g. "Q: What is the color of a banana? A: It is [MASK]."), scored by fill-mask; images come from the
+prompt without the mask (``eval_scripts.masked_scoring``, ``docs/masked_lm.md``).
+
     python eval_scripts/object_commonsense.py --model_name gpt2 --pretrained_model output/gpt2/ft_wiki_laion_220_2 \
         --generate_images True --k 10
 """
@@ -168,7 +172,8 @@ def build_items(ev: Evaluator, set_name: str, examples: list[dict]) -> list[dict
                 image_prompts = []
                 if ev.use_images:
                     image_prompts = derive_prompts(subject if args.image_prompt == "object" else prompt, args.k, "full")
-                items.append({"id": f"{ex['id']}{suffix}/t{t}", "set": set_name, "template": t, "prompt": prompt,
+                items.append({"id": f"{ex['id']}{suffix}/t{t}", "set": set_name, "template": t,
+                              "prompt": ev.answer_prompt(prompt),
                               "answer": answer, "candidates": list(candidates), "image_prompts": image_prompts})
     return items
 

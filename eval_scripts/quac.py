@@ -21,7 +21,7 @@ answers, is_impossible, exact_match, f1, correct`` (exact match) and ``images``.
 from __future__ import annotations
 
 from data.benchmarks import QUAC_CANNOTANSWER, load_quac
-from eval_scripts.core import run_main
+from eval_scripts.core import require_causal_lm, run_main
 from eval_scripts.metrics import exact_match, quac_f1, quac_references, quac_scores
 from eval_scripts.squad import abstained, check_args, parse_args, run_generation  # noqa: F401 (check_args: the suite)
 from eval_scripts.squad import make_parser as _squad_parser
@@ -46,6 +46,7 @@ def make_parser():
 
 def evaluate(args, runtime=None) -> dict:
     """Run the benchmark with parsed ``args`` (on a shared ``runtime``, if given: the suite's)."""
+    require_causal_lm(args, "quac.py")
     ev, results, skipped = run_generation(args, "QuAC", load_quac(args.data_dir, path=args.data_file, split=args.split),
                                           quac_example_scores, runtime)
     official = quac_scores([quac_answer(r["prediction"]) for r in results], [r["answers"] for r in results])

@@ -38,7 +38,7 @@ from typing import Callable
 
 from data.benchmarks import load_squad, qa_one_shot_prompt
 from data.prompts import derive_prompts
-from eval_scripts.core import EvalError, Evaluator, build_parser, run_main
+from eval_scripts.core import EvalError, Evaluator, build_parser, require_causal_lm, run_main
 from eval_scripts.metrics import exact_match, f1, normalize_answer
 
 LAST_N_WORDS = 70
@@ -145,6 +145,7 @@ def group_means(records: list[dict]) -> dict:
 
 def evaluate(args, runtime=None) -> dict:
     """Run the benchmark with parsed ``args`` (on a shared ``runtime``, if given: the suite's)."""
+    require_causal_lm(args, "squad.py")
     records = load_squad(args.data_dir, path=args.data_file, split=args.split)
     v11 = bool(records) and records[0]["squad_version"] == "1.1"
     ev, results, skipped = run_generation(args, "SQuAD_v1.1" if v11 else "SQuAD", records,

@@ -4,11 +4,11 @@ Our format is a directory with ``model.safetensors``, a ``config.json`` naming t
 vision encoder and the projector width, and a short ``README.md`` model card.
 
 The released vLMIG checkpoints are a ``torch.save`` of the WHOLE model's ``state_dict()`` (the
-frozen LM included, sometimes with a DDP ``module.`` prefix), given with or without the ``.bin``
-suffix. Only their ``mm_proj.*`` and ``fusion_layer.*`` keys are read, with ``weights_only=True``:
-nothing in a file can run code. Loading is strict: any missing, unexpected or mis-shaped trainable
-key, any non-finite value, and any unreadable file (empty, truncated, random bytes, a pickle of
-objects) is one clear single-line error naming the file.
+frozen LM included, e.g. ``bert.*`` and ``cls.*`` for BERT, and the CLIP tower; sometimes with a
+DDP ``module.`` prefix), given with or without the ``.bin`` suffix. Only their ``mm_proj.*`` and
+``fusion_layer.*`` keys are read, with ``weights_only=True``: nothing in a file can run code. Loading is
+strict: any missing, unexpected or mis-shaped trainable key, any non-finite value, and any unreadable
+file (empty, truncated, random bytes, a pickle of objects) is one clear single-line error naming the file.
 """
 from __future__ import annotations
 
@@ -24,7 +24,8 @@ CONFIG_NAME = "config.json"
 FORMAT = "late-fusion-trainable"
 TRAINABLE_PREFIXES = ("mm_proj.", "fusion_layer.")
 # Buffers older transformers versions persisted in state dicts; never trainable, safe to skip.
-_IGNORED_SUFFIXES = (".rotary_emb.inv_freq", ".attn.bias", ".attn.masked_bias")
+_IGNORED_SUFFIXES = (".rotary_emb.inv_freq", ".attn.bias", ".attn.masked_bias", ".embeddings.position_ids",
+                     ".embeddings.token_type_ids")
 
 
 class CheckpointError(ValueError):
@@ -172,7 +173,10 @@ def _describe(state: dict[str, torch.Tensor]) -> str:
     keys = set(state)
     arch = ("GPT-2" if "fusion_layer.wpe.weight" in keys else
             "OPT" if any(k.startswith("fusion_layer.decoder.") for k in keys) else
-            "Llama/Gemma/Qwen-style" if any(k.startswith("fusion_layer.layers.0.") for k in keys) else None)
+            "Llama/Gemma/Qwen-style" if any(k.startswith("fusion_layer.layers.0.") for k in keys) else
+            "BERT-style (masked LM)" if any(k.startswith(("fusion_layer.encoder.layer.0.",
+                                                           "fusion_layer.transformer.layer.0.")) for k in keys)
+            else None)
     w = state.get("mm_proj.linear2.weight")
     if arch is None and w is None:
         return "it holds no mm_proj/fusion_layer weights at all"

@@ -12,6 +12,9 @@ Parts:
 
 The vision encoder is NOT part of this module: callers pass CLIP patch tokens in. Checkpoints hold
 only ``mm_proj`` and ``fusion_layer``.
+
+Masked LMs (BERT, RoBERTa, ...) get the same model around an encoder: :mod:`models.masked_fusion`.
+:func:`model_kind` tells the two apart, and :meth:`LateFusionLM.from_pretrained` builds the right one.
 """
 from __future__ import annotations
 
@@ -58,11 +61,51 @@ def _hidden_size(config) -> int:
     raise ValueError(f"cannot tell the hidden size of a {config.model_type!r} config")
 
 
-def build_fusion_layer(lm_config) -> tuple[nn.Module, float]:
+SUPPORTED_MODELS = ("a causal LM (AutoModelForCausalLM: GPT-2, Llama, Gemma, OPT, Qwen2, ...) or a masked LM "
+                    "with its MLM head (AutoModelForMaskedLM: BERT, RoBERTa, DistilBERT, ALBERT, ...)")
+
+
+def model_kind(config) -> str:
+    """``"causal"`` or ``"masked"``: which kind of LM a config describes, i.e. which wrapper it gets.
+
+    Decided by ``config.architectures`` (the head class the checkpoint was saved with) when it names a
+    causal-LM or masked-LM class (or a masked-LM type's ``...ForPreTraining``, which holds an MLM head),
+    else by ``config.model_type``: a type the masked Auto class does not know is causal (the causal Auto
+    class then loads it or says why not); a type both know (BERT's ``BertLMHeadModel``) is causal only
+    with ``is_decoder``. An encoder-decoder model, or a masked-LM type saved without its MLM head
+    (``BertModel``, ``...ForSequenceClassification``), is a ValueError naming what is supported.
+    """
+    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+                                                        MODEL_FOR_MASKED_LM_MAPPING_NAMES)
+
+    mtype = getattr(config, "model_type", None)
+    if getattr(config, "is_encoder_decoder", False):
+        raise ValueError(f"{mtype!r} is an encoder-decoder model, which late fusion does not support; "
+                         f"use {SUPPORTED_MODELS}")
+    causal, masked = mtype in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, mtype in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+    archs = list(getattr(config, "architectures", None) or [])
+    for arch in archs:
+        if arch in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values() or arch.endswith(("ForCausalLM", "LMHeadModel")):
+            return "causal"
+        if (arch in MODEL_FOR_MASKED_LM_MAPPING_NAMES.values() or arch.endswith("ForMaskedLM")
+                or (masked and arch.endswith("ForPreTraining"))):
+            return "masked"
+    if not masked:
+        return "causal"
+    if not archs:
+        return "causal" if causal and getattr(config, "is_decoder", False) else "masked"
+    what = f"{mtype!r} ({', '.join(archs)})" if archs else repr(mtype)
+    raise ValueError(f"{what} is neither a causal LM nor a masked LM with its MLM head (an encoder without "
+                     f"an MLM head?); late fusion supports {SUPPORTED_MODELS}")
+
+
+def build_fusion_layer(lm_config, keep_pad_id: bool = False) -> tuple[nn.Module, float]:
     """The LM's base-model class with one layer and no token embedding.
 
     Returns the module and the scale the architecture applies to its input embeddings (Gemma
     multiplies them by sqrt(d); the released Gemma fusion layer does too), which the caller applies.
+    ``keep_pad_id``: keep the config's pad id, for architectures that number positions after it
+    (RoBERTa); otherwise the block is built without one.
     """
     from transformers import AutoModel
 
@@ -74,8 +117,9 @@ def build_fusion_layer(lm_config) -> tuple[nn.Module, float]:
         cfg.layer_types = list(cfg.layer_types[:1])
     # A one-row embedding (then removed) instead of a vocabulary-sized one: no 525M-parameter
     # allocation for Llama-3. The pad id must fit in it.
-    cfg.vocab_size = 1
-    cfg.pad_token_id = None
+    pad = cfg.pad_token_id if keep_pad_id else None
+    cfg.vocab_size = 1 if pad is None else pad + 1
+    cfg.pad_token_id = pad
     if getattr(cfg, "use_cache", None) is None:
         cfg.use_cache = True
     layer = AutoModel.from_config(cfg)
@@ -104,37 +148,33 @@ def positions_from_mask(mask: torch.Tensor, offset: torch.Tensor | int = 0) -> t
     return (pos + offset).clamp(min=0)
 
 
-class NotACausalLMError(ValueError):
-    """The model given as the frozen LM is not a causal (left-to-right) language model."""
+class UnsupportedModelError(ValueError):
+    """The model given as the frozen LM is neither a causal LM nor a masked LM with its MLM head."""
 
 
-# kwargs of AutoModelForCausalLM.from_pretrained that AutoConfig.from_pretrained needs as well
+NotACausalLMError = UnsupportedModelError  # the earlier name
+
+# kwargs of AutoModelFor*.from_pretrained that AutoConfig.from_pretrained needs as well
 _CONFIG_KWARGS = ("trust_remote_code", "revision", "subfolder", "token", "cache_dir", "gguf_file")
 
 
-def check_causal_lm(config, name: str = "the model") -> None:
-    """Refuse a model that is not a causal LM, before its weights are read (one line, the model_type).
-
-    This is the one place that decides what the late-fusion wrapper accepts. A model is a causal LM
-    when transformers has a causal-LM class for its ``model_type`` (or its remote code declares one),
-    and it is neither an encoder-decoder nor an encoder checkpoint: model types that have both a
-    causal-LM and a masked-LM class (BERT, RoBERTa, ...) are causal only when saved as decoders
-    (``is_decoder``); otherwise their causal-LM class would attend to later tokens. A path for masked
-    LMs would route models refused here as encoders to it.
-    """
-    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
-                                                        MODEL_FOR_MASKED_LM_MAPPING_NAMES)
+def check_supported(config, name: str = "the model") -> str:
+    """The kind of LM a config describes (:func:`model_kind`), or one line saying why late fusion cannot
+    wrap it, before any weight is read. This and :func:`model_kind` are the one place that decides what
+    the wrapper accepts: a causal LM needs a causal-LM class for its ``model_type`` (or remote code that
+    declares one); a masked LM needs its MLM head."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     model_type = getattr(config, "model_type", None) or "unknown"
+    try:
+        kind = model_kind(config)
+    except ValueError as e:
+        raise UnsupportedModelError(f"{name}: {e}") from None
     remote = "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {})
-    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not remote:
-        kind = ", a masked LM" if model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES else ""
-        raise NotACausalLMError(f"{name} is not a causal LM (model_type {model_type!r}{kind})")
-    if getattr(config, "is_encoder_decoder", False):
-        raise NotACausalLMError(f"{name} is not a causal LM (model_type {model_type!r}, an encoder-decoder)")
-    if model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_decoder", False):
-        raise NotACausalLMError(f"{name} is not a causal LM (model_type {model_type!r}, an encoder / masked LM "
-                                "saved without is_decoder)")
+    if kind == "causal" and model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not remote:
+        raise UnsupportedModelError(f"{name} is not a causal LM (model_type {model_type!r}); late fusion "
+                                    f"supports {SUPPORTED_MODELS}")
+    return kind
 
 
 def _first_line(error: BaseException) -> str:
@@ -150,14 +190,15 @@ def _weights_named(path: str, suffix: str) -> str:
     return ", ".join(names[:3]) + (", ..." if len(names) > 3 else "") if names else f"a {suffix} file"
 
 
-def load_causal_lm(model_name_or_path: str, torch_dtype=None, **lm_kwargs):
-    """``AutoModelForCausalLM.from_pretrained``, with every failure one line (ValueError, or
-    FileNotFoundError when nothing loadable is there): not a causal LM (:func:`check_causal_lm`), an
-    unreadable weights file, or weights missing from the checkpoint (they would be random)."""
+def load_lm(model_name_or_path: str, torch_dtype=None, **lm_kwargs):
+    """The frozen LM: ``AutoModelForCausalLM`` or ``AutoModelForMaskedLM`` by :func:`check_supported`, with
+    every failure one line (ValueError, or FileNotFoundError when nothing loadable is there): an
+    unsupported model, an unreadable weights file, or weights missing from the checkpoint (they would be
+    random; a missing head means the checkpoint is not the LM it claims to be)."""
     from pickle import UnpicklingError
 
     from safetensors import SafetensorError
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM
 
     what = f"language model {model_name_or_path!r}"
     config = lm_kwargs.pop("config", None)
@@ -165,12 +206,13 @@ def load_causal_lm(model_name_or_path: str, torch_dtype=None, **lm_kwargs):
         if config is None:
             config = AutoConfig.from_pretrained(model_name_or_path,
                                                 **{k: lm_kwargs[k] for k in _CONFIG_KWARGS if k in lm_kwargs})
-        check_causal_lm(config, what)
-        lm, info = AutoModelForCausalLM.from_pretrained(model_name_or_path, config=config, dtype=torch_dtype,
-                                                        output_loading_info=True, **lm_kwargs)
+        kind = check_supported(config, what)
+        auto = AutoModelForCausalLM if kind == "causal" else AutoModelForMaskedLM
+        lm, info = auto.from_pretrained(model_name_or_path, config=config, dtype=torch_dtype,
+                                        output_loading_info=True, **lm_kwargs)
     except OSError as e:
         raise FileNotFoundError(f"cannot load {what}: {_first_line(e)}") from None
-    except NotACausalLMError:
+    except UnsupportedModelError:
         raise
     except SafetensorError as e:
         raise ValueError(f"cannot load {what}: {_weights_named(model_name_or_path, '.safetensors')} is not a "
@@ -185,8 +227,10 @@ def load_causal_lm(model_name_or_path: str, torch_dtype=None, **lm_kwargs):
         head = next((n for n, m in lm.named_modules() if m is lm.get_output_embeddings()), None)
         head_missing = [k for k in missing if head and k.startswith(head + ".")]
         if head_missing:
-            raise NotACausalLMError(f"{what} is not a causal LM: its checkpoint has no LM head weights "
-                                    f"({', '.join(head_missing[:3])}; model_type {config.model_type!r})")
+            raise UnsupportedModelError(
+                f"{what}: its checkpoint has no {'LM' if kind == 'causal' else 'MLM'} head weights "
+                f"({', '.join(head_missing[:3])}; model_type {config.model_type!r}); late fusion supports "
+                f"{SUPPORTED_MODELS}")
         raise ValueError(f"{what}: {len(missing)} weights are missing from its checkpoint and would be random "
                          f"(e.g. {', '.join(missing[:3])})")
     return lm
@@ -194,6 +238,10 @@ def load_causal_lm(model_name_or_path: str, torch_dtype=None, **lm_kwargs):
 
 class LateFusionLM(nn.Module):
     """A frozen causal LM plus a trained projector and one fusion block."""
+
+    kind = "causal"
+    label_shift = 1  # the loss predicts the token after each position
+    build_fusion = staticmethod(build_fusion_layer)
 
     def __init__(self, lm: nn.Module, vision_dim: int, proj_hidden: int | None = None):
         super().__init__()
@@ -206,7 +254,7 @@ class LateFusionLM(nn.Module):
         self.vision_dim = int(vision_dim)
         self.proj_hidden = int(proj_hidden or default_proj_hidden(self.model_type, self.hidden_size))
         self.mm_proj = VisualProjector(self.vision_dim, self.proj_hidden, self.hidden_size)
-        self.fusion_layer, self.fusion_input_scale = build_fusion_layer(lm.config)
+        self.fusion_layer, self.fusion_input_scale = self.build_fusion(lm.config)
         self._softcap = getattr(cfg, "final_logit_softcapping", None)
         self._lm_cache_kw = _cache_kwarg(self.lm.base_model)
         self._fusion_cache_kw = _cache_kwarg(self.fusion_layer)
@@ -216,10 +264,16 @@ class LateFusionLM(nn.Module):
     @classmethod
     def from_pretrained(cls, model_name_or_path: str, vision_dim: int, proj_hidden: int | None = None,
                         torch_dtype=None, device=None, **lm_kwargs) -> "LateFusionLM":
-        """Load the frozen LM (refused unless it is a causal LM with every weight in its checkpoint, see
-        :func:`check_causal_lm`) and build a fresh projector and fusion block around it."""
-        model = cls(load_causal_lm(model_name_or_path, torch_dtype=torch_dtype, **lm_kwargs),
-                    vision_dim=vision_dim, proj_hidden=proj_hidden)
+        """The frozen LM from the hub or a directory (:func:`load_lm`), with a new projector and fusion
+        block. A masked LM (:func:`model_kind`) gives a :class:`models.masked_fusion.MaskedLateFusionLM`."""
+        lm = load_lm(model_name_or_path, torch_dtype=torch_dtype, **lm_kwargs)
+        kind = model_kind(lm.config)
+        if kind != cls.kind:
+            if cls is not LateFusionLM:
+                raise UnsupportedModelError(f"{model_name_or_path!r} is a {kind} LM, not a {cls.kind} one")
+            from models.masked_fusion import MaskedLateFusionLM
+            cls = MaskedLateFusionLM
+        model = cls(lm, vision_dim=vision_dim, proj_hidden=proj_hidden)
         model.name_or_path = model_name_or_path
         model.eval()  # like HF from_pretrained; train.py calls model.train()
         return model.to(device) if device is not None else model
@@ -302,8 +356,9 @@ class LateFusionLM(nn.Module):
                 return_logits: bool | None = None) -> FusionOutput:
         """One image per row: the next-token loss on the fused logits at the text positions.
 
-        ``labels`` are aligned with ``input_ids`` (-100 where ignored); they are shifted here, and the
-        LM head runs only on positions that have a label (unless ``return_logits``, the default when
+        ``labels`` are aligned with ``input_ids`` (-100 where ignored); they are shifted here by
+        ``label_shift`` (a masked LM predicts its own positions: no shift), and the LM head runs only on
+        positions that have a label (unless ``return_logits``, the default when
         no labels are given, asks for all of them). ``hidden``: the frozen LM's hidden states, if the
         caller has them memoised.
         """
@@ -315,9 +370,10 @@ class LateFusionLM(nn.Module):
         logits = self.lm_head(fused) if return_logits else None
         loss = None
         if labels is not None:
-            targets = labels[:, 1:]
+            width = labels.shape[1] - self.label_shift
+            targets = labels[:, self.label_shift:]
             keep = targets != -100
-            scored = logits[:, :-1][keep] if logits is not None else self.lm_head(fused[:, :-1][keep])
+            scored = logits[:, :width][keep] if logits is not None else self.lm_head(fused[:, :width][keep])
             loss = nn.functional.cross_entropy(scored.float(), targets[keep]) if keep.any() \
                 else fused.sum() * 0.0
         return FusionOutput(loss=loss, logits=logits)

@@ -156,7 +156,7 @@ CASES = [
     ("squad-no-articles", "squad", ["--data_dir", "{squad_empty}"], "holds no articles"),
     ("object-header-only", "object_commonsense", ["--data_dir", "{obj_header}"], "shape.csv: the file holds no rows"),
     # models that are not causal LMs, or whose weights cannot be read
-    ("encoder-as-lm", "imagenetVC", ["--model_name", "{bert}"], "is not a causal LM (model_type 'bert'"),
+    ("encoder-as-lm", "imagenetVC", ["--model_name", "{bert}"], "'bert' (BertModel) is neither a causal LM nor a"),
     ("clip-as-lm", "boolq", ["--model_name", "{clip_lm}"], "is not a causal LM (model_type 'clip')"),
     ("lm-without-head", "imagenetVC", ["--model_name", "{llama_base}"], "no LM head weights (lm_head.weight"),
     ("garbage-safetensors", "imagenetVC", ["--model_name", "{garbage}"], "model.safetensors is not a valid safetensors"),
@@ -338,21 +338,24 @@ def test_a_failed_start_never_locks_the_run_name(env, tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------------------------- models and data
-def test_encoder_only_models_are_not_causal_lms(env):
+def test_models_late_fusion_cannot_wrap_are_refused(env):
     import transformers as tf
 
-    from models.late_fusion import NotACausalLMError, check_causal_lm, load_causal_lm
+    from models.late_fusion import UnsupportedModelError, check_supported, load_lm
 
-    for config, why in ((tf.BertConfig(), "'bert', an encoder / masked LM"), (tf.CLIPConfig(), "'clip'"),
-                        (tf.DistilBertConfig(), "'distilbert', a masked LM"), (tf.T5Config(), "'t5'"),
-                        (tf.BartConfig(), "'bart', an encoder-decoder")):
-        with pytest.raises(NotACausalLMError, match=f"not a causal LM \\(model_type {why}"):
-            check_causal_lm(config, "m")
-    for config in (tf.GPT2Config(), tf.LlamaConfig(), tf.BertConfig(is_decoder=True)):
-        check_causal_lm(config, "m")
-    with pytest.raises(NotACausalLMError, match="'bert'"):
-        load_causal_lm(env["bert"])
-    assert type(load_causal_lm(env["lm"])).__name__ == "LlamaForCausalLM"
+    for config, why in ((tf.CLIPConfig(), "is not a causal LM \\(model_type 'clip'\\)"),
+                        (tf.T5Config(), "'t5' is an encoder-decoder model"),
+                        (tf.BartConfig(), "'bart' is an encoder-decoder model"),
+                        (tf.BertConfig(architectures=["BertModel"]), "'bert' \\(BertModel\\) is neither")):
+        with pytest.raises(UnsupportedModelError, match=why):
+            check_supported(config, "m")
+    for config, kind in ((tf.GPT2Config(), "causal"), (tf.LlamaConfig(), "causal"),
+                         (tf.BertConfig(is_decoder=True), "causal"), (tf.BertConfig(), "masked"),
+                         (tf.DistilBertConfig(), "masked")):
+        assert check_supported(config, "m") == kind
+    with pytest.raises(UnsupportedModelError, match="'bert' \\(BertModel\\)"):
+        load_lm(env["bert"])
+    assert type(load_lm(env["lm"])).__name__ == "LlamaForCausalLM"
 
 
 def test_a_byte_order_mark_is_read_as_utf8(env, tmp_path):
