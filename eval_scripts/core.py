@@ -97,8 +97,8 @@ class Evaluator:
     def token_logprobs(self, seqs, starts, prompt_lists):
         return self.scorer.token_logprobs(seqs, starts, prompt_lists)
 
-    def continuation_logprobs(self, contexts, continuations, prompt_lists):
-        return self.scorer.continuation_logprobs(contexts, continuations, prompt_lists)
+    def continuation_logprobs(self, contexts, continuations, prompt_lists, names=None):
+        return self.scorer.continuation_logprobs(contexts, continuations, prompt_lists, names)
 
     def score_candidates(self, prompts, candidate_lists, prompt_lists, scoring: str = "first_token"):
         return self.scorer.score_candidates(prompts, candidate_lists, prompt_lists, scoring)
