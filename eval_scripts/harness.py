@@ -147,7 +147,7 @@ def parse_model_args(kwargs: dict) -> tuple[argparse.Namespace, bool]:
     for key in ("image_size", "gen_batch_size", "num_inference_steps"):
         if getattr(args, key) < 1:
             raise EvalError(f"late_fusion model_args: {key} must be >= 1, got {getattr(args, key)}")
-    args.generate_images, args.scoring = use_images, "full"
+    args.generate_images = use_images
     return args, use_images
 
 
@@ -286,11 +286,12 @@ class LateFusionHarnessLM(TemplateLM):
             raise EvalError(f"{where}: generation kwargs must be a dict, got {gen_kwargs!r}")
         kwargs = normalize_gen_kwargs(gen_kwargs, MAX_GEN_TOKS)
         if kwargs.get("do_sample"):
-            raise EvalError(f"{where} samples (do_sample / temperature > 0); late_fusion decodes greedily")
+            raise EvalError(f"{where}: sampling (do_sample, temperature > 0) is not supported; late_fusion "
+                            "decodes greedily")
         other = sorted(k for k in kwargs if k not in GREEDY_GEN_KWARGS
                        and not (k in ("num_beams", "repetition_penalty") and kwargs[k] == 1))
         if other:
-            raise EvalError(f"{where} sets generation kwarg {other[0]!r} ({kwargs[other[0]]!r}); "
+            raise EvalError(f"{where}: generation kwarg {other[0]}={kwargs[other[0]]!r} is not supported; "
                             "late_fusion decodes greedily and honours only until and max_gen_toks")
         until = kwargs["until"]
         if any(not isinstance(u, str) for u in until):
@@ -314,11 +315,16 @@ class LateFusionHarnessLM(TemplateLM):
         (lm-eval hands all requests at once), so scoring batches find them in the cache."""
         if not self.use_images:
             return [[] for _ in texts]
+        from models.image_generation import occurrence_indices
+
         by_text = {t: image_prompts(t, self.args.k, self.args.image_prompt) for t in dict.fromkeys(texts)}
-        distinct = list({tuple(p): list(p) for p in by_text.values() if p}.values())
+        provider = self.runtime.provider
+        missing = [list(p) for p in dict.fromkeys(tuple(p) for p in by_text.values() if p)
+                   if not all(provider.cache.path(provider.key(q, i)).is_file()
+                              for q, i in zip(p, occurrence_indices(list(p))))]
         with self.runtime.watch.phase("generation"):
-            for start in range(0, len(distinct), 256):
-                self.runtime.provider.get(distinct[start:start + 256])
+            for start in range(0, len(missing), 256):
+                provider.get(missing[start:start + 256])
         return [by_text[t] for t in texts]
 
     # ------------------------------------------------------------------ loglikelihood

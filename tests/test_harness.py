@@ -303,9 +303,9 @@ def test_bad_model_args_fail_before_any_model_loads(lm_dirs):
                                                  {"batch_size": 1, "device": "cuda:0", "max_batch_size": None})
     assert lm.batch_size == 5 and lm._runtime is None   # --model_args win; nothing loaded yet
     # a sampling request is refused before the models load
-    with pytest.raises(EvalError, match="samples.*decodes greedily"):
+    with pytest.raises(EvalError, match="doc 0: sampling .* late_fusion decodes greedily"):
         lm.generate_until(requests("generate_until", [("Q:", {"do_sample": True, "temperature": 0.7})]))
-    with pytest.raises(EvalError, match="'num_beams'"):
+    with pytest.raises(EvalError, match="generation kwarg num_beams=4 is not supported"):
         lm.generate_until(requests("generate_until", [("Q:", {"num_beams": 4})]))
     assert lm._runtime is None
     with pytest.raises(EvalError, match="chat templates"):
@@ -317,7 +317,7 @@ def test_a_task_the_adapter_cannot_run_fails_before_any_model_loads(data_dir, ta
     from eval_scripts.harness import LateFusionHarnessLM, tasks_checked_before_run
 
     lm = LateFusionHarnessLM(model_name=lm_dirs["gpt2"], device="cpu")
-    with tasks_checked_before_run(), pytest.raises(EvalError, match="task 'arc_easy_sampled' samples"):
+    with tasks_checked_before_run(), pytest.raises(EvalError, match="task 'arc_easy_sampled': sampling"):
         evaluate(data_dir, task_manager, lm, tasks=("arc_easy", "arc_easy_sampled"), limit=2)
     assert lm._runtime is None
 
@@ -385,6 +385,7 @@ def test_images_end_to_end_and_cached(lm_dirs, tiny_clip_spec, tiny_sdxl_dir, fu
     contexts = {s["arguments"]["gen_args_0"]["arg_0"] for rows in samples.values() for s in rows}
     assert len(contexts) == 4                     # both tasks ask the same 4 questions: images are shared
     assert config["k"] == 2 and config["images_generated"] == 2 * len(contexts)
+    assert len(list((tmp_path / "cache").rglob("*.png"))) == 2 * len(contexts)
     assert all(isinstance(s["filtered_resps"][0], str) for s in samples["samples_arc_easy_gen"])
     assert 0 <= results[0]["results"]["arc_easy"]["acc,none"] <= 1
 
