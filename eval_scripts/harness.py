@@ -449,12 +449,12 @@ class LateFusionHarnessLM(TemplateLM):
     # ------------------------------------------------------------------ results
     def get_model_info(self) -> dict:
         """Written by lm-eval into the results' ``config``: the fusion settings and image counts."""
-        info = {key: getattr(self.args, key) for key in ("model_name", "pretrained_model", "vision_encoder", "mix",
-                                                           "clip_temperature", "uniform_weights", "dtype")}
+        info = {key: getattr(self.args, key) for key in ("model_name", "pretrained_model", "dtype")}
         info["k"] = self.args.k if self.use_images else 0
         if self.use_images:
             info.update({key: getattr(self.args, key) for key in (
-                "image_prompt", "image_generator", "image_size", "num_inference_steps", "guidance_scale", "seed")})
+                "vision_encoder", "mix", "clip_temperature", "uniform_weights", "image_prompt", "image_generator",
+                "image_size", "num_inference_steps", "guidance_scale", "seed")})
         if self._runtime is not None:
             stats = self._runtime.image_stats()
             info.update(images_generated=stats["generated"], images_cached=stats["hits"])

@@ -427,3 +427,30 @@ def test_two_processes_shard_the_requests_like_hf(lm_dirs, data_dir, task_manage
     assert ranks[0]["acc"] == single["results"]["arc_easy"]["acc,none"]
     for s in single["samples"]["arc_easy"]:
         assert ranks[0]["lls"][str(s["doc_id"])] == pytest.approx([ll for ll, _ in s["filtered_resps"]], abs=1e-5)
+
+
+def test_project_harness_protocol_names_the_example_whose_choice_cannot_fit(tmp_path, tokenizer_dir, capsys):
+    """commonsenseQA.py --protocol harness on an LM with a 16-token window: PIQA's first long solution cannot
+    be scored (lm-eval's hf model would stop on an assertion); one line naming the example, exit 2."""
+    import transformers as tf
+
+    from data.benchmarks import load_commonsense
+    from eval_scripts import commonsenseQA
+    from eval_scripts.core import run_main
+
+    lm_dir = tmp_path / "gpt2-16"
+    tf.AutoModelForCausalLM.from_config(tf.GPT2Config(n_embd=32, n_layer=1, n_head=4, n_positions=16, **TINY)
+                                        ).save_pretrained(lm_dir)
+    tf.AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(lm_dir)
+    tok = tf.AutoTokenizer.from_pretrained(lm_dir)
+    examples = load_commonsense("piqa", TEST_DATA / "piqa", limit=3)
+    n_tokens = len(tok(examples[0].context + examples[0].choices[0])["input_ids"]) - len(tok(examples[0].context)["input_ids"])
+    assert n_tokens > 16
+    with pytest.raises(SystemExit) as exit_:
+        run_main(commonsenseQA.main, ["--model_name", str(lm_dir), "--testset", "piqa", "--protocol", "harness",
+                                      "--limit", "3", "--data_dir", str(TEST_DATA / "piqa"), "--device", "cpu",
+                                      "--output_dir", str(tmp_path / "out"), "--run_name", "r"])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: {examples[0].id} (option 0): the continuation has {n_tokens} tokens, more than the model's "
+        "window of 16")
