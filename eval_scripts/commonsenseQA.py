@@ -14,7 +14,11 @@ Protocols (docs/protocols.md, "Commonsense multiple choice"):
   tokenizer adds one), as the released loss with ``labels = input_ids`` did. Reports ``acc``.
 * ``--protocol harness``: lm-evaluation-harness continuation log-likelihood: the summed log-probs
   of each choice given its context; ``acc`` takes the largest sum, ``acc_norm`` the largest sum
-  per character of the choice. Reports ``acc`` and ``acc_norm``.
+  per character of the choice. Reports ``acc`` and ``acc_norm``. Encoding and truncation are
+  lm-eval's ``hf`` model's (``Scorer.continuation_logprobs``, shared with
+  ``eval_scripts/harness.py``): a context's trailing space moves into the continuation, an empty
+  context is conditioned on BOS (else EOS), an over-long input keeps its last ``window + 1``
+  tokens less the last one, and a choice longer than the window is an error naming the example.
 
 Images: ``--image_prompt sentences`` (default, released) derives one image set per option from
 that option's query (its sentences backwards from the last, then its last 70 words);
@@ -129,7 +133,9 @@ def harness_logprobs(ev: Evaluator, batch: list[dict]):
     """Token log-probs of every option's continuation given its context."""
     def score_chunk(rows, prompt_lists, with_text):
         requests = [batch[i]["example"].requests()[j] for i, j in rows]
-        return ev.continuation_logprobs([c for c, _ in requests], [x for _, x in requests], prompt_lists, with_text)
+        names = [f"{batch[i]['example'].id} (option {j})" for i, j in rows]
+        return ev.continuation_logprobs([c for c, _ in requests], [x for _, x in requests], prompt_lists, with_text,
+                                        names)
     return _per_option(ev, batch, score_chunk)
 
 

@@ -114,8 +114,8 @@ class Evaluator:
     def token_logprobs(self, seqs, starts, prompt_lists, with_text: bool = False):
         return self.scorer.token_logprobs(seqs, starts, prompt_lists, with_text)
 
-    def continuation_logprobs(self, contexts, continuations, prompt_lists, with_text: bool = False):
-        return self.scorer.continuation_logprobs(contexts, continuations, prompt_lists, with_text)
+    def continuation_logprobs(self, contexts, continuations, prompt_lists, with_text: bool = False, names=None):
+        return self.scorer.continuation_logprobs(contexts, continuations, prompt_lists, with_text, names)
 
     def score_candidates(self, prompts, candidate_lists, prompt_lists, scoring: str = "first_token",
                          with_text: bool = False):

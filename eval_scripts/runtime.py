@@ -30,6 +30,24 @@ RUNTIME_KEYS = ("model_name", "pretrained_model", "vision_encoder", "proj_hidden
 _HIDDEN_MEMO = HiddenStateMemo()
 
 
+# lm-evaluation-harness's fallbacks for the context window: a tokenizer's model_max_length when none
+# is set (transformers' int(1e30)), and the window when neither config nor tokenizer names one
+TOKENIZER_UNSET = int(1e30)
+DEFAULT_WINDOW = 2048
+
+
+def context_window(config, tokenizer=None) -> int:
+    """The LM's context window in tokens, resolved as lm-evaluation-harness's ``hf`` model does: the
+    first of ``n_positions``, ``max_position_embeddings``, ``n_ctx`` that the (text) config sets, else
+    the tokenizer's ``model_max_length`` unless unset, else 2048."""
+    cfg = getattr(config, "text_config", None) or config
+    for name in ("n_positions", "max_position_embeddings", "n_ctx"):
+        if getattr(cfg, name, None) is not None:
+            return int(getattr(cfg, name))
+    length = getattr(tokenizer, "model_max_length", None)
+    return int(length) if length is not None and length != TOKENIZER_UNSET else DEFAULT_WINDOW
+
+
 def clear_memos() -> None:
     """Forget memoised LM hidden states (benchmarks call this to start each way from a clean state)."""
     _HIDDEN_MEMO.clear()
@@ -228,12 +246,10 @@ class Runtime:
             self._n_visual = self.vision.encode_images(self.vision.pixels([Image.new("RGB", (64, 64))]))[0].shape[1]
         return self._n_visual
 
-    def max_text_tokens(self, reserve: int = 0, with_images: bool | None = None) -> int | None:
-        """Longest text the LM (and the fusion block, after its visual prefix) can take, or None."""
-        cfg = self.model.lm.config
-        limit = getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None)
-        if not limit:
-            return None
+    def max_text_tokens(self, reserve: int = 0, with_images: bool | None = None) -> int:
+        """Longest text the LM (and the fusion block, after its visual prefix) can take: the LM's
+        :func:`context_window`, less the visual prefix when images are fused, less ``reserve``."""
+        limit = context_window(self.model.lm.config, self.tokenizer)
         with_images = self.use_images if with_images is None else with_images
         return limit - (self.n_visual_tokens() if with_images else 0) - reserve
 

@@ -3,8 +3,11 @@
 * :meth:`Scorer.images_for`: the k images of each item (generated or cached), their CLIP patch tokens
   and weights ``s_i``, and the image records written to the samples file;
 * :meth:`Scorer.next_token_logprobs`: mixed log-probabilities of the next token after each text;
-* :meth:`Scorer.token_logprobs` / :meth:`Scorer.continuation_logprobs`: mixed log-probabilities of
-  given tokens (lm-evaluation-harness style continuations);
+* :meth:`Scorer.token_logprobs`: mixed log-probabilities of given tokens of whole sequences (the
+  released commonsense protocol);
+* :meth:`Scorer.encode_pair` / :meth:`Scorer.pair_logprobs` / :meth:`Scorer.continuation_logprobs`:
+  continuations given contexts exactly as lm-evaluation-harness's ``hf`` model scores them
+  (encoding, empty contexts, window truncation; ``eval_scripts/harness.py`` shares them);
 * :meth:`Scorer.score_candidates` / :meth:`Scorer.candidate_records`: fixed candidate lists
   (first-token or full scoring, see ``docs/protocols.md``);
 * :meth:`Scorer.generate`: fused greedy generation cut at the first newline.
@@ -95,41 +98,96 @@ class Scorer:
         starts = [max(st - cut, 1) for st, (_, cut) in zip(starts, fitted)]
         if any(st < 1 or st >= len(s) for s, st in zip(seqs, starts)):
             raise ValueError("every scored sequence needs a token before its first scored token, and one to score")
-        ids, mask = self.rt.pad(seqs)
-        span = max(len(s) - st for s, st in zip(seqs, starts))
-        pos = torch.tensor([[min(st - 1 + j, len(s) - 2) for j in range(span)] for s, st in zip(seqs, starts)],
+        return self._logprobs_at(seqs, [st - 1 for st in starts], [s[st:] for s, st in zip(seqs, starts)],
+                                 prompt_lists, with_text)
+
+    @torch.no_grad()
+    def _logprobs_at(self, inputs: list[list[int]], first: list[int], targets: list[list[int]], prompt_lists,
+                     with_text: bool = False):
+        """Mixed log-probs of ``targets[i]`` as predicted at positions ``first[i], first[i] + 1, ...`` of
+        ``inputs[i]``: ``[(per-token log-probs, every target the argmax)]`` and the image records (and,
+        with ``with_text``, the text-only per-token log-probs, from the same LM pass)."""
+        ids, mask = self.rt.pad(inputs)
+        span = max(len(t) for t in targets)
+        pos = torch.tensor([[min(f + j, len(s) - 1) for j in range(span)] for s, f in zip(inputs, first)],
                            device=self.device)
         patches, weights, records = self.images_for(prompt_lists)
         with self.rt.finite_guard():
             logp = self.model.mixed_logprobs(ids, mask, patches, weights, self.args.mix, positions=pos,
-                                             hidden=self.text_hidden(seqs), return_text=with_text)
+                                             hidden=self.text_hidden(inputs), return_text=with_text)
         logp, text = logp if with_text else (logp, None)
-        targets = torch.tensor([[s[min(st + j, len(s) - 1)] for j in range(span)] for s, st in zip(seqs, starts)],
-                               device=self.device)
-        picked = logp.float().gather(-1, targets.unsqueeze(-1))[..., 0].cpu()
-        greedy = (logp.argmax(-1) == targets).cpu()
-        out = [(picked[i, :len(s) - st].tolist(), bool(greedy[i, :len(s) - st].all()))
-               for i, (s, st) in enumerate(zip(seqs, starts))]
+        tgt = torch.tensor([[t[min(j, len(t) - 1)] for j in range(span)] for t in targets], device=self.device)
+        picked = logp.float().gather(-1, tgt.unsqueeze(-1))[..., 0].cpu()
+        greedy = (logp.argmax(-1) == tgt).cpu()
+        out = [(picked[i, :len(t)].tolist(), bool(greedy[i, :len(t)].all())) for i, t in enumerate(targets)]
         if not with_text:
             return out, records
-        text = text.float().gather(-1, targets.unsqueeze(-1))[..., 0].cpu()
-        return out, records, [text[i, :len(s) - st].tolist() for i, (s, st) in enumerate(zip(seqs, starts))]
+        text = text.float().gather(-1, tgt.unsqueeze(-1))[..., 0].cpu()
+        return out, records, [text[i, :len(t)].tolist() for i, t in enumerate(targets)]
+
+    # ------------------------------------------------------------------ lm-evaluation-harness semantics
+    @property
+    def prefix_token_id(self) -> int:
+        """What an empty context is conditioned on: the BOS token, else EOS (the harness's ``hf`` model)."""
+        tok = self.tokenizer
+        return tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+
+    def harness_encode(self, text: str, special: bool | None = None) -> list[int]:
+        """Token ids as the harness encodes a string: the tokenizer's special tokens unless ``special``
+        says otherwise or the text already starts with the prefix token."""
+        if special is None:
+            special = not text.startswith(self.tokenizer.decode(self.prefix_token_id))
+        return self.encode(text, special)
+
+    def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        """``(context ids, continuation ids)`` of one request, as the harness encodes it.
+
+        Trailing whitespace of the context moves to the continuation; the continuation's ids are those
+        of ``context + continuation`` after the context's own ids. An empty context becomes the prefix
+        token (BOS, else EOS), unless the continuation already starts with it.
+        """
+        if context == "":
+            cont = self.harness_encode(continuation, special=False)
+            if cont and cont[0] == self.prefix_token_id:
+                return cont[:1], cont[1:]
+            return [self.prefix_token_id], cont
+        n_spaces = len(context) - len(context.rstrip())
+        if n_spaces:
+            context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
+        ctx = self.harness_encode(context)
+        return ctx, self.harness_encode(context + continuation)[len(ctx):]
+
+    def window(self) -> int:
+        """Tokens one scored input may hold (the LM's window, less the visual prefix with images)."""
+        return self.rt.max_text_tokens(with_images=self.use_images)
+
+    def pair_logprobs(self, pairs: list[tuple[list[int], list[int]]], prompt_lists, names=None,
+                      with_text: bool = False):
+        """Per-token mixed log-probs of each continuation given its context (token ids), and whether
+        greedy decoding would produce it, truncated as the harness does: the input is the last
+        ``window + 1`` tokens of context + continuation without its last token. A continuation
+        longer than the window is an error naming ``names[i]`` (e.g. the example id)."""
+        window = self.window()
+        inputs, first = [], []
+        for i, (ctx, cont) in enumerate(pairs):
+            name = f"{names[i]}: " if names is not None else ""
+            if not ctx or not cont:
+                raise EvalError(f"{name}nothing to score: the {'continuation' if ctx else 'context'} "
+                                "encodes to no tokens")
+            if len(cont) > window:
+                raise EvalError(f"{name}the continuation has {len(cont)} tokens, more than the model's "
+                                f"window of {window}")
+            inp = (ctx + cont)[-(window + 1):][:-1]
+            inputs.append(inp)
+            first.append(len(inp) - len(cont))
+        return self._logprobs_at(inputs, first, [cont for _, cont in pairs], prompt_lists, with_text)
 
     def continuation_logprobs(self, contexts: list[str], continuations: list[str], prompt_lists,
-                              with_text: bool = False):
-        """lm-evaluation-harness style: per-token log-probs of each continuation given its context
-        (``with_text``: and the text-only ones, as :meth:`token_logprobs`)."""
-        seqs, starts = [], []
-        for ctx, cont in zip(contexts, continuations):
-            whole, ctx_ids = self.encode(ctx + cont), self.encode(ctx)
-            start = len(ctx_ids)
-            if whole[:start] != ctx_ids:  # the join merged tokens: split at the last context token
-                start = len(ctx_ids) - 1
-                while start > 0 and whole[:start] != ctx_ids[:start]:
-                    start -= 1
-            seqs.append(whole)
-            starts.append(max(start, 1))
-        return self.token_logprobs(seqs, starts, prompt_lists, with_text=with_text)
+                              with_text: bool = False, names=None):
+        """lm-evaluation-harness's loglikelihood: per-token log-probs of each continuation given its
+        context (:meth:`encode_pair`, then :meth:`pair_logprobs`; ``with_text``: and the text-only ones)."""
+        pairs = [self.encode_pair(ctx, cont) for ctx, cont in zip(contexts, continuations)]
+        return self.pair_logprobs(pairs, prompt_lists, names, with_text)
 
     def score_candidates(self, prompts: list[str], candidate_lists: list[list[str]],
                          prompt_lists: list[list[str]], scoring: str = "first_token", with_text: bool = False):

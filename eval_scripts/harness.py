@@ -1,0 +1,523 @@
+"""lm-evaluation-harness integration: any harness task, scored with late multi-image fusion.
+
+Registers the model ``late_fusion`` with lm-eval (0.4.13) and runs lm-eval's own command line, so
+``--tasks``, ``--include_path``, ``--limit``, ``--num_fewshot``, ``--log_samples``, ``--output_path``,
+``--batch_size`` and the rest behave as upstream documents them::
+
+    python -m eval_scripts.harness --model late_fusion --tasks arc_easy,piqa --batch_size 8 \\
+        --model_args model_name=gpt2,pretrained_model=output/gpt2/ft_wiki_laion_220_2,k=6 \\
+        --output_path output/harness --log_samples
+
+(``--model late_fusion`` is the default here.) From Python::
+
+    import lm_eval
+    from eval_scripts.harness import LateFusionHarnessLM
+    lm = LateFusionHarnessLM(model_name="gpt2", pretrained_model="...", k=6, device="cuda")
+    lm_eval.simple_evaluate(model=lm, tasks=["arc_easy"])
+
+``--model_args`` take the project's flag names (see ``MODEL_ARGS``); ``k`` switches images on
+(without it the adapter is exactly the base LM). Under ``accelerate launch`` each process takes
+its share of the requests, as lm-eval's ``hf`` model does (``rank``, ``world_size``).
+
+What each request type means here (lm-eval's ``hf`` semantics, with the mixed prediction of
+:meth:`models.late_fusion.LateFusionLM.mixed_logprobs` in place of the LM's):
+
+* ``loglikelihood``: lm-eval's own encoding (``TemplateLM``), scored by
+  :meth:`eval_scripts.scoring.Scorer.pair_logprobs` (the project's harness protocol uses the same);
+* ``loglikelihood_rolling``: lm-eval's disjoint rolling windows over the document;
+* ``generate_until``: greedy, every step fused (:meth:`LateFusionLM.generate`), cut at ``until``,
+  ``max_gen_toks`` or EOS.
+
+Images: the k image prompts of a request come from its context (for ``loglikelihood_rolling``, the
+document) under ``image_prompt``: ``question`` (default: the context without a trailing answer cue
+such as ``Answer:``, k times), ``full`` (the context, k times) or ``sentences`` (the released
+protocol: its sentences backwards from the last, then its last 70 words). Requests that share a
+context share their images: all distinct prompt lists are generated up front, once, through the
+disk cache. A context with no text (an empty context) is scored text-only. With few-shot contexts
+the prompt is derived from the whole context, demonstrations included.
+
+Not supported (one clear error before any model loads): sampling or beam search in generation
+kwargs, tasks that feed images or audio, chat templates, ``batch_size=auto``.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import re
+import sys
+
+import lm_eval.models  # noqa: F401  (lm-eval registers its own models only while its registry is empty)
+import torch
+from lm_eval.api.model import TemplateLM
+from lm_eval.api.registry import register_model
+from tqdm.auto import tqdm
+
+from eval_scripts.cli import DTYPE_NAMES, EvalError, bool_word, build_parser, run_main
+
+logger = logging.getLogger(__name__)
+
+# --model_args: the project's flag names (see eval_scripts/cli.py) -> kind
+MODEL_ARGS = {
+    "model_name": "str", "pretrained_model": "str", "vision_encoder": "str", "k": "int", "mix": "choice",
+    "clip_temperature": "float", "uniform_weights": "bool", "image_generator": "str", "image_cache": "str",
+    "image_prompt": "choice", "dtype": "choice", "device": "str", "batch_size": "int",
+    # the project's other image-generation and model flags
+    "image_size": "int", "num_inference_steps": "int", "guidance_scale": "float", "seed": "int",
+    "gen_batch_size": "int", "proj_hidden": "int", "toyworld_noise": "float",
+}
+IGNORED_ARGS = ("max_batch_size",)  # lm-eval passes it for batch_size=auto, which is not supported
+IMAGE_PROMPTS = ("question", "full", "sentences")
+LAST_N_WORDS = 70
+DTYPE_ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "half": "fp16"}
+MAX_GEN_TOKS = 256  # lm-eval's hf default
+# generation kwargs that greedy decoding honours or that have no effect on it
+GREEDY_GEN_KWARGS = ("until", "max_gen_toks", "do_sample", "temperature", "top_p", "top_k", "min_p")
+# a trailing answer cue: "Answer:", "A:", "The answer is" (with or without a colon)
+_ANSWER_CUE = re.compile(r"(?:^|\s)(?:(?:answer|a)\s*:|the answer is\s*:?)\s*$", re.IGNORECASE)
+
+
+def strip_answer_cue(context: str) -> str:
+    """The context without a trailing answer cue (``Answer:``, ``A:``, ``The answer is``), stripped."""
+    match = _ANSWER_CUE.search(context)
+    return (context[:match.start()] if match else context).strip()
+
+
+def image_prompts(text: str | None, k: int, strategy: str) -> list[str]:
+    """The k image prompts of a request's context under ``strategy``; [] when it has no text."""
+    from data.prompts import derive_prompts
+
+    if text is None or not text.strip():
+        return []
+    if strategy == "question":
+        question = strip_answer_cue(text)
+        return derive_prompts(text, k, "question", question=question) if question else []
+    if strategy == "full":
+        return derive_prompts(text.strip(), k, "full")
+    return derive_prompts(text, k, "sentences", last_n_words=LAST_N_WORDS)
+
+
+def _choices(key: str) -> tuple[str, ...]:
+    from models.mixing import MIX_MODES
+
+    return {"mix": MIX_MODES, "image_prompt": IMAGE_PROMPTS, "dtype": ("auto", *DTYPE_NAMES)}[key]
+
+
+def _convert(key: str, kind: str, value):
+    """One --model_args value, checked and converted (lm-eval has already turned '2' into 2)."""
+    if kind == "choice":
+        value = DTYPE_ALIASES.get(value, value) if key == "dtype" else value
+        if value not in _choices(key):
+            raise EvalError(f"late_fusion model_args: {key}={value!r}; choose one of {', '.join(_choices(key))}")
+        return value
+    try:
+        if kind == "str":
+            return None if value is None else str(value)
+        if kind == "int":
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if kind == "float":
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        return value if isinstance(value, bool) else bool_word(value)
+    except (TypeError, ValueError, argparse.ArgumentTypeError):
+        raise EvalError(f"late_fusion model_args: {key}={value!r} is not a valid {kind}") from None
+
+
+def parse_model_args(kwargs: dict) -> tuple[argparse.Namespace, bool]:
+    """The project's flags (defaults of ``eval_scripts.cli.build_parser``) with ``kwargs`` applied,
+    and whether images are used (``k`` given). Bad keys and values are one ``EvalError``."""
+    unknown = sorted(set(kwargs) - set(MODEL_ARGS) - set(IGNORED_ARGS))
+    if unknown:
+        raise EvalError(f"late_fusion model_args: unknown key {unknown[0]!r}; accepted: {', '.join(MODEL_ARGS)}")
+    args = build_parser("late_fusion", image_prompt_choices=IMAGE_PROMPTS, default_image_prompt="question").parse_args([])
+    if str(kwargs.get("batch_size", "")).startswith("auto"):
+        raise EvalError("late_fusion: batch_size auto is not supported; give a number (--batch_size 8)")
+    for key, value in kwargs.items():
+        if key in MODEL_ARGS:
+            setattr(args, key, _convert(key, MODEL_ARGS[key], value))
+    use_images = kwargs.get("k") is not None
+    if use_images and args.k < 1:
+        raise EvalError(f"late_fusion model_args: k must be >= 1, got {args.k} (leave k out for no images)")
+    if args.batch_size < 1:
+        raise EvalError(f"late_fusion model_args: batch_size must be >= 1, got {args.batch_size}")
+    for key in ("image_size", "gen_batch_size", "num_inference_steps"):
+        if getattr(args, key) < 1:
+            raise EvalError(f"late_fusion model_args: {key} must be >= 1, got {getattr(args, key)}")
+    args.generate_images = use_images
+    return args, use_images
+
+
+@register_model("late_fusion")
+class LateFusionHarnessLM(TemplateLM):
+    """lm-eval model: a causal LM with late multi-image fusion (see the module docstring).
+
+    Nothing heavy loads in the constructor: the models load on the first request, after the
+    requests (and, through ``python -m eval_scripts.harness``, the tasks) have been checked.
+    """
+
+    MULTIMODAL = False
+
+    def __init__(self, **model_args):
+        super().__init__()
+        from accelerate import PartialState
+
+        self.args, self.use_images = parse_model_args(model_args)
+        if self.args.device and self.args.device.startswith("cuda") and not torch.cuda.is_available():
+            logger.info("late_fusion: CUDA is not available, using the accelerator's default device")
+            self.args.device = None  # lm-eval's CLI asks for cuda:0 unless told otherwise (as hf does)
+        state = PartialState(cpu=self.args.device == "cpu")
+        if state.num_processes > 1:  # accelerate launch: one device per process, as lm-eval's hf model
+            self.args.device = None
+            self._rank, self._world_size = state.process_index, state.num_processes
+        self._state = state
+        self._device = torch.device(self.args.device) if self.args.device else state.device
+        self.args.device = str(self._device)
+        self._runtime = None
+
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict, additional_config=None):
+        """lm-eval's CLI always passes ``batch_size`` and ``device``; those in --model_args win."""
+        extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k not in arg_dict}
+        return cls(**arg_dict, **extra)
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string, additional_config=None):
+        from lm_eval.utils import simple_parse_args_string
+
+        return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
+
+    # ------------------------------------------------------------------ models, loaded on first use
+    def _load(self) -> None:
+        """Load the project's :class:`eval_scripts.runtime.Runtime` (models, tokenizer, images) once, with
+        a scorer for fused requests and a text-only one (for contexts that give no image prompt)."""
+        if self._runtime is None:
+            from eval_scripts.runtime import Runtime
+            from eval_scripts.scoring import Scorer
+
+            self._runtime = Runtime(self.args, self.use_images)
+            self._scorer = Scorer(self._runtime, self.args, self.use_images)
+            self._text_scorer = Scorer(self._runtime, self.args, False)
+
+    @property
+    def runtime(self):
+        self._load()
+        return self._runtime
+
+    @property
+    def scorer(self):
+        self._load()
+        return self._scorer
+
+    @property
+    def text_scorer(self):
+        self._load()
+        return self._text_scorer
+
+    @property
+    def tokenizer(self):
+        return self.runtime.tokenizer
+
+    @property
+    def eot_token_id(self) -> int:
+        return self.tokenizer.eos_token_id
+
+    @property
+    def prefix_token_id(self) -> int:
+        return self.scorer.prefix_token_id
+
+    @property
+    def max_length(self) -> int:
+        """Tokens one input may hold: the LM's window, less the visual prefix when images are fused."""
+        return self.scorer.window()
+
+    @property
+    def max_gen_toks(self) -> int:
+        return MAX_GEN_TOKS
+
+    @property
+    def batch_size(self) -> int:
+        return self.args.batch_size
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
+        return self.scorer.harness_encode(string, add_special_tokens)
+
+    def tok_decode(self, tokens, skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=skip_special_tokens)
+
+    # ------------------------------------------------------------------ distributed (accelerate launch)
+    def all_gather(self, tensor):
+        if self.world_size <= 1:
+            return tensor
+        from accelerate.utils import gather
+
+        return gather(tensor)
+
+    def gather_object(self, obj, dst=0):
+        if self.world_size <= 1:
+            return [obj]
+        out = [None] * self.world_size if self.rank == dst else None
+        torch.distributed.gather_object(obj=obj, object_gather_list=out, dst=dst)
+        return out
+
+    def barrier(self):
+        if self.world_size > 1:
+            self._state.wait_for_everyone()
+
+    # ------------------------------------------------------------------ what this model cannot do
+    def chat_template(self, chat_template=False):
+        if chat_template:
+            raise EvalError("late_fusion does not apply chat templates (--apply_chat_template)")
+        return None
+
+    def apply_chat_template(self, chat_history, add_generation_prompt=True):
+        raise EvalError("late_fusion does not apply chat templates (--apply_chat_template)")
+
+    @staticmethod
+    def greedy_gen_kwargs(gen_kwargs: dict, where: str) -> tuple[list[str], int]:
+        """``(until, max_gen_toks)`` of one generation request; sampling, beams or any other decoding
+        setting is an error (this model decodes greedily)."""
+        from lm_eval.models.utils import normalize_gen_kwargs
+
+        if not isinstance(gen_kwargs, dict):
+            raise EvalError(f"{where}: generation kwargs must be a dict, got {gen_kwargs!r}")
+        kwargs = normalize_gen_kwargs(gen_kwargs, MAX_GEN_TOKS)
+        if kwargs.get("do_sample"):
+            raise EvalError(f"{where}: sampling (do_sample, temperature > 0) is not supported; late_fusion "
+                            "decodes greedily")
+        other = sorted(k for k in kwargs if k not in GREEDY_GEN_KWARGS
+                       and not (k in ("num_beams", "repetition_penalty") and kwargs[k] == 1))
+        if other:
+            raise EvalError(f"{where}: generation kwarg {other[0]}={kwargs[other[0]]!r} is not supported; "
+                            "late_fusion decodes greedily and honours only until and max_gen_toks")
+        until = kwargs["until"]
+        if any(not isinstance(u, str) for u in until):
+            raise EvalError(f"{where}: until must be a string or a list of strings, got {until!r}")
+        if kwargs["max_gen_toks"] < 1:
+            raise EvalError(f"{where}: max_gen_toks must be >= 1, got {kwargs['max_gen_toks']}")
+        return list(until), kwargs["max_gen_toks"]
+
+    def check_tasks(self, tasks: dict) -> None:
+        """One clear error for a task this model cannot run (called before any request is scored)."""
+        for name, task in tasks.items():
+            if getattr(task, "MULTIMODAL", False):
+                raise EvalError(f"task {name!r} gives the model images or audio; late_fusion reads text "
+                                "(it generates its own images)")
+            if getattr(task, "OUTPUT_TYPE", None) == "generate_until":
+                self.greedy_gen_kwargs(task.config.generation_kwargs or {}, f"task {name!r}")
+
+    # ------------------------------------------------------------------ images
+    def _prompts(self, texts: list[str | None]) -> list[list[str]]:
+        """Image prompts of each request's context; every distinct list is generated now, once
+        (lm-eval hands all requests at once), so scoring batches find them in the cache."""
+        if not self.use_images:
+            return [[] for _ in texts]
+        from models.image_generation import occurrence_indices
+
+        by_text = {t: image_prompts(t, self.args.k, self.args.image_prompt) for t in dict.fromkeys(texts)}
+        provider = self.runtime.provider
+        missing = [list(p) for p in dict.fromkeys(tuple(p) for p in by_text.values() if p)
+                   if not all(provider.cache.path(provider.key(q, i)).is_file()
+                              for q, i in zip(p, occurrence_indices(list(p))))]
+        with self.runtime.watch.phase("generation"):
+            for start in range(0, len(missing), 256):
+                provider.get(missing[start:start + 256])
+        return [by_text[t] for t in texts]
+
+    # ------------------------------------------------------------------ loglikelihood
+    def loglikelihood(self, requests, disable_tqdm: bool = False):
+        self._names = {req.args: f"task {req.task_name!r} doc {req.doc_id}" for req in requests}
+        return super().loglikelihood(requests, disable_tqdm=disable_tqdm)
+
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs):
+        """``[(log-likelihood, is greedy)]`` of ``((context, continuation), context ids,
+        continuation ids)`` requests; images from each request's context string."""
+        known = getattr(self, "_names", {})
+        names = [known.get(tuple(r[0])) if r[0] else None for r in requests]
+        out = self._score([(ctx, cont) for _, ctx, cont in requests], [r[0][0] if r[0] else None for r in requests],
+                          names, disable_tqdm)
+        for (request_str, _, _), answer in zip(requests, out):
+            if request_str is not None:
+                self.cache_hook.add_partial("loglikelihood", request_str, answer)
+        return out
+
+    def _score(self, pairs, texts, names, disable_tqdm=False) -> list[tuple[float, bool]]:
+        """Score ``(context ids, continuation ids)`` pairs in batches; rows whose context gives no image
+        prompt go through the text-only scorer. Requests are grouped by context, longest first."""
+        prompts = self._prompts(texts)
+        order = sorted(range(len(pairs)), key=lambda i: (not prompts[i], -len(pairs[i][0]), texts[i] or "",
+                                                        -len(pairs[i][1])))
+        batches, bs = [], self.batch_size
+        for has_images in (True, False):
+            rows = [i for i in order if bool(prompts[i]) == has_images]
+            batches += [(has_images, rows[s:s + bs]) for s in range(0, len(rows), bs)]
+        results: list = [None] * len(pairs)
+        with tqdm(total=len(pairs), desc="late_fusion loglikelihood", disable=disable_tqdm or self.rank != 0) as bar:
+            for has_images, rows in batches:
+                scorer = self.scorer if has_images else self.text_scorer
+                out, _ = scorer.pair_logprobs([pairs[i] for i in rows], [prompts[i] for i in rows],
+                                              [names[i] or f"request {i}" for i in rows])
+                for i, (lps, greedy) in zip(rows, out):  # summed in float32, as lm-eval's hf model does
+                    results[i] = (float(torch.tensor(lps, dtype=torch.float32).sum()), greedy)
+                bar.update(len(rows))
+        return results
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        """Log-likelihood of each whole document over lm-eval's disjoint rolling windows (each token
+        predicted once, the first from the prefix token); images from the document."""
+        from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+        pairs, texts, names, owner = [], [], [], []
+        for n, req in enumerate(requests):
+            (string,) = req.args
+            windows = get_rolling_token_windows(token_list=self.tok_encode(string), prefix_token=self.prefix_token_id,
+                                                max_seq_len=self.max_length, context_len=1)
+            for ctx, cont in map(make_disjoint_window, windows):
+                pairs.append((ctx, cont))
+                texts.append(string)
+                names.append(f"task {req.task_name!r} doc {req.doc_id}")
+                owner.append(n)
+        totals = [0.0] * len(requests)
+        for n, (ll, _) in zip(owner, self._score(pairs, texts, names, disable_tqdm)):
+            totals[n] += ll
+        for req, total in zip(requests, totals):
+            self.cache_hook.add_partial("loglikelihood_rolling", req.args, total)
+        return totals
+
+    # ------------------------------------------------------------------ generation
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        """Greedy continuations, every step fused, cut at the first ``until`` string, EOS or
+        ``max_gen_toks`` new tokens (the context keeps its last ``max_length - max_gen_toks`` tokens)."""
+        from lm_eval.models.utils import handle_stop_sequences, postprocess_generated_text
+
+        settings = [self.greedy_gen_kwargs(req.args[1], f"task {req.task_name!r} doc {req.doc_id}")
+                    for req in requests]  # checked before the models load
+        rt = self.runtime
+        contexts = [req.args[0] for req in requests]
+        prompts = self._prompts(contexts)
+        eos_text = self.tok_decode([self.eot_token_id], skip_special_tokens=False)
+        eos_ids = {self.eot_token_id}
+        config_eos = getattr(getattr(rt.model.lm, "generation_config", None), "eos_token_id", None)
+        eos_ids |= set(config_eos if isinstance(config_eos, list) else [config_eos] if config_eos is not None else [])
+        groups: dict = {}
+        for i, (until, max_gen) in enumerate(settings):
+            groups.setdefault((json.dumps(until), max_gen, bool(prompts[i])), []).append(i)
+        results: list = [None] * len(requests)
+        bar = tqdm(total=len(requests), desc="late_fusion generate_until", disable=disable_tqdm or self.rank != 0)
+        for (until_json, max_gen, has_images), rows in groups.items():
+            until = handle_stop_sequences(json.loads(until_json), eos=eos_text)
+            max_ctx = self.max_length - max_gen if has_images else self.text_scorer.window() - max_gen
+            if max_ctx < 1:
+                raise EvalError(f"max_gen_toks {max_gen} leaves no room for a context in the model's window "
+                                f"of {max_ctx + max_gen} tokens")
+            encoded = {i: self.tok_encode(contexts[i])[-max_ctx:] for i in rows}
+            rows = sorted(rows, key=lambda i: -len(encoded[i]))
+            for start in range(0, len(rows), self.batch_size):
+                chunk = rows[start:start + self.batch_size]
+                texts = self._generate([encoded[i] for i in chunk], [prompts[i] for i in chunk], until,
+                                       max_gen, eos_ids, has_images)
+                for i, text in zip(chunk, texts):
+                    results[i] = postprocess_generated_text(text, until, None)
+                    self.cache_hook.add_partial("generate_until", requests[i].args, results[i])
+                bar.update(len(chunk))
+        bar.close()
+        return results
+
+    @torch.no_grad()
+    def _generate(self, seqs, prompt_lists, until, max_gen, eos_ids, has_images) -> list[str]:
+        """Decoded new text of each left-padded context, up to its first EOS (stop strings are cut by
+        the caller; a row stops decoding once one appears)."""
+        rt, tok = self.runtime, self.tokenizer
+        scorer = self.scorer if has_images else self.text_scorer
+        ids, mask = rt.pad(seqs, left=True)
+        patches, weights, _ = scorer.images_for(prompt_lists)
+        stops = [u for u in until if u]
+
+        def stop(new_ids):
+            return any(s in tok.decode(new_ids, skip_special_tokens=True) for s in stops)
+        out = rt.model.generate(ids, mask, patches, weights, self.args.mix, max_new_tokens=max_gen,
+                                eos_token_id=sorted(eos_ids), pad_token_id=tok.pad_token_id, stop=stop)
+        texts = []
+        for row in out.tolist():
+            cut = next((j for j, t in enumerate(row) if t in eos_ids), len(row))
+            texts.append(tok.decode(row[:cut], skip_special_tokens=True))
+        return texts
+
+    # ------------------------------------------------------------------ results
+    def get_model_info(self) -> dict:
+        """Written by lm-eval into the results' ``config``: the fusion settings and image counts."""
+        info = {key: getattr(self.args, key) for key in ("model_name", "pretrained_model", "dtype")}
+        info["k"] = self.args.k if self.use_images else 0
+        if self.use_images:
+            info.update({key: getattr(self.args, key) for key in (
+                "vision_encoder", "mix", "clip_temperature", "uniform_weights", "image_prompt", "image_generator",
+                "image_size", "num_inference_steps", "guidance_scale", "seed")})
+        if self._runtime is not None:
+            stats = self._runtime.image_stats()
+            info.update(images_generated=stats["generated"], images_cached=stats["hits"])
+        return {"late_fusion": info}
+
+
+@contextlib.contextmanager
+def tasks_checked_before_run():
+    """lm-eval builds the model before it loads the tasks; this checks the loaded tasks against what
+    :class:`LateFusionHarnessLM` can do just before lm-eval's ``evaluate`` scores anything (so a mixed
+    run fails before any model loads, not at its first generation task)."""
+    import lm_eval.evaluator as evaluator
+    from lm_eval.api.model import CachingLM
+
+    original = evaluator.evaluate
+
+    def evaluate(*args, **kwargs):
+        lm = kwargs["lm"] if "lm" in kwargs else args[0]
+        task_dict = kwargs["task_dict"] if "task_dict" in kwargs else args[1]
+        model = lm.lm if isinstance(lm, CachingLM) else lm
+        if isinstance(model, LateFusionHarnessLM):
+            model.check_tasks(task_dict.get("tasks", {}) if isinstance(task_dict, dict) else {})
+        return original(*args, **kwargs)
+
+    evaluator.evaluate = evaluate
+    try:
+        yield
+    finally:
+        evaluator.evaluate = original
+
+
+def cli_argv(argv: list[str]) -> list[str]:
+    """lm-eval's command line with ``run`` and ``--model late_fusion`` filled in when absent."""
+    argv = list(argv)
+    if argv[:1] and argv[0] in ("ls", "validate", "-h", "--help"):
+        return argv
+    if argv[:1] != ["run"]:
+        argv.insert(0, "run")
+    given = {a.split("=")[0] for a in argv}
+    if not given & {"--model", "-M", "--config", "-C"}:
+        argv[1:1] = ["--model", "late_fusion"]
+    return argv
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run lm-eval's CLI with ``late_fusion`` registered (``argv``: lm-eval's arguments)."""
+    from lm_eval._cli import HarnessCLI
+    from lm_eval.utils import setup_logging
+
+    argv = cli_argv(sys.argv[1:] if argv is None else argv)
+    setup_logging()
+    saved = sys.argv
+    sys.argv = ["eval_scripts.harness", *argv]
+    try:
+        cli = HarnessCLI()
+        args = cli.parse_args()
+    finally:
+        sys.argv = saved
+    if getattr(args, "command", None) == "run" and getattr(args, "model", None) == "late_fusion":
+        parse_model_args(dict(getattr(args, "model_args", None) or {}))  # fail fast, before lm-eval's task index
+    with tasks_checked_before_run():
+        cli.execute(args)
+
+
+if __name__ == "__main__":
+    run_main(main)
