@@ -40,14 +40,12 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 logger = logging.getLogger("train")
 
 CHECKPOINT_PREFIX = "checkpoint-"
 TRACKER_PROJECT = "late-fusion"
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
-LM_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+LM_DTYPES = ("bf16", "fp16", "fp32")  # torch loads only when training starts: --help needs none
 # Run arguments recorded in the saved weights' config.json.
 RECORDED_ARGS = ("run_name", "dataset_name", "max_elements", "max_train_samples", "per_device_train_batch_size",
                  "gradient_accumulation_steps", "learning_rate", "lr_scheduler_type", "num_warmup_steps",
@@ -78,7 +76,6 @@ def _checkpointing_steps(text: str) -> int | str:
 
 def build_parser() -> argparse.ArgumentParser:
     from models.image_generation import add_generation_args
-    from models.vision import DEFAULT_VISION_ENCODER
 
     p = argparse.ArgumentParser(description="Train the late-fusion projector and fusion block (LM and CLIP frozen).")
     g = p.add_argument_group("run")
@@ -103,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--trust_remote_code", action="store_true")
     g.add_argument("--low_cpu_mem_usage", action="store_true",
                    help="accepted for compatibility; transformers 5 always loads weights lazily")
-    g.add_argument("--vision_encoder", default=DEFAULT_VISION_ENCODER, help="see models.vision.load_vision_encoder")
+    g.add_argument("--vision_encoder", default=None,
+                   help="see models.vision.load_vision_encoder (default: ViT-B-32-quickgelu/openai)")
     g.add_argument("--proj_hidden", type=_positive_int, default=None,
                    help="projector width (default: the released checkpoints' width for the architecture)")
     g.add_argument("--pretrained_model", default=None,
@@ -161,6 +159,10 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.vision_encoder is None:
+        from models.vision import DEFAULT_VISION_ENCODER
+
+        args.vision_encoder = DEFAULT_VISION_ENCODER
     if args.run_bf16:
         if args.mixed_precision not in (None, "bf16"):
             parser.error(f"--run_bf16 conflicts with --mixed_precision {args.mixed_precision}")
@@ -265,8 +267,10 @@ def _checkpoint_path(output_dir: Path, state: TrainState) -> Path:
 # ----------------------------------------------------------------------------- setup helpers
 
 def resolve_lm_dtype(name: str, device: torch.device) -> torch.dtype:
+    import torch
+
     if name != "auto":
-        return LM_DTYPES[name]
+        return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.bfloat16
     return torch.float32
@@ -297,12 +301,13 @@ def pregenerate_wiki_images(accelerator, dataset, provider) -> dict:
     for chunks in (d for d in parts if isinstance(d, WikiChunks)):
         mine = list(range(accelerator.process_index, len(chunks), accelerator.num_processes))
         step = 8 * provider.gen_batch_size
-        with tqdm(total=len(mine), unit="chunk", disable=not accelerator.is_local_main_process) as bar:
+        with tqdm(total=len(mine), unit="chunk", disable=None if accelerator.is_local_main_process else True) as bar:
             for start in range(0, len(mine), step):
                 batch = mine[start:start + step]
                 provider.get([[chunks.prompt(i)] for i in batch])
                 bar.update(len(batch))
                 bar.set_postfix(provider.stats())
+    provider.flush()  # on disk before DataLoader workers (other processes) look for them
     accelerator.wait_for_everyone()
     return provider.stats()
 
@@ -330,6 +335,7 @@ def main(argv=None, *, step_callback=None) -> dict:
 
 
 def make_accelerator(args):
+    import torch
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration
 
@@ -417,6 +423,7 @@ def load_models(args, accelerator, lm_config):
 
 
 def _run(args, step_callback) -> dict:
+    import torch
     from accelerate.utils import set_seed
     from torch.utils.data import DataLoader
     from transformers import get_scheduler
@@ -507,6 +514,7 @@ def _save_weights(args, accelerator, model, output_dir: Path, epoch: int, state:
 
 def _train_loop(args, accelerator, model, encoder, optimizer, train_dataloader, lr_scheduler, state,
                 max_train_steps, num_epochs, output_dir, total_batch, step_callback) -> dict:
+    import torch
     from tqdm.auto import tqdm
 
     from models.late_fusion import HiddenStateMemo
@@ -516,7 +524,7 @@ def _train_loop(args, accelerator, model, encoder, optimizer, train_dataloader, 
     losses, lrs, saved = [], [], []
     window_loss, window_steps = 0.0, 0
     bar = tqdm(total=max_train_steps, initial=state.completed_steps, desc="train", unit="step",
-               disable=not accelerator.is_local_main_process)
+               disable=None if accelerator.is_local_main_process else True)
     started, steps_run = time.perf_counter(), 0
     for epoch in range(state.epoch, num_epochs):
         if state.completed_steps >= max_train_steps:

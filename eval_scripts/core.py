@@ -12,6 +12,9 @@ The evaluator joins three parts, one concern each:
 * :mod:`eval_scripts.records`: the run directory: resuming, sharding, samples and result files.
 
 Flags and one-line errors live in :mod:`eval_scripts.cli`.
+
+Importing this module imports no torch: ``--help`` stays instant. The runtime and the scorer (and torch
+with them) load when an :class:`Evaluator` is built; their names are still importable from here.
 """
 from __future__ import annotations
 
@@ -22,8 +25,25 @@ from typing import Callable
 
 from eval_scripts.cli import EvalError, bool_word, build_parser, parse_choices, run_main  # noqa: F401
 from eval_scripts.records import RunRecords
-from eval_scripts.runtime import DTYPES, Runtime, clear_memos  # noqa: F401
-from eval_scripts.scoring import Scorer, first_token_ids  # noqa: F401
+
+_LAZY = {"DTYPES": "eval_scripts.runtime", "Runtime": "eval_scripts.runtime", "clear_memos": "eval_scripts.runtime",
+         "Scorer": "eval_scripts.scoring"}
+
+
+def __getattr__(name: str):
+    """``DTYPES``, ``Runtime``, ``clear_memos``, ``Scorer``: imported (with torch) when first asked for."""
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def first_token_ids(tokenizer, word: str) -> tuple[int, ...]:
+    """See :func:`eval_scripts.scoring.first_token_ids` (memoised there)."""
+    from eval_scripts.scoring import first_token_ids as memoised
+
+    return memoised(tokenizer, word)
 
 _bool_word = bool_word  # the former private name
 # settings that must match for a re-run with the same --run_name to resume
@@ -47,7 +67,7 @@ class Evaluator:
     """One task's evaluation: a runtime (built here unless given), a scorer and the run records."""
 
     def __init__(self, args: argparse.Namespace, task: str, resume_keys: tuple[str, ...] = (),
-                 runtime: Runtime | None = None):
+                 runtime: "Runtime | None" = None):
         """``resume_keys``: the script's own flags that must match for a re-run to resume."""
         self.t0 = time.perf_counter()
         self.args, self.task = args, task
@@ -55,6 +75,9 @@ class Evaluator:
         validate_common_args(args)
         self.use_images = bool(args.generate_images) and args.k > 0
         args.run_name = args.run_name or _dt.datetime.now().strftime("run-%Y%m%d-%H%M%S")
+        from eval_scripts.runtime import Runtime
+        from eval_scripts.scoring import Scorer
+
         if runtime is None:
             # the run's settings are checked after the trained weights are read but before any model
             # loads: a mismatched re-run fails fast and writes nothing
@@ -69,7 +92,7 @@ class Evaluator:
         self.scorer = Scorer(runtime, args, self.use_images)
         self._stats0 = self._runtime_stats()
 
-    def _open_records(self, runtime: Runtime) -> None:
+    def _open_records(self, runtime: "Runtime") -> None:
         self.records = RunRecords(self.args, self.task, runtime.state, self.resume_keys)
         self.records.check_resume()
 
@@ -117,12 +140,15 @@ class Evaluator:
 
     def _runtime_stats(self) -> dict:
         seconds, passes = self.runtime.watch.snapshot()
-        return {**self.runtime.image_stats(), "seconds": seconds, "passes": passes}
+        return {"images": self.runtime.image_stats(), "seconds": seconds, "passes": passes}
 
     def finish(self, metrics: dict, table: list[tuple[str, str]] | None = None) -> dict | None:
-        """Merge samples, write ``<task>.json`` (main process) and print a short table."""
+        """Wait for the cache writes, merge samples, write ``<task>.json`` (main process), print a short table.
+
+        The results name image files: they are all on disk before the results are written."""
+        self.runtime.flush()
         now, before = self._runtime_stats(), self._stats0
-        stats = {k: now[k] - before[k] for k in ("generated", "hits", "pipeline_loads")}
-        for part in ("seconds", "passes"):
+        stats = {}
+        for part in ("images", "seconds", "passes"):
             stats[part] = {k: now[part][k] - before[part][k] for k in now[part]}
         return self.records.finish(metrics, stats, self.t0, table, show_images=self.use_images)

@@ -4,13 +4,13 @@ its trained weights, and, when images are requested, the vision encoder and the 
 A :class:`Runtime` serves any number of tasks in one process (each :class:`eval_scripts.core.Evaluator`
 takes one); nothing in it depends on a task. It also keeps the two memos that make repeated scoring
 cheap: the frozen LM's hidden states per token sequence (process-wide, bounded in bytes) and the vision
-features per image (bounded in count).
+features per image (:mod:`models.feature_cache`: in memory, and on disk beside the image cache).
 """
 from __future__ import annotations
 
 import argparse
+import sys
 import time
-from collections import OrderedDict
 
 import torch
 
@@ -22,6 +22,11 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 RUNTIME_KEYS = ("model_name", "pretrained_model", "vision_encoder", "proj_hidden", "device", "dtype",
                 "image_generator", "image_size", "num_inference_steps", "guidance_scale", "seed",
                 "image_cache", "gen_batch_size", "toyworld_noise")
+
+# image counters of a run, each with one meaning: image slots (k x prompts) = generated + from_cache + reused;
+# PNGs decoded; distinct images run through the vision tower vs read from the feature cache; pipeline loads
+IMAGE_COUNTERS = ("slots", "generated", "from_cache", "reused", "pngs_decoded", "features_computed",
+                  "features_read", "pipeline_loads")
 
 # The frozen LM's hidden states per token sequence, shared by every runtime in this process (e.g. the
 # demo's text-only, k=1, k=3 and k=6 runs score the same prompts). Bounded in bytes.
@@ -86,6 +91,9 @@ class Runtime:
         from models.late_fusion import LateFusionLM
         from models.vision import DEFAULT_VISION_ENCODER
 
+        if not sys.stderr.isatty():  # progress bars (model loading) only on a terminal
+            from transformers.utils import logging as hf_logging
+            hf_logging.disable_progress_bar()
         self.t0 = time.perf_counter()
         self.use_images = use_images
         self.spec = {k: getattr(args, k, None) for k in RUNTIME_KEYS}
@@ -131,18 +139,23 @@ class Runtime:
         self.model_key = (args.model_name, str(self.dtype), str(self.device))
         self.watch.hook(self.model.lm.base_model, "lm")
         self.watch.hook(self.model.fusion_layer, "fusion")
-        self.provider = None
+        self.provider = self.features = None
         if use_images:
             from models import image_generation
-            from models.image_generation import ImageCache, ImageProvider, build_generator
+            from models.feature_cache import FeatureStore, VisionFeatures, encoder_identity
+            from models.image_generation import ImageCache, ImageProvider, build_generator, dtype_name
             generator = build_generator(args.image_generator, device=self.device, dtype=args.dtype,
                                         noise=args.toyworld_noise)
-            self.provider = ImageProvider(generator, ImageCache(args.image_cache), image_size=args.image_size,
+            cache = ImageCache(args.image_cache)
+            self.provider = ImageProvider(generator, cache, image_size=args.image_size,
                                           num_inference_steps=args.num_inference_steps,
                                           guidance_scale=args.guidance_scale, seed=args.seed,
                                           gen_batch_size=args.gen_batch_size)
+            features_root = cache.root / "features"
+            store = FeatureStore(features_root, encoder_identity(
+                args.vision_encoder, dtype_name(self.dtype), memo_path=features_root / "file-hashes.json"))
+            self.features = VisionFeatures(self.vision, self.provider, store, watch=self.watch)
             self._pipeline_loads0 = image_generation.PIPELINE_LOADS  # the counter is process-wide
-        self._features: OrderedDict[str, tuple[torch.Tensor, float]] = OrderedDict()  # path -> (patches, cos)
         self._max_text: dict[int, int | None] = {}
         self.setup_seconds = time.perf_counter() - self.t0
 
@@ -157,27 +170,24 @@ class Runtime:
 
     # ------------------------------------------------------------------ images
     def image_features(self, images) -> tuple[list[torch.Tensor], list[float]]:
-        """CLIP patch tokens and image-prompt cosine of each image (memoised by path)."""
-        todo = list(OrderedDict((im.path, im) for im in images if im.path not in self._features).values())
-        with self.watch.phase("clip"):
-            for start in range(0, len(todo), 64):
-                chunk = todo[start:start + 64]
-                patches, embeds = self.vision.encode_images(self.vision.pixels([im.image for im in chunk]))
-                cos = self.vision.image_text_similarity(embeds, [im.prompt for im in chunk])
-                for im, p, c in zip(chunk, patches, cos.tolist()):
-                    self._features[im.path] = (p, c)
-        out = [self._features[im.path] for im in images]
-        while len(self._features) > 4096:  # bounded: images are shared by nearby items only
-            self._features.popitem(last=False)
-        return [p for p, _ in out], [c for _, c in out]
+        """CLIP patch tokens of each image slot and the cosine of its image with its own prompt.
+
+        Each distinct image (by key) is encoded at most once: from this runtime's memo, the feature
+        cache on disk, or the vision tower (see :class:`models.feature_cache.VisionFeatures`)."""
+        return self.features(images)
 
     def image_stats(self) -> dict:
-        s = {"generated": 0, "hits": 0, "pipeline_loads": 0}
-        if self.provider is not None:
+        """Cumulative image counters of this runtime (see :data:`IMAGE_COUNTERS`)."""
+        s = dict.fromkeys(IMAGE_COUNTERS, 0)
+        if self.features is not None:
             from models import image_generation
-            s.update(generated=self.provider.generated, hits=self.provider.hits,
-                     pipeline_loads=image_generation.PIPELINE_LOADS - self._pipeline_loads0)
+            s.update(self.features.counts, pipeline_loads=image_generation.PIPELINE_LOADS - self._pipeline_loads0)
         return s
+
+    def flush(self) -> None:
+        """Wait until every image and feature file handed to the background writer is on disk."""
+        if self.provider is not None:
+            self.provider.flush()
 
     # ------------------------------------------------------------------ tokens
     def encode(self, text: str, special: bool = True) -> list[int]:
@@ -187,6 +197,8 @@ class Runtime:
         if not self.use_images:
             return 0
         if not hasattr(self, "_n_visual"):
+            self._n_visual = self.vision.n_patches  # from the config: a warm run runs no vision tower
+        if self._n_visual is None:
             from PIL import Image
             self._n_visual = self.vision.encode_images(self.vision.pixels([Image.new("RGB", (64, 64))]))[0].shape[1]
         return self._n_visual

@@ -1,7 +1,8 @@
 """Scoring primitives on a :class:`eval_scripts.runtime.Runtime`, with one task's mixing settings.
 
-* :meth:`Scorer.images_for`: the k images of each item (generated or cached), their CLIP patch tokens
-  and weights ``s_i``, and the image records written to the samples file;
+* :meth:`Scorer.images_for`: the k images of each item (their keys; features from memory, the feature
+  cache, or images generated or read and encoded), CLIP patch tokens and weights ``s_i``, and the image
+  records written to the samples file;
 * :meth:`Scorer.next_token_logprobs`: mixed log-probabilities of the next token after each text;
 * :meth:`Scorer.token_logprobs` / :meth:`Scorer.continuation_logprobs`: mixed log-probabilities of
   given tokens (lm-evaluation-harness style continuations);
@@ -35,20 +36,23 @@ class Scorer:
     # ------------------------------------------------------------------ images
     @torch.no_grad()
     def images_for(self, prompt_lists: list[list[str]]):
-        """Patches ``[B, k, n_v, d]``, weights ``[B, k]`` and per-item image records, or Nones."""
+        """Patches ``[B, k, n_v, d]``, weights ``[B, k]`` and per-item image records, or Nones.
+
+        Only the image keys are computed here; images are read, generated and encoded only when their
+        vision features are neither in memory nor in the feature cache (:meth:`Runtime.image_features`).
+        """
         if not self.use_images:
             return None, None, [[] for _ in prompt_lists]
         from models.mixing import clip_weights
-        with self.rt.watch.phase("generation"):
-            images = self.rt.provider.get(prompt_lists)
-        flat = [im for item in images for im in item]
+        refs = self.rt.provider.refs(prompt_lists)
+        flat = [r for item in refs for r in item]
         patches, cos = self.rt.image_features(flat)
-        k = len(images[0]) if images else 0
-        patches = torch.stack(patches).unflatten(0, (len(images), k))
-        cos = torch.tensor(cos).view(len(images), k)
+        k = len(refs[0]) if refs else 0
+        patches = torch.stack(patches).unflatten(0, (len(refs), k))
+        cos = torch.tensor(cos).view(len(refs), k)
         weights = clip_weights(cos, self.args.clip_temperature, self.args.uniform_weights).to(self.device)
-        records = [[{"path": im.path, "prompt": im.prompt, "weight": round(float(w), 6)}
-                    for im, w in zip(item, row)] for item, row in zip(images, weights.tolist())]
+        records = [[{"path": r.path, "prompt": r.prompt, "weight": round(float(w), 6)}
+                    for r, w in zip(item, row)] for item, row in zip(refs, weights.tolist())]
         return patches, weights, records
 
     # ------------------------------------------------------------------ tokens

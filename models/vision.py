@@ -37,6 +37,7 @@ class VisionEncoder(nn.Module):
 
     spec: str
     hidden_size: int  # width of the patch tokens
+    n_patches: int | None = None  # patch tokens per image, when the config tells (else: run the tower once)
     preprocess: object
 
     def freeze(self) -> "VisionEncoder":
@@ -96,6 +97,8 @@ class OpenClipEncoder(VisionEncoder):
         self._captured: list[torch.Tensor] = []
         blocks[-2].register_forward_hook(lambda _m, _i, out: self._captured.append(out))
         self.hidden_size = visual.transformer.width
+        grid = getattr(visual, "grid_size", None)
+        self.n_patches = int(grid[0] * grid[1]) if grid else None
         self.freeze()
 
     @torch.no_grad()
@@ -139,7 +142,9 @@ class HFClipEncoder(VisionEncoder):
         self.preprocess = _HFImageTransform(CLIPImageProcessor.from_pretrained(name_or_path))
         self.text_tokenizer = AutoTokenizer.from_pretrained(name_or_path)
         self.context_length = self.model.config.text_config.max_position_embeddings
-        self.hidden_size = self.model.config.vision_config.hidden_size
+        vcfg = self.model.config.vision_config
+        self.hidden_size = vcfg.hidden_size
+        self.n_patches = (vcfg.image_size // vcfg.patch_size) ** 2
         self.freeze()
 
     @torch.no_grad()
@@ -172,10 +177,25 @@ def _is_hf_clip_dir(path: str) -> bool:
         return False
 
 
-def load_vision_encoder(spec: str = DEFAULT_VISION_ENCODER, device=None, dtype=None) -> VisionEncoder:
-    """Build a frozen encoder from a spec string (see the module docstring)."""
-    import open_clip
+def _open_clip_names() -> set[str]:
+    """The model names open_clip knows, read from its config files without importing it (importing
+    open_clip pulls in timm and more; an HF CLIP spec must not pay for that)."""
+    import importlib.util
 
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or not spec.submodule_search_locations:
+        return set()
+    names = set()
+    for folder in spec.submodule_search_locations:
+        configs = Path(folder) / "model_configs"
+        if configs.is_dir():
+            names.update(p.stem for p in configs.glob("*.json"))
+    return names
+
+
+def load_vision_encoder(spec: str = DEFAULT_VISION_ENCODER, device=None, dtype=None) -> VisionEncoder:
+    """Build a frozen encoder from a spec string (see the module docstring). open_clip is imported only
+    for open_clip specs."""
     spec = spec.strip()
     if spec.startswith("hf-clip:"):
         enc = HFClipEncoder(spec[len("hf-clip:"):])
@@ -193,7 +213,12 @@ def load_vision_encoder(spec: str = DEFAULT_VISION_ENCODER, device=None, dtype=N
                              "nor an open_clip_config.json")
     else:
         name, _, tag = spec.partition("/")
-        if name in open_clip.list_models():
+        known = _open_clip_names()
+        if name not in known and not known:  # no config files where expected: ask open_clip itself
+            import open_clip
+
+            known = set(open_clip.list_models())
+        if name in known:
             enc = OpenClipEncoder(name, tag or None)
         elif tag and "/" not in tag:
             enc = HFClipEncoder(spec)  # a hub id such as openai/clip-vit-base-patch32

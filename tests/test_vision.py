@@ -41,7 +41,7 @@ def test_open_clip_patches_are_the_penultimate_block(tiny_clip_spec):
     x = v.ln_pre(x)
     for block in v.transformer.resblocks[:-1]:                                  # all but the last block
         x = block(x)
-    assert patches.shape == (3, 16, 48) and enc.hidden_size == 48
+    assert patches.shape == (3, 16, 48) and enc.hidden_size == 48 and enc.n_patches == 16
     torch.testing.assert_close(patches, x[:, 1:])                              # CLS dropped, no final norm
     torch.testing.assert_close(embeds, F.normalize(enc.model.encode_image(px), dim=-1))
 
@@ -65,6 +65,7 @@ def test_hf_clip_backend(hf_clip_dir):
     out = ref.vision_model(pixel_values=px, output_hidden_states=True)
     torch.testing.assert_close(patches, out.hidden_states[-2][:, 1:])
     torch.testing.assert_close(embeds, F.normalize(ref.visual_projection(out.pooler_output), dim=-1))
+    assert enc.n_patches == patches.shape[1] == 16
 
 
 def test_hf_clip_long_prompt_scores_as_its_truncated_form(hf_clip_dir):
