@@ -147,6 +147,29 @@ def test_empty_requests_and_k_check(tmp_path):
         check_k(0)
 
 
+def test_valid_but_wrong_cached_png_is_regenerated(tmp_path, caplog):
+    """A PNG that decodes but is not what its key says (size, mode) is never used."""
+    gen = FakeGenerator()
+    provider = ImageProvider(gen, ImageCache(tmp_path), image_size=8)
+    original = provider.get([["a", "b", "c"]])[0]
+    provider.flush()
+    tiny, grey, good = (Path(g.path) for g in original)
+    Image.new("RGB", (1, 1), (255, 0, 0)).save(tiny)  # the 1x1 PNG of the bug report
+    Image.new("L", (8, 8), 128).save(grey)  # right size, wrong mode
+    fresh = ImageProvider(gen, ImageCache(tmp_path), image_size=8)
+    with caplog.at_level(logging.WARNING, logger="models.image_generation"):
+        again = fresh.get([["a", "b", "c"]])[0]
+    fresh.flush()
+    assert fresh.stats() == {"slots": 3, "generated": 2, "from_cache": 1, "reused": 0}
+    messages = [r.getMessage() for r in caplog.records]
+    assert any(f"{tiny} is RGB 1x1, not RGB 8x8" in m for m in messages)
+    assert any(f"{grey} is L 8x8, not RGB 8x8" in m for m in messages)
+    for old, new, path in zip(original, again, (tiny, grey, good)):
+        assert np.array_equal(pixels(old.image), pixels(new.image))
+        with Image.open(path) as im:  # rewritten with the right image
+            assert im.size == (8, 8) and im.mode == "RGB" and np.array_equal(pixels(im), pixels(old.image))
+
+
 # ---------------------------------------------------------------- the tiny SDXL pipeline
 
 

@@ -5,30 +5,12 @@ import torch.nn.functional as F
 from PIL import Image
 
 from models.vision import load_vision_encoder
-from tests.zoo_sdxl import write_clip_tokenizer_files
 
 LONG = " ".join(["a red square next to a blue circle on a grey table"] * 20)  # far over 77 tokens
 
 
 def images():
     return [Image.new("RGB", (40, 40), c) for c in ((255, 0, 0), (0, 0, 255), (10, 200, 10))]
-
-
-@pytest.fixture(scope="module")
-def hf_clip_dir(tmp_path_factory):
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
-
-    d = tmp_path_factory.mktemp("hf-clip")
-    tok_dir = write_clip_tokenizer_files(d / "tok")
-    cfg = CLIPConfig(text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                      max_position_embeddings=77, vocab_size=49408),
-                     vision_config=dict(hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
-                                        image_size=32, patch_size=8), projection_dim=24)
-    torch.manual_seed(0)
-    CLIPModel(cfg).save_pretrained(d / "model")
-    CLIPTokenizer.from_pretrained(tok_dir).save_pretrained(d / "model")
-    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(d / "model")
-    return str(d / "model")
 
 
 def test_open_clip_patches_are_the_penultimate_block(tiny_clip_spec):
