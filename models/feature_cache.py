@@ -6,19 +6,21 @@ For each image the encoder produces two things, both stored:
 * the L2-normalised CLIP image embedding. Not the image-prompt cosine: an image's CLIP weight depends
   on the image AND the prompt it serves (a retrieved image can serve several prompts), so the cosine is
   computed per (image, prompt) pair from the stored embedding and the prompt's text embedding, which is
-  memoised per prompt.
+  memoised per prompt (and stored too, under ``text/``, keyed by the prompt's sha256).
 
-A warm run therefore decodes no PNG and runs no vision tower.
+A warm run therefore decodes no PNG and runs neither the vision tower nor the text tower.
 
-Layout: ``<root>/<encoder slug>/<key[:2]>/<key>.safetensors`` (``root`` is ``<image cache>/features``).
+Layout: ``<root>/<encoder slug>/<key[:2]>/<key>.safetensors`` and ``<root>/<encoder slug>/text/<sha[:2]>/
+<sha>.safetensors`` (``root`` is ``<image cache>/features``).
 The slug is a hash of the encoder's identity (:func:`encoder_identity`): the spec for an open_clip or
 hub name, a hash of the weight and config files for a local folder, plus the dtype the features were
 computed in (features are stored in that dtype, so a warm run gives bit-identical results). An encoder
 never looks in another's folder, and each file names its key and encoder again.
 
 Trust: an entry is used only if it parses, its checksum (CRC-32 of the tensor bytes) matches, it names
-this key and encoder, its tensors have the expected dtype and rank, and the PNG it was computed from is
-still the file on disk (same size and modification time: a regenerated or replaced PNG makes it stale).
+this key and encoder, its tensors have the expected names, dtype and rank, and (image entries) the PNG it
+was computed from is still the file on disk (same size and modification time: a regenerated or replaced
+PNG makes it stale).
 Anything else is recomputed and rewritten, never trusted. Files are safetensors (no pickle), written
 atomically by the background writer, after the PNG they belong to.
 """
@@ -126,15 +128,52 @@ class FeatureStore:
         write_behind.submit(self.remove_stale_temps)
 
     def remove_stale_temps(self, older_than_s: float = write_behind.STALE_TEMP_S) -> int:
-        shards = [e.path for e in os.scandir(self.dir) if e.is_dir() and len(e.name) == 2]
-        return write_behind.remove_stale_temps([self.dir, *shards], older_than_s)
+        dirs = [self.dir]
+        for parent in (self.dir, self.dir / "text"):
+            if parent.is_dir():
+                dirs += [e.path for e in os.scandir(parent) if e.is_dir() and len(e.name) == 2]
+        return write_behind.remove_stale_temps(dirs, older_than_s)
 
     def path(self, key: str) -> str:
         return os.path.join(self._dir, key[:2], f"{key}.safetensors")
 
+    def text_path(self, prompt: str) -> tuple[str, str]:
+        """The file of a prompt's text embedding, and the prompt's hash (its key)."""
+        key = hashlib.sha256(prompt.encode("utf-8")).hexdigest()
+        return os.path.join(self._dir, "text", key[:2], f"{key}.safetensors"), key
+
     def read(self, key: str, png_path: str) -> tuple["torch.Tensor", "torch.Tensor"] | None:
         """``(patches, embedding)`` of ``key`` if a valid entry for the current ``png_path`` exists."""
-        path = self.path(key)
+        found = self._read(self.path(key), key, {"patches": 2, "embed": 1})
+        if found is None:
+            return None
+        meta, tensors = found
+        try:
+            st = os.stat(png_path)
+        except OSError:
+            return None  # the image is gone: recompute from a regenerated one
+        if (str(st.st_size), str(st.st_mtime_ns)) != (meta.get("png_size"), meta.get("png_mtime_ns")):
+            return None  # computed from another version of the PNG
+        return tensors["patches"], tensors["embed"]
+
+    def write(self, key: str, patches: "torch.Tensor", embed: "torch.Tensor", png_stat: os.stat_result) -> None:
+        """Store an image's entry (runs in a writer thread, after the PNG it belongs to is on disk)."""
+        self._write(self.path(key), {"patches": patches, "embed": embed},
+                    {"key": key, "png_size": str(png_stat.st_size), "png_mtime_ns": str(png_stat.st_mtime_ns)})
+
+    def read_text(self, prompt: str) -> "torch.Tensor | None":
+        """The stored CLIP text embedding of ``prompt``, if valid."""
+        path, key = self.text_path(prompt)
+        found = self._read(path, key, {"embed": 1})
+        return None if found is None else found[1]["embed"]
+
+    def write_text(self, prompt: str, embed: "torch.Tensor") -> None:
+        path, key = self.text_path(prompt)
+        self._write(path, {"embed": embed}, {"key": key})
+
+    def _read(self, path: str, key: str, ranks: dict[str, int]) -> tuple[dict, dict] | None:
+        """Metadata and tensors of a valid file for ``key`` (tensor name -> rank), else None (a broken or
+        foreign file is logged)."""
         try:
             with open(path, "rb") as f:
                 data = f.read()
@@ -147,45 +186,31 @@ class FeatureStore:
             meta = json.loads(data[8:8 + n]).get("__metadata__") or {}
             if meta.get("format") != FORMAT or meta.get("key") != key or meta.get("encoder") != self.slug:
                 raise ValueError("written for another key or encoder")
-            if int(meta.get("crc32", -1)) != zlib.crc32(memoryview(data)[8 + n:]):
+            if meta.get("crc32") != str(zlib.crc32(memoryview(data)[8 + n:])):
                 raise ValueError("checksum mismatch")
-        except (ValueError, TypeError, AttributeError) as err:
-            logger.warning("feature cache: cannot use %s (%s); recomputing it", path, err)
-            return None
-        try:
-            st = os.stat(png_path)
-        except OSError:
-            return None  # the image is gone: recompute from a regenerated one
-        if (st.st_size, st.st_mtime_ns) != (int(meta.get("png_size", -1)), int(meta.get("png_mtime_ns", -1))):
-            return None  # computed from another version of the PNG
-        from safetensors.torch import load
+            from safetensors.torch import load
 
-        try:
+            from models.image_generation import dtype_name
+
             tensors = load(data)
-            patches, embed = tensors["patches"], tensors["embed"]
-        except Exception as err:  # noqa: BLE001 - safetensors raises its own error types
+            if set(tensors) != set(ranks) or any(t.dim() != ranks[name] or dtype_name(t.dtype) != self.dtype
+                                                 for name, t in tensors.items()):
+                raise ValueError("unexpected tensors")
+        except Exception as err:  # noqa: BLE001 - json, safetensors and int() raise their own types
             logger.warning("feature cache: cannot use %s (%s); recomputing it", path, err)
             return None
-        from models.image_generation import dtype_name
+        return meta, tensors
 
-        if patches.dim() != 2 or embed.dim() != 1 or {dtype_name(patches.dtype), dtype_name(embed.dtype)} != {self.dtype}:
-            logger.warning("feature cache: %s holds unexpected tensors; recomputing it", path)
-            return None
-        return patches, embed
-
-    def write(self, key: str, patches: "torch.Tensor", embed: "torch.Tensor", png_stat: os.stat_result) -> None:
-        """Store an entry (runs in a writer thread, after the PNG it belongs to is on disk)."""
+    def _write(self, path: str, tensors: dict, meta: dict) -> None:
         from safetensors.torch import save
 
-        tensors = {"patches": patches.detach().cpu().contiguous().clone(),
-                   "embed": embed.detach().cpu().contiguous().clone()}
-        meta = {"format": FORMAT, "key": key, "encoder": self.slug, "png_size": str(png_stat.st_size),
-                "png_mtime_ns": str(png_stat.st_mtime_ns)}
+        tensors = {k: t.detach().cpu().contiguous().clone() for k, t in tensors.items()}
+        meta = {"format": FORMAT, "encoder": self.slug, **meta}
         # the checksum covers the tensor bytes, which adding it to the header does not move
         first = save(tensors, metadata={**meta, "crc32": "0"})
         n = int.from_bytes(first[:8], "little")
         data = save(tensors, metadata={**meta, "crc32": str(zlib.crc32(memoryview(first)[8 + n:]))})
-        write_behind.write_atomic(self.path(key), data)
+        write_behind.write_atomic(path, data)
 
 
 # ---------------------------------------------------------------------------------------------- features
@@ -270,10 +295,7 @@ class VisionFeatures:
 
         with self._phase("clip"):
             prompts = [im.prompt for im in images]
-            new = [p for p in dict.fromkeys(prompts) if p not in self.text]
-            if new:
-                for p, e in zip(new, self.encoder.encode_texts(new)):
-                    self.text[p] = e
+            self._text_embeddings(prompts)
             embeds = torch.stack([self.memo[k][1] for k in keys])
             texts = torch.stack([self.text[p] for p in prompts]).to(embeds.dtype)
             cos = (embeds * texts).sum(-1).float().tolist()
@@ -282,6 +304,25 @@ class VisionFeatures:
             while len(self.text) > self.text_memo:
                 self.text.popitem(last=False)
         return [self.memo[k][0] for k in keys], cos
+
+    def _text_embeddings(self, prompts: list[str]) -> None:
+        """Put the CLIP text embedding of each prompt in the text memo: from the store, else the text tower
+        (all new prompts in one batch; stored behind the work)."""
+        new = [p for p in dict.fromkeys(prompts) if p not in self.text]
+        if self.store is not None:
+            missing = []
+            for p in new:
+                e = self.store.read_text(p)
+                if e is None:
+                    missing.append(p)
+                else:
+                    self.text[p] = e.to(self.encoder.device)
+            new = missing
+        if new:
+            for p, e in zip(new, self.encoder.encode_texts(new)):
+                self.text[p] = e
+                if self.store is not None:
+                    write_behind.submit(self.store.write_text, p, e)
 
     def _compute(self, todo: list, origin: dict) -> None:
         """Features of images not in the memo or the store: get each image, run the tower, store."""

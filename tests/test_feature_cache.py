@@ -57,17 +57,22 @@ def samples(zoo, run_name, out=None):
 
 
 def feature_files(cache) -> list[Path]:
-    return sorted(Path(cache, "features").rglob("*.safetensors"))
+    """The image entries of the feature cache (not the prompts' text embeddings under text/)."""
+    return sorted(f for f in Path(cache, "features").rglob("*.safetensors") if f.parent.parent.name != "text")
+
+
+def text_files(cache) -> list[Path]:
+    return sorted(f for f in Path(cache, "features").rglob("*.safetensors") if f.parent.parent.name == "text")
 
 
 class Spy:
-    """Counts PNG decodes (PIL.Image.open) and vision-tower passes during a run."""
+    """Counts PNG decodes (PIL.Image.open), vision-tower images and text-tower prompts during a run."""
 
     def __init__(self, monkeypatch):
         import PIL.Image
 
-        self.opens, self.tower = 0, 0
-        real_open, real_encode = PIL.Image.open, OpenClipEncoder.encode_images
+        self.opens, self.tower, self.texts = 0, 0, 0
+        real_open, real_encode, real_texts = PIL.Image.open, OpenClipEncoder.encode_images, OpenClipEncoder.encode_texts
 
         def counting_open(*a, **kw):
             self.opens += 1
@@ -76,8 +81,12 @@ class Spy:
         def counting_encode(enc, pixels):
             self.tower += pixels.shape[0]
             return real_encode(enc, pixels)
+        def counting_texts(enc, texts):
+            self.texts += len(texts)
+            return real_texts(enc, texts)
         monkeypatch.setattr(PIL.Image, "open", counting_open)
         monkeypatch.setattr(OpenClipEncoder, "encode_images", counting_encode)
+        monkeypatch.setattr(OpenClipEncoder, "encode_texts", counting_texts)
 
 
 def check_sums(c):
@@ -93,11 +102,12 @@ def test_warm_run_decodes_no_png_runs_no_tower_and_gives_the_cold_metrics(zoo, t
     assert (c["image_slots"], c["images_generated"], c["images_from_cache"], c["images_reused"]) == (20, 4, 0, 16)
     assert (c["vision_features_computed"], c["vision_features_read"], c["pngs_decoded"]) == (4, 0, 0)
     assert len(feature_files(cache)) == 4 and len(list(cache.rglob("*.png"))) == 4  # flushed before the results
+    assert len(text_files(cache)) == QUESTIONS  # one text embedding per image prompt (the question)
 
     spy = Spy(monkeypatch)
     core.clear_memos()
     warm = main(args_for(zoo, cache, "warm"))
-    assert spy.opens == 0 and spy.tower == 0
+    assert spy.opens == 0 and spy.tower == 0 and spy.texts == 0
     c = warm["counts"]
     assert (c["image_slots"], c["images_generated"], c["images_from_cache"], c["images_reused"]) == (20, 0, 4, 16)
     assert (c["vision_features_computed"], c["vision_features_read"], c["pngs_decoded"]) == (0, 4, 0)
@@ -152,6 +162,24 @@ def test_another_encoder_never_reads_these_features(zoo, tmp_path, monkeypatch):
         shutil.copy(f, theirs / f.parent.name / f.name)
     again = main(args_for(zoo, cache, "enc_b2", clip=zoo["other_clip"]))["counts"]
     assert (again["vision_features_computed"], again["vision_features_read"]) == (4, 0)
+
+
+def test_text_embeddings_are_stored_checked_and_never_shared(tmp_path, caplog):
+    store = FeatureStore(tmp_path, {"format": FORMAT, "dtype": "fp32", "spec": "a"})
+    other = FeatureStore(tmp_path, {"format": FORMAT, "dtype": "fp32", "spec": "b"})
+    e = torch.randn(24)
+    store.write_text("a red apple", e)
+    assert torch.equal(store.read_text("a red apple"), e)
+    assert store.read_text("a red pear") is None and other.read_text("a red apple") is None
+    path = Path(store.text_path("a red apple")[0])
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 1
+    path.write_bytes(bytes(data))
+    with caplog.at_level("WARNING", logger="models.feature_cache"):
+        assert store.read_text("a red apple") is None
+    assert "checksum mismatch" in caplog.text
+    store.write_text("a red apple", e.to(torch.float16))  # not this store's dtype: refused on reading
+    assert store.read_text("a red apple") is None and "unexpected tensors" in caplog.text
 
 
 def test_encoder_identity_hashes_local_weights_and_names_the_dtype(zoo, tmp_path):
