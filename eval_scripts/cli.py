@@ -72,9 +72,35 @@ def parse_choices(value: str, allowed, what: str) -> list[str]:
 
 
 def run_main(main: Callable[[list[str] | None], dict], argv=None) -> dict:
-    """Run a script's main and turn bad input into one line on stderr and exit status 2."""
+    """Run a script's main and turn bad input into one line on stderr and exit status 2.
+
+    Run as the script itself (``python eval_scripts/x.py``), a finished run then ends the process at once
+    (:func:`exit_now`): the interpreter's teardown of torch and transformers takes about a second."""
     try:
-        return main(argv)
+        result = main(argv)
     except (EvalError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    if argv is None and getattr(sys.modules.get("__main__"), "main", None) is main:
+        exit_now(0)
+    return result
+
+
+def exit_now(status: int = 0) -> None:
+    """End the process as a normal exit would, minus the interpreter's teardown: non-daemon threads are
+    joined and the ``atexit`` handlers run (the cache writer's flush, logging's), the standard streams
+    are flushed; the final garbage collection and module-by-module teardown are skipped."""
+    import atexit
+    import os
+    import threading
+
+    for thread in threading.enumerate():
+        if thread is not threading.current_thread() and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(status)

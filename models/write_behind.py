@@ -86,7 +86,8 @@ class Writer:
     """A small pool of daemon threads running file-writing tasks in submission order (see the module)."""
 
     def __init__(self, threads: int | None = None, max_pending: int = MAX_PENDING):
-        self.n_threads = threads or max(1, min(4, (os.cpu_count() or 2) - 1))
+        # PNG encoding releases the GIL: one thread per core (up to 4) also finishes the last writes sooner
+        self.n_threads = threads or max(1, min(4, os.cpu_count() or 1))
         self._tasks: queue.Queue = queue.Queue(maxsize=max_pending)
         self._threads: list[threading.Thread] = []
         self._lock = threading.Lock()

@@ -19,10 +19,16 @@ SCRIPTS = sorted(str(p.relative_to(REPO)) for p in (REPO / "eval_scripts").glob(
 HEAVY = ("torch", "transformers", "diffusers", "open_clip", "timm", "wandb", "matplotlib", "accelerate", "datasets",
          "PIL", "numpy", "safetensors")
 
-# runs each (script, argv) as __main__ in this one process, then prints the heavy modules loaded
+# runs each (script, argv) as __main__ in this one process, then prints the heavy modules loaded (from an
+# atexit handler: a finished eval script ends its process at once, running the atexit handlers)
 PROBE = """
-import contextlib, io, json, runpy, sys
+import atexit, contextlib, io, json, runpy, sys
 runs, wanted, codes = json.loads(sys.argv[1]), set(sys.argv[2].split(",")), []
+
+def report():  # a run that ended the process from inside (exit_now) finished with status 0
+    heavy = sorted({m.split(".")[0] for m in sys.modules} & wanted)
+    sys.__stdout__.write(json.dumps({"codes": codes + [0] * (len(runs) - len(codes)), "heavy": heavy}) + "\\n")
+atexit.register(report)
 for target, argv in runs:
     sys.argv = [target, *argv]
     out = io.StringIO()
@@ -36,8 +42,6 @@ for target, argv in runs:
     except SystemExit as e:
         codes.append(e.code or 0)
     assert "usage:" in out.getvalue() or argv[:1] != ["--help"], target
-heavy = sorted({m.split(".")[0] for m in sys.modules} & wanted)
-print(json.dumps({"codes": codes, "heavy": heavy}))
 """
 
 
