@@ -220,9 +220,12 @@ def _instrumented(record: dict, device: str):
         return wrapper
 
     for module_name, cls_name, attr, key in _TIMED:
-        owner = importlib.import_module(module_name)
-        owner = getattr(owner, cls_name) if cls_name else owner
-        if attr not in vars(owner):  # inherited: the base class's wrapper times it
+        try:
+            owner = importlib.import_module(module_name)
+        except ImportError:  # an older checkout (measured as a baseline) may not have it
+            continue
+        owner = getattr(owner, cls_name, None) if cls_name else owner
+        if owner is None or attr not in vars(owner):  # inherited: the base class's wrapper times it
             continue
         patched.append((owner, attr, vars(owner)[attr]))
         setattr(owner, attr, timed(key, vars(owner)[attr]))
@@ -300,7 +303,7 @@ def run_way(args, way: str, cache: Path, out_dir: Path, device: str, limit: int 
         "ms_per_scored_prompt": round(1000 * loop / counts["examples"], 2),
         # what a long run amortises to: the one-off pipeline construction left out
         "ms_per_question_no_construction": round(1000 * (loop - record["pipeline_s"]) / questions, 2),
-        **{name: counts[name] for name in COUNTERS},
+        **{name: counts.get(name) for name in COUNTERS},  # None: not counted by the checkout measured
         "pipeline_constructions": image_generation.PIPELINE_LOADS - loads_before,
         "pipeline_construction_s": round(record["pipeline_s"], 4),
         "lm_passes": counts["lm_passes"],
@@ -354,7 +357,7 @@ def report(ways: dict, r: dict, k: int, distinct: int, memory_kind: str) -> str:
     names = list(ways)
     lines = [f"{'':<24}" + "".join(f"{n:>12}" for n in names)]
     for label, key in rows:
-        lines.append(f"{label:<24}" + "".join(f"{ways[n][key]:>12}" for n in names))
+        lines.append(f"{label:<24}" + "".join(f"{str(ways[n][key]):>12}" for n in names))
     for phase in ("generation", "clip", "lm", "fusion"):
         lines.append(f"{phase + ' s':<24}" + "".join(f"{ways[n]['seconds'][phase]:>12.3f}" for n in names))
     for part in ("generator_calls", "cache_read", "feature_read", "clip_preprocess", "clip_text", "writer_png",

@@ -309,6 +309,32 @@ def test_writer_flushes_counts_failures_and_runs_inline_in_children(tmp_path, ca
     assert child.exitcode == 0 and (tmp_path / "child.bin").read_bytes() == b"from a child"
 
 
+CTRL_C = """
+import sys, time
+from models import write_behind
+
+def slow(i):
+    time.sleep(0.3)
+    write_behind.write_atomic(f"{sys.argv[1]}/f{i}.bin", b"whole")
+for i in range(6):
+    write_behind.submit(slow, i)
+print("queued", flush=True)
+time.sleep(60)
+"""
+
+
+def test_ctrl_c_flushes_the_queued_writes(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-c", CTRL_C, str(tmp_path)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "queued"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert "KeyboardInterrupt" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"f{i}.bin" for i in range(6)]  # all, whole
+    assert all(p.read_bytes() == b"whole" for p in tmp_path.iterdir())
+
+
 def _child_writes(path):
     write_behind.submit(write_behind.write_atomic, path, b"from a child")  # no atexit in a child: inline
 
