@@ -257,9 +257,10 @@ def _clean_state(device):
     import torch
 
     from eval_scripts import core
-    from models import image_generation, write_behind
+    from models import image_generation
 
-    write_behind.flush()
+    if hasattr(image_generation, "write_behind"):  # (an older checkout writes synchronously)
+        image_generation.write_behind.flush()
     image_generation._PIPELINES.clear()
     core.clear_memos()
     gc.collect()
