@@ -124,7 +124,8 @@ class Fast512:
         self.pool = []
         for _ in range(pool):
             a = rng.uniform(0, 2 * np.pi, (3, 3))
-            channels = [127 + 90 * np.sin(a[c, 0] + 5 * x * np.cos(a[c, 1]) + 5 * y * np.sin(a[c, 2])) for c in range(3)]
+            channels = [127 + 90 * np.sin(a[c, 0] + 5 * x * np.cos(a[c, 1]) + 5 * y * np.sin(a[c, 2]))
+                        for c in range(3)]
             pixels = np.stack(channels, -1) + rng.normal(0, 8, (size, size, 3))
             self.pool.append(Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB"))
 
