@@ -263,7 +263,9 @@ def test_kill_during_a_cache_write_leaves_nothing_trusted_and_resumes_exactly(zo
     cache, out = tmp_path / "cache", tmp_path / "out"
     argv = args_for(zoo, cache, "killed", batch_size=5, questions=3, out=out)  # one question per batch
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-c", KILLER, suffix, "3", *argv], env=env, capture_output=True,
+    # the first question writes 2 PNGs and 3 feature files (2 images, 1 prompt): die on the second question's first
+    nth = {".png": 3, ".safetensors": 4}[suffix]
+    proc = subprocess.run([sys.executable, "-c", KILLER, suffix, str(nth), *argv], env=env, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     done = [json.loads(line) for line in (out / "killed" / "imagenetvc_samples.part0.jsonl").read_text().splitlines()]
