@@ -19,11 +19,12 @@ $(STAMP): requirements.txt pyproject.toml
 
 install: $(STAMP)
 
+# two workers (the CI machine has 2 cores); tests that launch torchrun share one worker (xdist_group)
 test: install
-	$(PY) -m pytest -m "not slow" -q
+	$(PY) -m pytest -m "not slow" -q -n 2 --dist loadgroup
 
 test-all: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadgroup
 
 demo: install
 	$(PY) demo.py --output_dir output/demo

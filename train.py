@@ -51,17 +51,14 @@ import shutil
 import time
 from pathlib import Path
 
-import torch
-
 from models.cli import (OneLineArgumentParser, finite_float, non_negative_int, positive_int, report_error,
                         seed as seed_type)
-from models.training_state import CHECKPOINT_PREFIX, checkpoint_step, scan_checkpoints  # noqa: F401 (API)
 
 logger = logging.getLogger("train")
 
 TRACKER_PROJECT = "late-fusion"
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
-LM_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+LM_DTYPES = ("bf16", "fp16", "fp32")  # torch loads only when training starts: --help needs none
 # Run arguments recorded in the saved weights' config.json.
 RECORDED_ARGS = ("run_name", "dataset_name", "max_elements", "max_train_samples", "per_device_train_batch_size",
                  "gradient_accumulation_steps", "learning_rate", "lr_scheduler_type", "num_warmup_steps",
@@ -98,8 +95,7 @@ def _checkpointing_steps(text: str) -> int | str:
 
 def build_parser():
     from models.image_generation import add_generation_args
-    from models.image_retrieval import add_retrieval_args
-    from models.vision import DEFAULT_VISION_ENCODER
+    from models.image_sources import add_retrieval_args
 
     p = OneLineArgumentParser(description="Train the late-fusion projector and fusion block (LM and CLIP frozen).")
     g = p.add_argument_group("run")
@@ -132,7 +128,8 @@ def build_parser():
     g.add_argument("--trust_remote_code", action="store_true")
     g.add_argument("--low_cpu_mem_usage", action="store_true",
                    help="accepted for compatibility; transformers 5 always loads weights lazily")
-    g.add_argument("--vision_encoder", default=DEFAULT_VISION_ENCODER, help="see models.vision.load_vision_encoder")
+    g.add_argument("--vision_encoder", default=None,
+                   help="see models.vision.load_vision_encoder (default: ViT-B-32-quickgelu/openai)")
     g.add_argument("--proj_hidden", type=positive_int, default=None,
                    help="projector width (default: the released checkpoints' width for the architecture)")
     g.add_argument("--pretrained_model", default=None,
@@ -203,6 +200,10 @@ def parse_args(argv=None):
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.vision_encoder is None:
+        from models.vision import DEFAULT_VISION_ENCODER
+
+        args.vision_encoder = DEFAULT_VISION_ENCODER
     if args.run_bf16:
         if args.mixed_precision not in (None, "bf16"):
             parser.error(f"--run_bf16 conflicts with --mixed_precision {args.mixed_precision}")
@@ -211,8 +212,11 @@ def parse_args(argv=None):
         check_generation_args(args)
     except ValueError as err:
         parser.error(str(err))
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device is available")
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            parser.error("--device cuda: no CUDA device is available")
     _check_report_to(parser, args)
     output_dir = Path(args.output_dir)
     if output_dir.exists() and not output_dir.is_dir():
@@ -243,6 +247,8 @@ def _check_report_to(parser, args) -> None:
 
 def list_checkpoints(output_dir) -> list[Path]:
     """The complete ``checkpoint-<step>`` folders of ``output_dir``, oldest (lowest step) first."""
+    from models.training_state import scan_checkpoints
+
     return scan_checkpoints(output_dir)[0]
 
 
@@ -281,6 +287,8 @@ def _run_weights(output_dir: Path, run_name: str) -> list[Path]:
 def _previous_run(args) -> list[Path]:
     """Checkpoints (complete or not) and this run's weights already in ``--output_dir``."""
     output_dir = Path(args.output_dir)
+    from models.training_state import scan_checkpoints
+
     complete, incomplete = scan_checkpoints(output_dir)
     return complete + incomplete + _run_weights(output_dir, args.run_name)
 
@@ -378,6 +386,7 @@ def share_error(accelerator, message: str | None) -> None:
         if message is not None:
             raise InputError(message)
         return
+    import torch
     import torch.distributed as dist
 
     world, device = accelerator.num_processes, accelerator.device
@@ -423,8 +432,10 @@ def agreed(accelerator, fn, *args, main_first: bool = False, **kwargs):
 # ----------------------------------------------------------------------------- setup helpers
 
 def resolve_lm_dtype(name: str, device: torch.device) -> torch.dtype:
+    import torch
+
     if name != "auto":
-        return LM_DTYPES[name]
+        return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.bfloat16
     return torch.float32
@@ -467,12 +478,13 @@ def pregenerate_wiki_images(accelerator, dataset, provider) -> dict:
     for chunks in _wiki_parts(dataset):
         mine = list(range(accelerator.process_index, len(chunks), accelerator.num_processes))
         step = 8 * provider.gen_batch_size
-        with tqdm(total=len(mine), unit="chunk", disable=not accelerator.is_local_main_process) as bar:
+        with tqdm(total=len(mine), unit="chunk", disable=None if accelerator.is_local_main_process else True) as bar:
             for start in range(0, len(mine), step):
                 batch = mine[start:start + step]
                 provider.get([[chunks.prompt(i)] for i in batch])
                 bar.update(len(batch))
                 bar.set_postfix(provider.stats())
+    provider.flush()  # on disk before DataLoader workers (other processes) look for them
     accelerator.wait_for_everyone()
     return provider.stats()
 
@@ -512,6 +524,8 @@ def main(argv=None, *, step_callback=None) -> dict:
     try:
         return _run(args, step_callback)
     except InputError as err:
+        import torch
+
         report_error(str(err))
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()  # every rank is here: exit cleanly, not in gloo's teardown
@@ -519,6 +533,7 @@ def main(argv=None, *, step_callback=None) -> dict:
 
 
 def make_accelerator(args):
+    import torch
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, DistributedType
 
@@ -664,6 +679,7 @@ def masked_lm_setup(args, model, encoder, tokenizer):
 
 
 def _run(args, step_callback) -> dict:
+    import torch
     from accelerate.utils import set_seed
     from torch.utils.data import DataLoader
     from transformers import get_scheduler
@@ -799,6 +815,8 @@ class _Run:
 
     def count_images(self, seen: int, bad: int) -> None:
         """Add this optimizer step's image counts of every process; stop when too many images were bad."""
+        import torch
+
         counts = torch.tensor([seen, bad], dtype=torch.long, device=self.accelerator.device)
         if self.accelerator.num_processes > 1:
             counts = self.accelerator.reduce(counts, reduction="sum")
@@ -807,6 +825,7 @@ class _Run:
             raise InputError(self.budget.message())
 
     def train(self, max_train_steps, num_epochs, total_batch, step_callback) -> dict:
+        import torch
         from tqdm.auto import tqdm
 
         from data.masking import batch_seed

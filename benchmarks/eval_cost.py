@@ -1,21 +1,34 @@
-"""Where evaluation time goes: ImageNetVC run three ways in one process.
+"""Where evaluation time goes: ImageNetVC run three ways in one process, and the start-up cost.
 
 Each way starts from a clean state (a new Evaluator and run name, no pipeline held by the process):
 
 * ``text``: text-only (``--generate_images False``);
 * ``cold``: k images per input, from an empty image cache (a fresh temporary directory);
-* ``warm``: the same again, on the cache the cold run filled.
+* ``warm``: the same again, on the cache the cold run filled (images and vision features).
 
-For each way it prints questions per second, images generated, pipeline constructions, LM and fusion
-passes, seconds in generation / CLIP / LM / fusion, and peak memory; then the ratios: images generated
-per question against the released protocol's 5 x k, warm-cache time over text-only time, and cold-cache
-time over (generation time + text-only time), i.e. how close a cold run is to its floor.
+For each way it prints questions per second, the image counters (slots, generated, from the cache,
+reused, PNGs decoded, vision features computed / read), pipeline constructions, LM and fusion passes,
+seconds in generation / CLIP / LM / fusion, and peak memory; then the ratios: images generated per
+question against the released protocol's 5 x k, warm-cache time over text-only time, cold over warm,
+and cold-cache time over (generation time + text-only time), i.e. how close a cold run is to its floor.
 
 "Time" is the evaluation loop: the run's wall time minus the Evaluator's construction (model and
 CLIP loading). The pipeline is built lazily on the first cache miss, so a cold run's loop time
-includes its construction. A question is one ImageNetVC question scored under all 5 templates.
+includes its construction. It also includes waiting, at the end, for the background writer to put
+the last PNGs and feature files on disk ("flush wait"). A question is one ImageNetVC question scored
+under all 5 templates.
+
+``--generator fast512`` replaces the text-to-image model by one that returns ready-made 512 px
+photo-like images at no cost (a stand-in for a fast GPU): the cold run's extra cost is then what the
+cache itself costs (PNG encoding and writing, feature files, CLIP on new images).
+
+``--startup N`` times, in fresh processes, ``imagenetVC.py --help`` and a one-question text-only run,
+N times each; with ``--baseline_tree DIR`` the same commands of another checkout run interleaved with
+this one's (back to back), and the ratios are printed.
 
     python benchmarks/eval_cost.py --tiny --questions 20 --k 6            # CPU, the test zoo
+    python benchmarks/eval_cost.py --tiny --questions 20 --k 6 --generator fast512 --ways cold,warm
+    python benchmarks/eval_cost.py --tiny --ways none --startup 5 --baseline_tree /tmp/old-checkout
     python benchmarks/eval_cost.py --model_name google/gemma-2b --image_generator stabilityai/sdxl-turbo \\
         --k 6 --questions 100 --device cuda --out benchmarks/results/gemma.json
 
@@ -27,6 +40,10 @@ import argparse
 import contextlib
 import gc
 import io
+import os
+import resource
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -34,13 +51,14 @@ import uuid
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_utils import PeakMemory, finish, machine_info, repo_data, use_tiny_zoo  # noqa: E402
+from bench_utils import REPO, PeakMemory, finish, machine_info, repo_data, use_tiny_zoo  # noqa: E402
 
 WAYS = ("text", "cold", "warm")
 N_TEMPLATES = 5
 # flags forwarded to imagenetVC.py when given
 PASS_THROUGH = ("model_name", "vision_encoder", "image_generator", "device", "dtype", "batch_size", "gen_batch_size",
                 "image_size", "num_inference_steps", "image_prompt", "pretrained_model")
+GENERATORS = ("model", "fast512")
 
 
 def parse_args(argv=None):
@@ -57,7 +75,14 @@ def parse_args(argv=None):
                    help="skip the untimed one-question text-only run that pays one-off start-up costs")
     p.add_argument("--repeats", type=int, default=1,
                    help="run the ways this many times (each cold run on a new cache) and keep each way's fastest")
-    p.add_argument("--ways", default=",".join(WAYS), help="subset of text,cold,warm to run (ratios need all three)")
+    p.add_argument("--ways", default=",".join(WAYS),
+                   help="subset of text,cold,warm to run (ratios need them), or 'none' (e.g. with --startup)")
+    p.add_argument("--generator", choices=GENERATORS, default="model",
+                   help="model: --image_generator; fast512: ready-made 512 px images at no cost (a fast GPU)")
+    p.add_argument("--startup", type=int, default=0, metavar="N",
+                   help="also time --help and a one-question text-only run in fresh processes, N times each")
+    p.add_argument("--baseline_tree", default=None,
+                   help="another checkout whose start-up is timed interleaved with this one's (with --startup)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (torch.set_num_threads); 1 gives steadier numbers on a busy machine")
     p.add_argument("--out", default=None, help="write the numbers to this JSON file")
@@ -66,13 +91,64 @@ def parse_args(argv=None):
         p.add_argument(f"--{name}", default=None)
     args, extra = p.parse_known_args(argv)
     args.extra = extra
-    args.ways = [w.strip() for w in args.ways.split(",") if w.strip()]
+    args.ways = [] if args.ways.strip() == "none" else [w.strip() for w in args.ways.split(",") if w.strip()]
     bad = [w for w in args.ways if w not in WAYS]
-    if bad or not args.ways:
+    if bad or not (args.ways or args.startup):
         p.error(f"--ways: unknown way {bad[0] if bad else ''!r}; choose from {', '.join(WAYS)}")
-    if min(args.questions, args.k, args.repeats) < 1:
-        p.error("--questions, --k and --repeats must be >= 1")
+    if min(args.questions, args.k, args.repeats) < 1 or args.startup < 0:
+        p.error("--questions, --k and --repeats must be >= 1, --startup >= 0")
+    if args.generator == "fast512":
+        if args.image_size not in (None, "512"):
+            p.error("--generator fast512 makes 512 px images: leave --image_size out")
+        args.image_size = "512"
     return args
+
+
+# ---------------------------------------------------------------------------------------------- fast512
+class Fast512:
+    """A text-to-image "model" that costs nothing: it returns ready-made 512 px images (a pool made before
+    the clock starts; image i of a call is pool[seed % size]), so a cold run measures the cache's own cost.
+
+    The pool is photo-like (smooth colour fields plus sensor-like noise): its PNGs cost what real ones
+    do to encode (about 600 KB and 15-30 ms each at level 1), unlike flat synthetic images."""
+
+    generator_id = "fast512-v1"
+    key_dtype = None
+
+    def __init__(self, size: int = 512, pool: int = 16):
+        import numpy as np
+        from PIL import Image
+
+        rng = np.random.default_rng(0)
+        y, x = np.mgrid[0:size, 0:size] / size
+        self.pool = []
+        for _ in range(pool):
+            a = rng.uniform(0, 2 * np.pi, (3, 3))
+            channels = [127 + 90 * np.sin(a[c, 0] + 5 * x * np.cos(a[c, 1]) + 5 * y * np.sin(a[c, 2]))
+                        for c in range(3)]
+            pixels = np.stack(channels, -1) + rng.normal(0, 8, (size, size, 3))
+            self.pool.append(Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB"))
+
+    def generate(self, prompts, seeds, *, image_size, num_inference_steps, guidance_scale):
+        if image_size != 512:
+            raise ValueError("fast512 makes 512 px images only")
+        return [self.pool[seed % len(self.pool)] for seed in seeds]
+
+
+@contextlib.contextmanager
+def _generator(fast: Fast512 | None):
+    """With a :class:`Fast512`, every generator the evaluation builds is that one."""
+    if fast is None:
+        yield
+        return
+    from models import image_generation
+
+    original = image_generation.build_generator
+    image_generation.build_generator = lambda spec, **kw: fast
+    try:
+        yield
+    finally:
+        image_generation.build_generator = original
 
 
 def distinct_image_prompts(args) -> int:
@@ -101,21 +177,29 @@ def _argv(args, *, images: bool, cache: Path, out_dir: Path, run_name: str, limi
     return argv + list(args.extra)
 
 
-# (module, class or None, attribute, record key): calls timed inside one run, to split the phases further
+# (module, class or None, attribute, record key): calls timed inside one run, to split the phases further.
+# Cache and feature writes run in the background writer's threads: their seconds are busy time there,
+# not time on the critical path (which "flush_wait_s", the wait at the end, shows).
 _TIMED = (("eval_scripts.core", "Evaluator", "__init__", "setup_s"),
           ("models.image_generation", None, "_load_pipeline", "pipeline_s"),
           ("models.image_generation", "DiffusersGenerator", "generate", "generator_s"),
           ("data.toyworld", "ToyWorldGenerator", "generate", "generator_s"),
-          ("models.image_generation", "ImageCache", "put", "cache_write_s"),
-          ("models.image_generation", "ImageCache", "get", "cache_read_s"),
+          ("models.image_generation", "ImageCache", "write", "cache_write_s"),
+          ("models.image_generation", "ImageCache", "read", "cache_read_s"),
+          ("models.feature_cache", "FeatureStore", "write", "feature_write_s"),
+          ("models.feature_cache", "FeatureStore", "read", "feature_read_s"),
+          ("eval_scripts.runtime", "Runtime", "flush", "flush_wait_s"),
           ("models.vision", "VisionEncoder", "pixels", "clip_preprocess_s"),
-          ("models.vision", "VisionEncoder", "image_text_similarity", "clip_text_s"))
+          ("models.vision", "VisionEncoder", "encode_texts", "clip_text_s"),
+          ("models.vision", "OpenClipEncoder", "encode_texts", "clip_text_s"),
+          ("models.vision", "HFClipEncoder", "encode_texts", "clip_text_s"))
 
 
 @contextlib.contextmanager
 def _instrumented(record: dict, device: str):
     """Time the calls in ``_TIMED`` (synchronising CUDA): model loading, pipeline construction, generator
-    calls, cache writes and reads, CLIP preprocessing and CLIP text encoding."""
+    calls, cache writes and reads, feature-cache writes and reads, the final wait for the writer, CLIP
+    preprocessing and CLIP text encoding."""
     import importlib
 
     import torch
@@ -137,9 +221,12 @@ def _instrumented(record: dict, device: str):
         return wrapper
 
     for module_name, cls_name, attr, key in _TIMED:
-        owner = importlib.import_module(module_name)
-        owner = getattr(owner, cls_name) if cls_name else owner
-        if attr not in vars(owner):  # inherited: the base class's wrapper times it
+        try:
+            owner = importlib.import_module(module_name)
+        except ImportError:  # an older checkout (measured as a baseline) may not have it
+            continue
+        owner = getattr(owner, cls_name, None) if cls_name else owner
+        if owner is None or attr not in vars(owner):  # inherited: the base class's wrapper times it
             continue
         patched.append((owner, attr, vars(owner)[attr]))
         setattr(owner, attr, timed(key, vars(owner)[attr]))
@@ -173,11 +260,17 @@ def _clean_state(device):
     from eval_scripts import core
     from models import image_generation
 
+    if hasattr(image_generation, "write_behind"):  # (an older checkout writes synchronously)
+        image_generation.write_behind.flush()
     image_generation._PIPELINES.clear()
     core.clear_memos()
     gc.collect()
     if str(device).startswith("cuda") and torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+COUNTERS = ("image_slots", "images_generated", "images_from_cache", "images_reused", "pngs_decoded",
+            "vision_features_computed", "vision_features_read")
 
 
 def run_way(args, way: str, cache: Path, out_dir: Path, device: str, limit: int | None = None) -> dict:
@@ -192,7 +285,7 @@ def run_way(args, way: str, cache: Path, out_dir: Path, device: str, limit: int 
     loads_before = image_generation.PIPELINE_LOADS
     memory.reset()
     t = time.perf_counter()
-    with _instrumented(record, device), _quiet(not args.progress):
+    with _generator(args.fast512), _instrumented(record, device), _quiet(not args.progress):
         result = imagenetVC.main(argv)
     wall = time.perf_counter() - t
     peak = memory.peak_mib()
@@ -201,6 +294,7 @@ def run_way(args, way: str, cache: Path, out_dir: Path, device: str, limit: int 
     loop = wall - record["setup_s"]
     return {
         "way": way,
+        "generator": args.generator,
         "questions": questions,
         "scored_prompts": counts["examples"],
         "wall_s": round(wall, 4),
@@ -211,20 +305,24 @@ def run_way(args, way: str, cache: Path, out_dir: Path, device: str, limit: int 
         "ms_per_scored_prompt": round(1000 * loop / counts["examples"], 2),
         # what a long run amortises to: the one-off pipeline construction left out
         "ms_per_question_no_construction": round(1000 * (loop - record["pipeline_s"]) / questions, 2),
-        "images_generated": counts["images_generated"],
-        "images_from_cache": counts["images_cached"],
+        **{name: counts.get(name) for name in COUNTERS},  # None: not counted by the checkout measured
         "pipeline_constructions": image_generation.PIPELINE_LOADS - loads_before,
         "pipeline_construction_s": round(record["pipeline_s"], 4),
         "lm_passes": counts["lm_passes"],
         "fusion_passes": counts["fusion_passes"],
         "seconds": {k: timing[k] for k in ("generation", "clip", "lm", "fusion")},
-        # inside generation: construction, generator calls (construction excluded), cache writes and reads;
-        # inside clip: PIL preprocessing and the text tower (the image tower is the rest)
+        # inside generation: construction, generator calls (construction excluded), PNG reads; inside clip:
+        # PIL preprocessing, the text tower and feature-file reads (the image tower is the rest); in the
+        # background writer: PNG and feature writes; on the critical path at the end: the flush wait
         "split_s": {"pipeline_construction": round(record["pipeline_s"], 4),
                     "generator_calls": round(record["generator_s"] - record["pipeline_s"], 4),
-                    "cache_write": round(record["cache_write_s"], 4), "cache_read": round(record["cache_read_s"], 4),
+                    "cache_read": round(record["cache_read_s"], 4),
+                    "feature_read": round(record["feature_read_s"], 4),
                     "clip_preprocess": round(record["clip_preprocess_s"], 4),
-                    "clip_text": round(record["clip_text_s"], 4)},
+                    "clip_text": round(record["clip_text_s"], 4),
+                    "writer_png": round(record["cache_write_s"], 4),
+                    "writer_features": round(record["feature_write_s"], 4),
+                    "flush_wait": round(record["flush_wait_s"], 4)},
         "peak_memory_mib": peak,
         "peak_memory_kind": memory.kind,
         "accuracy": result["metrics"]["overall"]["mean"],
@@ -240,6 +338,8 @@ def ratios(ways: dict, k: int, distinct: int) -> dict:
         out["images_over_floor"] = cold["images_generated"] / (k * distinct)
     if warm and text:
         out["warm_over_text"] = round(warm["loop_s"] / text["loop_s"], 3)
+    if cold and warm:
+        out["cold_over_warm"] = round(cold["loop_s"] / warm["loop_s"], 3)
     if cold and text:
         out["cold_over_floor"] = round(cold["loop_s"] / (cold["seconds"]["generation"] + text["loop_s"]), 3)
     return out
@@ -249,23 +349,29 @@ def report(ways: dict, r: dict, k: int, distinct: int, memory_kind: str) -> str:
     rows = [("questions/s", "questions_per_s"), ("ms/question", "ms_per_question"),
             ("ms/question w/o constr.", "ms_per_question_no_construction"),
             ("ms/scored prompt", "ms_per_scored_prompt"), ("loop s", "loop_s"), ("setup s", "setup_s"),
-            ("images generated", "images_generated"), ("images from cache", "images_from_cache"),
+            ("image slots", "image_slots"), ("images generated", "images_generated"),
+            ("images from cache", "images_from_cache"), ("images reused", "images_reused"),
+            ("PNGs decoded", "pngs_decoded"), ("features computed", "vision_features_computed"),
+            ("features read", "vision_features_read"),
             ("pipeline constructions", "pipeline_constructions"),
             ("pipeline construction s", "pipeline_construction_s"), ("LM passes", "lm_passes"),
             ("fusion passes", "fusion_passes")]
     names = list(ways)
     lines = [f"{'':<24}" + "".join(f"{n:>12}" for n in names)]
     for label, key in rows:
-        lines.append(f"{label:<24}" + "".join(f"{ways[n][key]:>12}" for n in names))
+        lines.append(f"{label:<24}" + "".join(f"{str(ways[n][key]):>12}" for n in names))
     for phase in ("generation", "clip", "lm", "fusion"):
         lines.append(f"{phase + ' s':<24}" + "".join(f"{ways[n]['seconds'][phase]:>12.3f}" for n in names))
-    for part in ("generator_calls", "cache_write", "cache_read", "clip_preprocess", "clip_text"):
+    for part in ("generator_calls", "cache_read", "feature_read", "clip_preprocess", "clip_text", "writer_png",
+                 "writer_features", "flush_wait"):
         lines.append(f"{'  ' + part.replace('_', ' ') + ' s':<24}" + "".join(f"{ways[n]['split_s'][part]:>12.3f}"
                                                                           for n in names))
     lines.append(f"{'peak memory MiB':<24}" + "".join(f"{ways[n]['peak_memory_mib']:>12}" for n in names))
     lines.append(f"(peak memory: {memory_kind}" + (", process-wide and monotone: each way reports at least "
                                                     "the peak of the ways before it)"
                                                     if memory_kind == "maxrss_process_monotone" else ")"))
+    lines.append("(writer png / writer features: seconds busy in the background writer's threads; flush wait: "
+                 "seconds the run waited for them at its end)")
     if "images_per_question" in r:
         lines.append(f"images per question: {r['images_per_question']:g} "
                      f"(released protocol: 5 x k = {r['released_images_per_question']}; "
@@ -274,8 +380,64 @@ def report(ways: dict, r: dict, k: int, distinct: int, memory_kind: str) -> str:
                      f"{r['images_over_floor']:g}")
     if "warm_over_text" in r:
         lines.append(f"warm-cache time / text-only time: {r['warm_over_text']:.3f}")
+    if "cold_over_warm" in r:
+        lines.append(f"cold-cache time / warm-cache time: {r['cold_over_warm']:.3f}")
     if "cold_over_floor" in r:
         lines.append(f"cold-cache time / (generation time + text-only time): {r['cold_over_floor']:.3f}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------- start-up
+def _child(cmd: list[str], tree: Path) -> tuple[float, float]:
+    """Wall and CPU (user + sys) seconds of one fresh process running ``cmd`` from ``tree``."""
+    env = {**os.environ, "PYTHONPATH": str(tree), "HF_HUB_OFFLINE": "1"}
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - t
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed in {tree}:\n{proc.stderr[-2000:]}")
+    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+
+def startup(args, work: Path) -> dict:
+    """Median wall and CPU seconds of ``--help`` and of a one-question text-only run in fresh processes,
+    for this tree and (interleaved, one after the other) for ``--baseline_tree``."""
+    trees = {"this": REPO}
+    if args.baseline_tree:
+        trees["baseline"] = Path(args.baseline_tree).resolve()
+    commands = {
+        "help": ["eval_scripts/imagenetVC.py", "--help"],
+        "one_question": ["eval_scripts/imagenetVC.py", "--limit", "1", "--subsets", args.subsets.split(",")[0],
+                         "--device", args.device or "cpu", "--model_name", str(args.model_name),
+                         "--output_dir", str(work / "startup")] + (["--data_dir", str(args.data_dir)]
+                                                                   if args.data_dir else []),
+    }
+    runs = {t: {c: [] for c in commands} for t in trees}
+    for i in range(args.startup):
+        for name, cmd in commands.items():
+            for tree_name, tree in trees.items():
+                extra = ["--run_name", f"{tree_name}-{i}-{uuid.uuid4().hex[:6]}"] if name == "one_question" else []
+                runs[tree_name][name].append(_child([sys.executable, *cmd, *extra], tree))
+    out = {t: {c: {"wall_s": round(statistics.median(w for w, _ in rs), 3),
+                   "cpu_s": round(statistics.median(c for _, c in rs), 3),
+                   "wall_s_runs": [round(w, 3) for w, _ in rs]} for c, rs in cs.items()}
+           for t, cs in runs.items()}
+    if "baseline" in out:
+        out["this_over_baseline"] = {c: {m: round(out["this"][c][m] / out["baseline"][c][m], 3)
+                                         for m in ("wall_s", "cpu_s")} for c in commands}
+    return out
+
+
+def startup_report(s: dict) -> str:
+    lines = []
+    for tree in ("this", "baseline"):
+        if tree in s:
+            for c, v in s[tree].items():
+                lines.append(f"start-up {tree:<9} {c:<13} wall {v['wall_s']:.3f} s (median), cpu {v['cpu_s']:.3f} s")
+    for c, v in s.get("this_over_baseline", {}).items():
+        lines.append(f"start-up this / baseline {c:<13} wall {v['wall_s']:.3f}, cpu {v['cpu_s']:.3f}")
     return "\n".join(lines)
 
 
@@ -295,25 +457,31 @@ def main(argv=None) -> dict:
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         args.device = device
         distinct = distinct_image_prompts(args)
-        if not args.no_warmup:
+        args.fast512 = Fast512() if args.generator == "fast512" else None  # its pool is made before any clock
+        if args.ways and not args.no_warmup:
             run_way(args, "text", work / "warmup-cache", work / "out", device, limit=1)
         runs: dict[str, list[dict]] = {way: [] for way in WAYS if way in args.ways}
-        for _ in range(args.repeats):
+        for _ in range(args.repeats if runs else 0):
             cache = work / f"image-cache-{uuid.uuid4().hex[:8]}"  # empty: the cold run fills it
             for way in runs:
                 runs[way].append(run_way(args, way, cache, work / "out", device))
         ways = {way: {**min(rs, key=lambda r: r["loop_s"]), "loop_s_runs": [r["loop_s"] for r in rs]}
                 for way, rs in runs.items()}
-    r = ratios(ways, args.k, distinct)
-    kind = next(iter(ways.values()))["peak_memory_kind"]
-    print(f"ImageNetVC {args.subsets}: {next(iter(ways.values()))['questions']} questions x {N_TEMPLATES} templates, "
-          f"k = {args.k}, LM {args.model_name}, device {device}")
-    print(report(ways, r, args.k, distinct, kind))
+        started = startup(args, work) if args.startup else None
     result = {"benchmark": "eval_cost", "k": args.k, "subsets": args.subsets, "questions_per_subset": args.questions,
-              "distinct_image_prompts": distinct,
+              "distinct_image_prompts": distinct, "generator": args.generator,
               "flags": {name: getattr(args, name) for name in PASS_THROUGH} | {"extra": args.extra},
-              "repeats": args.repeats, "machine": machine_info(device),
-              "ways": ways, "ratios": r}
+              "repeats": args.repeats, "machine": machine_info(device)}
+    if ways:
+        r = ratios(ways, args.k, distinct)
+        first = next(iter(ways.values()))
+        print(f"ImageNetVC {args.subsets}: {first['questions']} questions x {N_TEMPLATES} templates, "
+              f"k = {args.k}, LM {args.model_name}, generator {args.generator}, device {device}")
+        print(report(ways, r, args.k, distinct, first["peak_memory_kind"]))
+        result.update(ways=ways, ratios=r)
+    if started:
+        print(startup_report(started))
+        result["startup"] = started
     return finish(result, args.out)
 
 

@@ -153,7 +153,7 @@ def build_parser(description: str, *, image_prompt_choices=("sentences", "full",
                  default_image_prompt: str = "sentences", default_k: int = 10) -> argparse.ArgumentParser:
     """The flags every eval script shares (released spellings kept as aliases)."""
     from models.image_generation import add_generation_args
-    from models.image_retrieval import add_retrieval_args
+    from models.image_sources import add_retrieval_args
     from models.mixing import MIX_MODES
 
     p = EvalArgumentParser(description=description)
@@ -226,9 +226,34 @@ def run_main(main: Callable[[list[str] | None], dict], argv=None) -> dict:
 
     Bad input is an :class:`EvalError`, a ``ValueError`` (malformed data, a checkpoint that does not
     fit; ``UnicodeDecodeError`` included) or an ``OSError`` (missing, unreadable or unwritable files).
+    Run as the script itself (``python eval_scripts/x.py``), a finished run then ends the process at once
+    (:func:`exit_now`): the interpreter's teardown of torch and transformers takes about a second.
     """
     try:
-        return main(argv)
+        result = main(argv)
     except (EvalError, ValueError, OSError) as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
         raise SystemExit(2) from None
+    if argv is None and getattr(sys.modules.get("__main__"), "main", None) is main:
+        exit_now(0)
+    return result
+
+
+def exit_now(status: int = 0) -> None:
+    """End the process as a normal exit would, minus the interpreter's teardown: non-daemon threads are
+    joined and the ``atexit`` handlers run (the cache writer's flush, logging's), the standard streams
+    are flushed; the final garbage collection and module-by-module teardown are skipped."""
+    import atexit
+    import os
+    import threading
+
+    for thread in threading.enumerate():
+        if thread is not threading.current_thread() and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(status)

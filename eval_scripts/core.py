@@ -13,19 +13,53 @@ The evaluator joins three parts, one concern each:
 * :mod:`eval_scripts.records`: the run directory: resuming, sharding, samples and result files.
 
 Flags and one-line errors live in :mod:`eval_scripts.cli`.
+
+Importing this module imports no torch: ``--help`` stays instant. The runtime and the scorer (and torch
+with them) load when an :class:`Evaluator` is built; their names are still importable from here.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
+import gc
 import time
 from typing import Callable
 
 from eval_scripts.cli import EvalError, bool_word, build_parser, parse_choices, run_main, validate_args  # noqa: F401
-from eval_scripts.masked_scoring import MaskedScorer
 from eval_scripts.records import RunRecords
-from eval_scripts.runtime import DTYPES, Runtime, clear_memos  # noqa: F401
-from eval_scripts.scoring import Scorer, first_token_ids  # noqa: F401
+
+_LAZY = {"DTYPES": "eval_scripts.runtime", "Runtime": "eval_scripts.runtime", "clear_memos": "eval_scripts.runtime",
+         "Scorer": "eval_scripts.scoring"}
+
+
+def __getattr__(name: str):
+    """``DTYPES``, ``Runtime``, ``clear_memos``, ``Scorer``: imported (with torch) when first asked for."""
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+@contextlib.contextmanager
+def _gc_paused():
+    """No cyclic garbage collection while torch and transformers import and models load: they create
+    hundreds of thousands of long-lived objects, and each collection would walk them all."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def first_token_ids(tokenizer, word: str) -> tuple[int, ...]:
+    """See :func:`eval_scripts.scoring.first_token_ids` (memoised there)."""
+    from eval_scripts.scoring import first_token_ids as memoised
+
+    return memoised(tokenizer, word)
 
 _bool_word = bool_word  # the former private name
 validate_common_args = validate_args  # the former name
@@ -56,7 +90,7 @@ class Evaluator:
     """One task's evaluation: a runtime (built here unless given), a scorer and the run records."""
 
     def __init__(self, args: argparse.Namespace, task: str, resume_keys: tuple[str, ...] = (),
-                 runtime: Runtime | None = None):
+                 runtime: "Runtime | None" = None):
         """``resume_keys``: the script's own flags that must match for a re-run to resume."""
         self.t0 = time.perf_counter()
         self.args, self.task = args, task
@@ -64,11 +98,17 @@ class Evaluator:
         validate_args(args)  # again: callers may build the namespace without the parser
         self.use_images = bool(args.generate_images) and args.k > 0
         args.run_name = args.run_name or _dt.datetime.now().strftime("run-%Y%m%d-%H%M%S")
-        if runtime is None:
-            # the run's settings are checked after the trained weights are read but before any model
-            # loads: a mismatched re-run fails fast and writes nothing
-            runtime = Runtime(args, self.use_images, before_load=self._open_records)
-        else:
+        with _gc_paused():  # importing torch and transformers and loading models: about 20% faster
+            from eval_scripts.masked_scoring import MaskedScorer
+            from eval_scripts.runtime import Runtime
+            from eval_scripts.scoring import Scorer
+
+            shared = runtime is not None
+            if not shared:
+                # the run's settings are checked after the trained weights are read but before any model
+                # loads: a mismatched re-run fails fast and writes nothing
+                runtime = Runtime(args, self.use_images, before_load=self._open_records)
+        if shared:
             diff = runtime.mismatches(args, self.use_images)
             if diff:
                 raise EvalError(f"task {task!r} needs another model setup than the loaded one (--{diff[0]})")
@@ -78,7 +118,7 @@ class Evaluator:
         self.scorer = (MaskedScorer if runtime.model.kind == "masked" else Scorer)(runtime, args, self.use_images)
         self._stats0 = self._runtime_stats()
 
-    def _open_records(self, runtime: Runtime) -> None:
+    def _open_records(self, runtime: "Runtime") -> None:
         if self.use_images and runtime.retriever is not None and self.args.k > len(runtime.retriever):
             raise EvalError(f"--k {self.args.k} is larger than the image index {self.args.image_index} "
                             f"({len(runtime.retriever)} images)")
@@ -100,7 +140,7 @@ class Evaluator:
     def answer_prompt(self, prompt: str) -> str:
         """The prompt whose answer candidates are scored: as is for a causal LM, followed by the mask
         token for a masked LM (:func:`eval_scripts.masked_scoring.masked_prompt`)."""
-        return self.scorer.answer_prompt(prompt) if isinstance(self.scorer, MaskedScorer) else prompt
+        return self.scorer.answer_prompt(prompt)
 
     def images_for(self, prompt_lists):
         return self.scorer.images_for(prompt_lists)
@@ -135,12 +175,15 @@ class Evaluator:
 
     def _runtime_stats(self) -> dict:
         seconds, passes = self.runtime.watch.snapshot()
-        return {**self.runtime.image_stats(), "seconds": seconds, "passes": passes}
+        return {"images": self.runtime.image_stats(), "seconds": seconds, "passes": passes}
 
     def finish(self, metrics: dict, table: list[tuple[str, str]] | None = None) -> dict | None:
-        """Merge samples, write ``<task>.json`` (main process) and print a short table."""
+        """Wait for the cache writes, merge samples, write ``<task>.json`` (main process), print a short table.
+
+        The results name image files: they are all on disk before the results are written."""
+        self.runtime.flush()
         now, before = self._runtime_stats(), self._stats0
-        stats = {k: now[k] - before[k] for k in ("generated", "hits", "pipeline_loads")}
-        for part in ("seconds", "passes"):
+        stats = {}
+        for part in ("images", "seconds", "passes"):
             stats[part] = {k: now[part][k] - before[part][k] for k in now[part]}
         return self.records.finish(metrics, stats, self.t0, table, show_images=self.use_images)

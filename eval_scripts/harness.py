@@ -457,7 +457,11 @@ class LateFusionHarnessLM(TemplateLM):
                 "image_size", "num_inference_steps", "guidance_scale", "seed")})
         if self._runtime is not None:
             stats = self._runtime.image_stats()
-            info.update(images_generated=stats["generated"], images_cached=stats["hits"])
+            # images are generated up front (_prompts), through the provider, and read back for scoring
+            ahead = self._runtime.provider.stats() if self._runtime.provider is not None else {}
+            info.update(images_generated=stats["generated"] + ahead.get("generated", 0),
+                        vision_features_computed=stats["features_computed"],
+                        vision_features_read=stats["features_read"])
         return {"late_fusion": info}
 
 

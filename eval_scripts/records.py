@@ -246,8 +246,10 @@ class RunRecords:
                 f.seek(-1, os.SEEK_END)
                 if f.read(1) != b"\n":
                     f.write(b"\n")
+        t0 = time.perf_counter()
+        # progress bars only on a terminal (disable=None); a log file gets one summary line instead
         with open(part, "a", encoding="utf-8") as f, \
-                tqdm(total=len(todo), desc=desc or self.task, unit="ex", disable=not self.is_main) as bar:
+                tqdm(total=len(todo), desc=desc or self.task, unit="ex", disable=None if self.is_main else True) as bar:
             for start in range(0, len(todo), bs):
                 recs, failure = self._compute_checked(compute, todo[start:start + bs])
                 for r in recs:
@@ -263,6 +265,9 @@ class RunRecords:
                     raise NonFiniteScores(f"{failure}; {saved}; no metrics were written")
                 bar.update(len(recs))
                 bar.set_postfix({"acc": f"{correct / max(total, 1):.3f}", **(postfix() if postfix else {})})
+            if bar.disable and self.is_main:
+                print(f"{desc or self.task}: {total} scored in {time.perf_counter() - t0:.1f} s"
+                      + (f", accuracy {correct / total:.4f}" if total else ""), flush=True)
 
     def _compute_checked(self, compute, batch: list[dict]) -> tuple[list[dict], str | None]:
         """The records of a batch up to the first with a non-finite number, and what went wrong there
@@ -308,7 +313,8 @@ class RunRecords:
         """Merge what the processes scored into the cache file, write the samples of exactly the
         examples scored and ``<task>.json`` (main process), and print a short table.
 
-        ``stats``: this process's ``{"generated", "hits", "pipeline_loads", "seconds", "passes"}``.
+        ``stats``: this process's ``{"images": {counter: n}, "seconds": {...}, "passes": {...}}`` (image
+        counters: :data:`eval_scripts.runtime.IMAGE_COUNTERS`).
         """
         stats_path = self.out_dir / f"{self.task}.stats{self.state.process_index}.json"
         stats_path.write_text(json.dumps(stats))
@@ -323,9 +329,7 @@ class RunRecords:
             "metrics": metrics,
             "config": {k: v for k, v in vars(self.args).items()},
             "counts": {"examples": self.n_examples,
-                       "images_generated": sum(s["generated"] for s in all_stats),
-                       "images_cached": sum(s["hits"] for s in all_stats),
-                       "pipeline_loads": sum(s["pipeline_loads"] for s in all_stats),
+                       **{name: sum(s["images"][counter] for s in all_stats) for name, counter in COUNT_NAMES.items()},
                        "lm_passes": sum(s["passes"]["lm"] for s in all_stats),
                        "fusion_passes": sum(s["passes"]["fusion"] for s in all_stats)},
             "timing": seconds,
@@ -346,11 +350,26 @@ class RunRecords:
         for k, v in table or []:
             print(f"{k:<{width}}  {v}")
         if show_images:
-            c = result["counts"]
-            print(f"images: {c['images_generated']} generated, {c['images_cached']} from the cache, "
-                  f"pipeline loaded {c['pipeline_loads']} time(s)")
+            print(image_summary(result["counts"]))
         print(f"results: {out}")
         return result
+
+
+# the results' image counters (``counts``), from the runtime's: image slots (k x prompts) add up as
+# image_slots = images_generated + images_from_cache + images_reused (each slot counted once: generated now,
+# read from the disk cache as a PNG or as stored vision features, or an image this run already had)
+COUNT_NAMES = {"image_slots": "slots", "images_generated": "generated", "images_from_cache": "from_cache",
+               "images_reused": "reused", "pngs_decoded": "pngs_decoded",
+               "vision_features_computed": "features_computed", "vision_features_read": "features_read",
+               "pipeline_loads": "pipeline_loads"}
+
+
+def image_summary(c: dict) -> str:
+    """The counts' image line: slots and where their images came from, vision features, pipeline loads."""
+    return (f"images: {c['image_slots']} slots = {c['images_generated']} generated + {c['images_from_cache']} "
+            f"from the cache + {c['images_reused']} reused; vision features: {c['vision_features_computed']} "
+            f"computed, {c['vision_features_read']} read; {c['pngs_decoded']} PNGs decoded; "
+            f"pipeline loaded {c['pipeline_loads']} time(s)")
 
 
 def versions() -> dict:

@@ -4,14 +4,14 @@ its trained weights, and, when images are requested, the vision encoder and the 
 A :class:`Runtime` serves any number of tasks in one process (each :class:`eval_scripts.core.Evaluator`
 takes one); nothing in it depends on a task. It also keeps the two memos that make repeated scoring
 cheap: the frozen LM's hidden states per token sequence (process-wide, bounded in bytes) and the vision
-features per image (bounded in count).
+features per image (:mod:`models.feature_cache`: in memory, and on disk beside the image cache).
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import sys
 import time
-from collections import OrderedDict
 
 import torch
 
@@ -24,6 +24,11 @@ RUNTIME_KEYS = ("model_name", "pretrained_model", "vision_encoder", "proj_hidden
                 "image_generator", "image_size", "num_inference_steps", "guidance_scale", "seed",
                 "image_cache", "gen_batch_size", "toyworld_noise",
                 "image_source", "image_index", "retrieve_by", "dedup_threshold", "faiss_threshold")
+
+# image counters of a run, each with one meaning: image slots (k x prompts) = generated + from_cache + reused;
+# PNGs decoded; distinct images run through the vision tower vs read from the feature cache; pipeline loads
+IMAGE_COUNTERS = ("slots", "generated", "from_cache", "reused", "pngs_decoded", "features_computed",
+                  "features_read", "pipeline_loads")
 
 # The frozen LM's hidden states per token sequence, shared by every runtime in this process (e.g. the
 # demo's text-only, k=1, k=3 and k=6 runs score the same prompts). Bounded in bytes.
@@ -106,6 +111,9 @@ class Runtime:
         from models.late_fusion import LateFusionLM
         from models.vision import DEFAULT_VISION_ENCODER
 
+        if not sys.stderr.isatty():  # progress bars (model loading) only on a terminal
+            from transformers.utils import logging as hf_logging
+            hf_logging.disable_progress_bar()
         self.t0 = time.perf_counter()
         self.use_images = use_images
         self.spec = {k: getattr(args, k, None) for k in RUNTIME_KEYS}
@@ -167,23 +175,27 @@ class Runtime:
         # every logit the LM head produces (text-only and fused, every decoding step) is checked
         self._non_finite = None
         self.model.lm.get_output_embeddings().register_forward_hook(self._watch_logits)
-        self.provider = None
+        self.provider = self.features = None
         if use_images:
             from models import image_generation
-            from models.image_generation import ImageCache, ImageProvider, build_generator
-            self._pipeline_loads0 = image_generation.PIPELINE_LOADS  # the counter is process-wide
+            from models.feature_cache import FeatureStore, VisionFeatures, encoder_identity
+            from models.image_generation import ImageCache, ImageProvider, build_generator, dtype_name
+            cache = ImageCache(args.image_cache)
         if self.retriever is not None:
             self.provider = self.retriever  # the same interface as the generator's provider
         elif use_images:
             generator = build_generator(args.image_generator, device=self.device, dtype=args.dtype,
                                         noise=args.toyworld_noise)
-            self.provider = ImageProvider(generator, ImageCache(args.image_cache), image_size=args.image_size,
+            self.provider = ImageProvider(generator, cache, image_size=args.image_size,
                                           num_inference_steps=args.num_inference_steps,
                                           guidance_scale=args.guidance_scale, seed=args.seed,
                                           gen_batch_size=args.gen_batch_size)
-        # (path, prompt) -> (patches, cos): a CLIP weight depends on the image AND its prompt, and one
-        # retrieved image can serve several prompts
-        self._features: OrderedDict[tuple[str, str], tuple[torch.Tensor, float]] = OrderedDict()
+        if use_images:  # the vision features of every image (generated or retrieved), cached on disk
+            features_root = cache.root / "features"
+            store = FeatureStore(features_root, encoder_identity(
+                args.vision_encoder, dtype_name(self.dtype), memo_path=features_root / "file-hashes.json"))
+            self.features = VisionFeatures(self.vision, self.provider, store, watch=self.watch)
+            self._pipeline_loads0 = image_generation.PIPELINE_LOADS  # the counter is process-wide
         self._max_text: dict[int, int | None] = {}
         self.setup_seconds = time.perf_counter() - self.t0
 
@@ -211,28 +223,24 @@ class Runtime:
 
     # ------------------------------------------------------------------ images
     def image_features(self, images) -> tuple[list[torch.Tensor], list[float]]:
-        """CLIP patch tokens and image-prompt cosine of each image (memoised by (path, prompt))."""
-        todo = list(OrderedDict(((im.path, im.prompt), im) for im in images
-                                if (im.path, im.prompt) not in self._features).values())
-        with self.watch.phase("clip"):
-            for start in range(0, len(todo), 64):
-                chunk = todo[start:start + 64]
-                patches, embeds = self.vision.encode_images(self.vision.pixels([im.image for im in chunk]))
-                cos = self.vision.image_text_similarity(embeds, [im.prompt for im in chunk])
-                for im, p, c in zip(chunk, patches, cos.tolist()):
-                    self._features[(im.path, im.prompt)] = (p, c)
-        out = [self._features[(im.path, im.prompt)] for im in images]
-        while len(self._features) > 4096:  # bounded: images are shared by nearby items only
-            self._features.popitem(last=False)
-        return [p for p, _ in out], [c for _, c in out]
+        """CLIP patch tokens of each image slot and the cosine of its image with its own prompt.
+
+        Each distinct image (by key) is encoded at most once: from this runtime's memo, the feature
+        cache on disk, or the vision tower (see :class:`models.feature_cache.VisionFeatures`)."""
+        return self.features(images)
 
     def image_stats(self) -> dict:
-        s = {"generated": 0, "hits": 0, "pipeline_loads": 0}
-        if self.provider is not None:
+        """Cumulative image counters of this runtime (see :data:`IMAGE_COUNTERS`)."""
+        s = dict.fromkeys(IMAGE_COUNTERS, 0)
+        if self.features is not None:
             from models import image_generation
-            s.update(generated=self.provider.generated, hits=self.provider.hits,
-                     pipeline_loads=image_generation.PIPELINE_LOADS - self._pipeline_loads0)
+            s.update(self.features.counts, pipeline_loads=image_generation.PIPELINE_LOADS - self._pipeline_loads0)
         return s
+
+    def flush(self) -> None:
+        """Wait until every image and feature file handed to the background writer is on disk."""
+        if self.provider is not None:
+            self.provider.flush()
 
     # ------------------------------------------------------------------ tokens
     def encode(self, text: str, special: bool = True) -> list[int]:
@@ -242,6 +250,8 @@ class Runtime:
         if not self.use_images:
             return 0
         if not hasattr(self, "_n_visual"):
+            self._n_visual = self.vision.n_patches  # from the config: a warm run runs no vision tower
+        if self._n_visual is None:
             from PIL import Image
             self._n_visual = self.vision.encode_images(self.vision.pixels([Image.new("RGB", (64, 64))]))[0].shape[1]
         return self._n_visual

@@ -1,7 +1,8 @@
 """Scoring primitives on a :class:`eval_scripts.runtime.Runtime`, with one task's mixing settings.
 
-* :meth:`Scorer.images_for`: the k images of each item (generated or cached), their CLIP patch tokens
-  and weights ``s_i``, and the image records written to the samples file;
+* :meth:`Scorer.images_for`: the k images of each item (their keys; features from memory, the feature
+  cache, or images generated or read and encoded), CLIP patch tokens and weights ``s_i``, and the image
+  records written to the samples file;
 * :meth:`Scorer.next_token_logprobs`: mixed log-probabilities of the next token after each text;
 * :meth:`Scorer.token_logprobs`: mixed log-probabilities of given tokens of whole sequences (the
   released commonsense protocol);
@@ -43,26 +44,33 @@ class Scorer:
     # ------------------------------------------------------------------ images
     @torch.no_grad()
     def images_for(self, prompt_lists: list[list[str]]):
-        """Patches ``[B, k, n_v, d]``, weights ``[B, k]`` and per-item image records, or Nones."""
+        """Patches ``[B, k, n_v, d]``, weights ``[B, k]`` and per-item image records, or Nones.
+
+        Only the image keys are computed here; images are read, generated and encoded only when their
+        vision features are neither in memory nor in the feature cache (:meth:`Runtime.image_features`).
+        """
         if not self.use_images:
             return None, None, [[] for _ in prompt_lists]
         from models.mixing import clip_weights
-        with self.rt.watch.phase("generation"):
-            images = self.rt.provider.get(prompt_lists)
-        flat = [im for item in images for im in item]
+        refs = self.rt.provider.refs(prompt_lists)
+        flat = [r for item in refs for r in item]
         patches, cos = self.rt.image_features(flat)
-        k = len(images[0]) if images else 0
-        patches = torch.stack(patches).unflatten(0, (len(images), k))
-        cos = torch.tensor(cos).view(len(images), k)
+        k = len(refs[0]) if refs else 0
+        patches = torch.stack(patches).unflatten(0, (len(refs), k))
+        cos = torch.tensor(cos).view(len(refs), k)
         weights = clip_weights(cos, self.args.clip_temperature, self.args.uniform_weights).to(self.device)
         if not bool(torch.isfinite(weights).all()):
             raise NonFiniteScores("the vision encoder gave NaN or infinite image weights")
-        records = [[{"path": im.path, "prompt": im.prompt, "weight": round(float(w), 6),
-                     **getattr(im, "provenance", {})}  # retrieved images: index row and similarity
-                    for im, w in zip(item, row)] for item, row in zip(images, weights.tolist())]
+        records = [[{"path": r.path, "prompt": r.prompt, "weight": round(float(w), 6),
+                     **getattr(r, "provenance", {})}  # retrieved images: index row and similarity
+                    for r, w in zip(item, row)] for item, row in zip(refs, weights.tolist())]
         return patches, weights, records
 
     # ------------------------------------------------------------------ tokens
+    def answer_prompt(self, prompt: str) -> str:
+        """The prompt whose answer is scored: as is for a causal LM (a masked LM's scorer adds its mask)."""
+        return prompt
+
     def encode(self, text: str, special: bool = True) -> list[int]:
         return self.rt.encode(text, special)
 

@@ -29,39 +29,32 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from models.image_generation import GeneratedImage
+from models.image_generation import GeneratedImage, ImageRef
 from models.image_index import ImageIndex, ImageIndexError, unreadable_reason
-
-IMAGE_SOURCES = ("generate", "retrieve")
-RETRIEVE_BY = ("clip", "caption")
-DEFAULT_DEDUP = 0.95
-DEFAULT_FAISS_THRESHOLD = 1_000_000
+from models.image_sources import (DEFAULT_DEDUP, DEFAULT_FAISS_THRESHOLD, IMAGE_SOURCES, RETRIEVE_BY,  # noqa: F401
+                                  add_retrieval_args)
 
 
-@dataclass
-class RetrievedImage(GeneratedImage):
-    row: int = -1
-    similarity: float = 0.0
 
+class _Provenance:
     @property
     def provenance(self) -> dict:
         """The fields the samples file adds to the image's record."""
         return {"row": self.row, "similarity": round(float(self.similarity), 6)}
 
 
-def add_retrieval_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Image source flags shared by the evaluation scripts and train.py."""
-    g = parser.add_argument_group("image retrieval")
-    g.add_argument("--image_source", choices=IMAGE_SOURCES, default="generate",
-                   help="generate images with --image_generator, or retrieve them from --image_index")
-    g.add_argument("--image_index", default=None, help="an index folder (python -m models.image_index build)")
-    g.add_argument("--retrieve_by", choices=RETRIEVE_BY, default="clip",
-                   help="clip: CLIP text-image cosine; caption: BM25 between the prompt and the captions")
-    g.add_argument("--dedup_threshold", type=float, default=DEFAULT_DEDUP,
-                   help="pass over images whose CLIP cosine with an image already taken exceeds this (1: off)")
-    g.add_argument("--faiss_threshold", type=int, default=DEFAULT_FAISS_THRESHOLD,
-                   help="use faiss (when installed) for indexes of more images than this")
-    return parser
+@dataclass
+class RetrievedImage(_Provenance, GeneratedImage):
+    row: int = -1
+    similarity: float = 0.0
+
+
+@dataclass(frozen=True)
+class RetrievedRef(_Provenance, ImageRef):
+    """One retrieved image slot before its file is read (the provider interface's ``refs``): its key is the
+    image's path, so the feature cache (which checks the file's size and time) serves it on a warm run."""
+    row: int = -1
+    similarity: float = 0.0
 
 
 def check_retrieval_args(args) -> None:
@@ -266,16 +259,47 @@ class ImageRetriever:
                     self.rankings[p] = ranking
 
     # ------------------------------------------------------------------ the provider interface
-    def _open(self, row: int):
+    def _open(self, row: int, path=None):
         from PIL import Image
 
-        path = self.index.path(row)
+        path = self.index.path(row) if path is None else path
         try:
             with Image.open(path) as image:
                 return image.convert("RGB")
         except Exception as err:  # PIL reports broken files with many exception types
             raise ImageIndexError(f"image index {self.index.dir}: row {row} ({path}) cannot be read "
                                   f"({unreadable_reason(err)}); rebuild the index") from None
+
+    def refs(self, prompt_lists: list[list[str]]) -> list[list[RetrievedRef]]:
+        """For each item, one retrieved image slot per prompt (slot ``i`` takes its prompt's next best
+        image), without reading any image file."""
+        self.prefetch(prompt_lists)
+        out = []
+        for prompts in prompt_lists:
+            seen: dict[str, int] = {}
+            item = []
+            for p in prompts:
+                row, score = self.rankings[p][seen.get(p, 0)]
+                seen[p] = seen.get(p, 0) + 1
+                path = str(self.index.path(row))
+                item.append(RetrievedRef(path, p, path, row=row, similarity=score))
+            out.append(item)
+            self.hits += len(item)
+        return out
+
+    def images(self, refs, write: bool = False) -> dict:
+        """``{key: (image, "disk", file stat)}`` for the distinct keys of ``refs`` (the provider interface;
+        nothing is generated or written)."""
+        import os
+
+        out = {}
+        for ref in refs:
+            if ref.key not in out:
+                out[ref.key] = (self._open(getattr(ref, "row", "?"), ref.path), "disk", os.stat(ref.path))
+        return out
+
+    def flush(self) -> None:
+        """Nothing is written behind the work (the provider interface)."""
 
     def get(self, prompt_lists: list[list[str]]) -> list[list[RetrievedImage]]:
         """For each item, one retrieved image per prompt (slot ``i`` takes its prompt's next best image)."""

@@ -256,6 +256,10 @@ class LateFusionLM(nn.Module):
         self.mm_proj = VisualProjector(self.vision_dim, self.proj_hidden, self.hidden_size)
         self.fusion_layer, self.fusion_input_scale = self.build_fusion(lm.config)
         self._softcap = getattr(cfg, "final_logit_softcapping", None)
+        # the head is one affine map (a causal LM's output embedding, no soft-capping): see :meth:`mix`. A
+        # masked LM's MLM head transforms the states first, so it is not
+        self._linear_head = (self.kind == "causal" and type(lm.get_output_embeddings()) is nn.Linear
+                             and not self._softcap)
         self._lm_cache_kw = _cache_kwarg(self.lm.base_model)
         self._fusion_cache_kw = _cache_kwarg(self.fusion_layer)
         self.calls = {"lm": 0, "fusion": 0}  # pass counters, for tests and benchmarks
@@ -411,9 +415,8 @@ class LateFusionLM(nn.Module):
             idx = positions.to(h.device).unsqueeze(-1).expand(-1, -1, h.shape[-1])
             return h.gather(1, idx)
 
-        text_logits = self.lm_head(pick(hidden))
         if image_patches is None or image_patches.shape[1] == 0:
-            text_only = mix_logprobs(text_logits, None, None, mode)
+            text_only = mix_logprobs(self.lm_head(pick(hidden)), None, None, mode)
             return (text_only, text_only) if return_text else text_only
         b, k = image_patches.shape[:2]
         if weights is None or tuple(weights.shape) != (b, k):
@@ -424,9 +427,24 @@ class LateFusionLM(nn.Module):
         if positions is not None:
             fused = fused.gather(1, positions.to(fused.device).repeat_interleave(k, 0)
                                  .unsqueeze(-1).expand(-1, -1, fused.shape[-1]))
-        image_logits = self.lm_head(fused).unflatten(0, (b, k))
-        mixed = mix_logprobs(text_logits, image_logits, weights.to(text_logits.device), mode)
-        return (mixed, mix_logprobs(text_logits, None, None, mode)) if return_text else mixed
+        mixed = self.mix(pick(hidden), fused.unflatten(0, (b, k)), weights, mode)
+        if return_text:  # the base LM's own prediction, from the same LM pass
+            return mixed, mix_logprobs(self.lm_head(pick(hidden)), None, None, mode)
+        return mixed
+
+    def mix(self, hidden: torch.Tensor, fused: torch.Tensor, weights: torch.Tensor, mode: str) -> torch.Tensor:
+        """Mixed log-probabilities from the text-only hidden states ``[B, P, d]`` and the fused ones
+        ``[B, k, P, d]`` (see :mod:`models.mixing`), in float32.
+
+        ``logits`` mode with a linear head (no soft-capping): ``(1/k) sum_i s_i L_i + (1 - mean s) L0`` with
+        ``L = W h (+ b)`` equals the head applied to the same mix of hidden states, so the head runs once
+        per text instead of k + 1 times (equal up to float rounding)."""
+        if mode == "logits" and self._linear_head:
+            w = weights.float().to(fused.device).reshape(*weights.shape, *([1] * (fused.dim() - 2)))
+            mixed = (w * fused.float()).mean(1) + (1.0 - w.mean(1)) * hidden.float()
+            return torch.log_softmax(self.lm_head(mixed).float(), dim=-1)
+        text_logits = self.lm_head(hidden)
+        return mix_logprobs(text_logits, self.lm_head(fused), weights.to(text_logits.device), mode)
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask, image_patches=None, weights=None, mode="logits",
@@ -456,9 +474,8 @@ class LateFusionLM(nn.Module):
         done = torch.zeros(b, dtype=torch.bool, device=input_ids.device)
         out_tokens = []
         for step in range(max_new_tokens):
-            text_logits = self.lm_head(hidden[:, -1:])
-            image_logits = self.lm_head(fused[:, -1:]).unflatten(0, (b, k)) if use_images else None
-            logp = mix_logprobs(text_logits, image_logits, weights, mode)[:, -1]
+            logp = (self.mix(hidden[:, -1:], fused[:, -1:].unflatten(0, (b, k)), weights, mode) if use_images
+                    else mix_logprobs(self.lm_head(hidden[:, -1:]), None, None, mode))[:, -1]
             nxt = logp.argmax(-1)  # fed back to the models; finished rows report pad_token_id
             out_tokens.append(torch.where(done, torch.full_like(nxt, pad_token_id), nxt))
             new = torch.stack(out_tokens, 1)

@@ -14,8 +14,10 @@ Both functions return log-probabilities. With k = 0 the result is ``log_softmax(
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch loads on first use: the flag parser imports MIX_MODES, and --help needs no torch
+    import torch
 
 MIX_MODES = ("logits", "probs")
 UNIFORM_WEIGHT = 0.5
@@ -23,6 +25,8 @@ UNIFORM_WEIGHT = 0.5
 
 def clip_weights(cosine: torch.Tensor, tau: float = 2.0, uniform: bool = False) -> torch.Tensor:
     """``s_i = tau * max(0, cos_i)``, or 0.5 everywhere with ``uniform`` (LaMI's --no_clip_rescaling)."""
+    import torch
+
     if uniform:
         return torch.full_like(cosine, UNIFORM_WEIGHT, dtype=torch.float32)
     return tau * cosine.float().clamp(min=0.0)
@@ -40,6 +44,8 @@ def mix_logprobs(text_logits: torch.Tensor, image_logits: torch.Tensor | None,
     Returns:
         log-probabilities ``[B, ..., V]`` in float32.
     """
+    import torch
+
     if mode not in MIX_MODES:
         raise ValueError(f"unknown mix mode {mode!r}; choose one of {', '.join(MIX_MODES)}")
     l0 = text_logits.float()

@@ -52,9 +52,12 @@ def smollm2_dir(cache_dir: str | os.PathLike | None = None) -> Path:
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    if out.exists() and not (out / "model.safetensors").is_file():
+        shutil.rmtree(out, ignore_errors=True)  # a leftover without weights
+    try:
+        os.replace(tmp, out)
+    except OSError:  # another process (a parallel test worker) finished first: use its copy
+        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

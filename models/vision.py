@@ -43,6 +43,7 @@ class VisionEncoder(nn.Module):
 
     spec: str
     hidden_size: int  # width of the patch tokens
+    n_patches: int | None = None  # patch tokens per image, when the config tells (else: run the tower once)
     preprocess: object
 
     def freeze(self) -> "VisionEncoder":
@@ -102,6 +103,8 @@ class OpenClipEncoder(VisionEncoder):
         self._captured: list[torch.Tensor] = []
         blocks[-2].register_forward_hook(lambda _m, _i, out: self._captured.append(out))
         self.hidden_size = visual.transformer.width
+        grid = getattr(visual, "grid_size", None)
+        self.n_patches = int(grid[0] * grid[1]) if grid else None
         self.freeze()
 
     @torch.no_grad()
@@ -149,7 +152,9 @@ class HFClipEncoder(VisionEncoder):
         self.preprocess = _HFImageTransform(CLIPImageProcessor.from_pretrained(name_or_path))
         self.text_tokenizer = AutoTokenizer.from_pretrained(name_or_path)
         self.context_length = self.model.config.text_config.max_position_embeddings
-        self.hidden_size = self.model.config.vision_config.hidden_size
+        vcfg = self.model.config.vision_config
+        self.hidden_size = vcfg.hidden_size
+        self.n_patches = (vcfg.image_size // vcfg.patch_size) ** 2
         self.freeze()
 
     @torch.no_grad()
@@ -180,6 +185,22 @@ def _is_hf_clip_dir(path: str) -> bool:
         return "clip" in json.loads(cfg.read_text()).get("model_type", "")
     except (OSError, ValueError):
         return False
+
+
+def _open_clip_names() -> set[str]:
+    """The model names open_clip knows, read from its config files without importing it (importing
+    open_clip pulls in timm and more; an HF CLIP spec must not pay for that)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or not spec.submodule_search_locations:
+        return set()
+    names = set()
+    for folder in spec.submodule_search_locations:
+        configs = Path(folder) / "model_configs"
+        if configs.is_dir():
+            names.update(p.stem for p in configs.glob("*.json"))
+    return names
 
 
 def load_vision_encoder(spec: str = DEFAULT_VISION_ENCODER, device=None, dtype=None) -> VisionEncoder:
@@ -214,8 +235,7 @@ def load_vision_encoder(spec: str = DEFAULT_VISION_ENCODER, device=None, dtype=N
 
 
 def _build_encoder(spec: str) -> VisionEncoder:
-    import open_clip
-
+    """The encoder a spec names; open_clip is imported only for open_clip specs."""
     if spec.startswith("hf-clip:"):
         return HFClipEncoder(spec[len("hf-clip:"):])
     if spec.startswith(("hf-hub:", "local-dir:")):
@@ -230,13 +250,17 @@ def _build_encoder(spec: str) -> VisionEncoder:
         raise VisionEncoderError(f"vision encoder {spec!r}: directory holds neither an HF CLIP config.json "
                                  "nor an open_clip_config.json")
     name, _, tag = spec.partition("/")
-    if name in open_clip.list_models():
-        tags = open_clip.list_pretrained_tags_by_model(name)
-        if tag and tag not in tags and not os.path.isfile(tag):
-            known = ", ".join(tags[:5]) + (f", ... ({len(tags)} in all)" if len(tags) > 5 else "")
-            raise VisionEncoderError(f"unknown pretrained tag {tag!r} of open_clip model {name!r}; known tags: "
-                                     f"{known or 'none'}")
-        return OpenClipEncoder(name, tag or None)
+    names = _open_clip_names()
+    if name in names or not names:  # an open_clip model (or no config files where expected: ask open_clip)
+        import open_clip
+
+        if name in open_clip.list_models():
+            tags = open_clip.list_pretrained_tags_by_model(name)
+            if tag and tag not in tags and not os.path.isfile(tag):
+                known = ", ".join(tags[:5]) + (f", ... ({len(tags)} in all)" if len(tags) > 5 else "")
+                raise VisionEncoderError(f"unknown pretrained tag {tag!r} of open_clip model {name!r}; known "
+                                         f"tags: {known or 'none'}")
+            return OpenClipEncoder(name, tag or None)
     if tag and "/" not in tag:
         return HFClipEncoder(spec)  # a hub id such as openai/clip-vit-base-patch32
     raise VisionEncoderError(f"unknown vision encoder {spec!r}: use an open_clip name[/tag] (e.g. "

@@ -50,6 +50,7 @@ def test_eval_cost_counts_and_ratios(zoo_dir, tmp_path, capsys):
     assert per_question and float(per_question.group(1)) == k and int(per_question.group(2)) == 5 * k
     assert re.search(r"^images generated / \(k x distinct image prompts = 2 x 2\): 1$", text, re.M)
     assert re.search(r"^warm-cache time / text-only time: \d+\.\d{3}$", text, re.M)
+    assert re.search(r"^cold-cache time / warm-cache time: \d+\.\d{3}$", text, re.M)
     assert re.search(r"^cold-cache time / \(generation time \+ text-only time\): \d+\.\d{3}$", text, re.M)
 
     ways = result["ways"]
@@ -57,7 +58,12 @@ def test_eval_cost_counts_and_ratios(zoo_dir, tmp_path, capsys):
     assert {w: ways[w]["questions"] for w in ways} == {"text": 2, "cold": 2, "warm": 2}
     assert ways["cold"]["images_generated"] == k * questions  # each question's k images, once for 5 templates
     assert ways["warm"]["images_generated"] == 0
-    assert ways["warm"]["images_from_cache"] == items * k
+    for w in ("cold", "warm"):  # every slot counted once
+        c = ways[w]
+        assert c["image_slots"] == items * k == c["images_generated"] + c["images_from_cache"] + c["images_reused"]
+    assert ways["warm"]["images_from_cache"] == ways["warm"]["vision_features_read"] == k * questions
+    assert ways["cold"]["vision_features_computed"] == k * questions and ways["warm"]["vision_features_computed"] == 0
+    assert ways["warm"]["pngs_decoded"] == 0
     assert [ways[w]["pipeline_constructions"] for w in ("text", "cold", "warm")] == [0, 1, 0]
     assert ways["text"]["lm_passes"] == math.ceil(items / batch) and ways["text"]["fusion_passes"] == 0
     assert ways["cold"]["lm_passes"] == ways["warm"]["lm_passes"] == math.ceil(items / batch)  # no memo carried over
@@ -88,3 +94,20 @@ def test_train_cost_configs(zoo_dir, tmp_path, capsys):
     assert rows["base"]["split_ms"]["lm"] > 0 and rows["base"]["split_ms"]["vision"] > 0
     assert re.search(r"^precomputed vs base: \d+\.\d\dx samples/s$", text, re.M)
     assert json.loads(out.read_text())["configs"] == result["configs"]
+
+
+def test_eval_cost_fast512_and_startup(zoo_dir, tmp_path, capsys):
+    result = eval_cost.main(["--tiny", "--zoo_dir", str(zoo_dir), "--work_dir", str(tmp_path / "work"),
+                             "--questions", "1", "--k", "2", "--generator", "fast512", "--ways", "cold,warm",
+                             "--no_warmup", "--threads", "1", "--startup", "1"])
+    text = capsys.readouterr().out
+    ways = result["ways"]
+    assert result["generator"] == "fast512" and result["flags"]["image_size"] == "512"
+    assert (ways["cold"]["images_generated"], ways["cold"]["pipeline_constructions"]) == (2, 0)  # no model at all
+    assert ways["cold"]["split_s"]["writer_png"] > 0 and ways["warm"]["vision_features_read"] == 2
+    assert re.search(r"^cold-cache time / warm-cache time: \d+\.\d{3}$", text, re.M)
+    startup = result["startup"]["this"]
+    assert set(startup) == {"help", "one_question"} and all(v["wall_s"] > 0 for v in startup.values())
+    assert re.search(r"^start-up this +help +wall \d+\.\d{3} s", text, re.M)
+    with pytest.raises(SystemExit):
+        eval_cost.parse_args(["--generator", "fast512", "--image_size", "64"])

@@ -407,6 +407,7 @@ def test_images_end_to_end_and_cached(lm_dirs, tiny_clip_spec, tiny_sdxl_dir, fu
 
 
 # ------------------------------------------------------------------------------------- distributed
+@pytest.mark.xdist_group("torchrun")  # one torchrun at a time: concurrent launches can meet on one port
 def test_two_processes_shard_the_requests_like_hf(lm_dirs, data_dir, task_manager, tmp_path):
     """Under torchrun (as under accelerate launch) each process scores its share; lm-eval gathers the
     same results as one process."""

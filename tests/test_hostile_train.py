@@ -582,6 +582,7 @@ def test_bad_training_images_are_skipped_counted_and_limited(tmp_path, lm_dirs, 
 
 # ----------------------------------------------------------------------------- torchrun
 
+@pytest.mark.xdist_group("torchrun")  # one torchrun at a time: concurrent launches can meet on one port
 def test_torchrun_rank0_prints_one_line_and_the_others_stay_quiet(tmp_path, lm_dirs, tiny_clip_spec, bad_files):
     """A failure of the main process while the others wait for it (building the data, main process first)."""
     logs = tmp_path / "logs"

@@ -73,6 +73,24 @@ def test_key_is_sha256_of_canonical_json_and_seed_is_its_first_63_bits():
     assert len({key, *(ImageCache.key(*o) for o in others)}) == 1 + len(others)
 
 
+def test_generation_dtype_is_in_the_key_except_the_default_fp16(tmp_path):
+    base = ("gen", "a cat", 2, 64, 1, 0, 7)
+    assert ImageCache.key(*base, dtype="fp16") == ImageCache.key(*base) == ImageCache.key(*base, dtype=None)
+    fp32, bf16 = ImageCache.key(*base, dtype="fp32"), ImageCache.key(*base, dtype="bf16")
+    assert len({ImageCache.key(*base), fp32, bf16}) == 3
+    canonical = ('{"dtype":"fp32","generator":"gen","guidance_scale":0.0,"image_size":64,"index":2,'
+                 '"num_inference_steps":1,"prompt":"a cat","seed":7}')
+    assert fp32 == hashlib.sha256(canonical.encode()).hexdigest()
+    # the generator tells the provider its dtype; a generator without one (toyworld, fakes) leaves it out
+    fp16_gen, fp32_gen = (DiffusersGenerator("stabilityai/sdxl-turbo", device="cpu", dtype=d) for d in ("fp16", "fp32"))
+    assert (fp16_gen.key_dtype, fp32_gen.key_dtype) == ("fp16", "fp32")
+    keys = {d: ImageProvider(g, ImageCache(tmp_path), image_size=64).key("a cat", 0)
+            for d, g in (("fp16", fp16_gen), ("fp32", fp32_gen))}
+    assert keys["fp16"] == ImageCache.key("stabilityai/sdxl-turbo", "a cat", 0, 64, 1, 0.0, 0)
+    assert keys["fp32"] == ImageCache.key("stabilityai/sdxl-turbo", "a cat", 0, 64, 1, 0.0, 0, dtype="fp32")
+    assert keys["fp16"] != keys["fp32"]
+
+
 def test_occurrence_indices():
     assert occurrence_indices(["a", "b", "a", "a", "b"]) == [0, 0, 1, 2, 1]
     assert occurrence_indices([]) == []
@@ -86,7 +104,8 @@ def test_provider_dedups_across_items_and_batches_misses(tmp_path):
     provider = ImageProvider(gen, ImageCache(tmp_path), image_size=8, gen_batch_size=2)
     out = provider.get([["a", "a", "b"], ["b", "a"], []])
     # keys: item 0 -> a#0, a#1, b#0; item 1 -> b#0, a#0: three distinct images, in two batches of <= 2
-    assert provider.stats() == {"hits": 0, "misses": 5, "generated": 3}
+    assert provider.stats() == {"slots": 5, "generated": 3, "from_cache": 0, "reused": 2}
+    provider.flush()  # PNGs are written behind the work
 
     def key(prompt, index):
         return ImageCache.key("fake", prompt, index, 8, 1, 0.0, 0)
@@ -100,8 +119,12 @@ def test_provider_dedups_across_items_and_batches_misses(tmp_path):
         f"{key(p, i)}.png" for p, i in [("a", 0), ("a", 1), ("b", 0)]
     )  # three PNGs, no temporary or probe files left behind
 
-    again = provider.get([["b", "a", "a"]])
-    assert provider.stats() == {"hits": 3, "misses": 5, "generated": 3}
+    again = provider.get([["b", "a", "a"]])  # the same run: reused, though read back from the disk
+    assert provider.stats() == {"slots": 8, "generated": 3, "from_cache": 0, "reused": 5}
+    fresh = ImageProvider(gen, ImageCache(tmp_path), image_size=8, gen_batch_size=2)
+    fresh.get([["b", "a", "a"], ["a"]])  # another run: from the cache
+    assert fresh.stats() == {"slots": 4, "generated": 0, "from_cache": 3, "reused": 1}
+    assert fresh.counts["pngs_decoded"] == 3 and len(gen.calls) == 2
     assert pixels(again[0][0].image).tolist() == pixels(out[0][2].image).tolist()
 
 
@@ -109,9 +132,9 @@ def test_full_k10_after_k6_generates_only_4(tmp_path):
     provider = ImageProvider(FakeGenerator(), ImageCache(tmp_path), image_size=8)
     text = "What color is a banana? Answer:"
     provider.get([derive_prompts(text, 6, "full")])
-    assert provider.stats() == {"hits": 0, "misses": 6, "generated": 6}
-    provider.get([derive_prompts(text, 10, "full")])
-    assert provider.stats() == {"hits": 6, "misses": 10, "generated": 10}
+    assert provider.stats() == {"slots": 6, "generated": 6, "from_cache": 0, "reused": 0}
+    provider.get([derive_prompts(text, 10, "full")])  # written or not yet: the first 6 are this run's
+    assert provider.stats() == {"slots": 16, "generated": 10, "from_cache": 0, "reused": 6}
 
 
 def test_empty_requests_and_k_check(tmp_path):
@@ -125,12 +148,36 @@ def test_empty_requests_and_k_check(tmp_path):
         check_k(0)
 
 
+def test_valid_but_wrong_cached_png_is_regenerated(tmp_path, caplog):
+    """A PNG that decodes but is not what its key says (size, mode) is never used."""
+    gen = FakeGenerator()
+    provider = ImageProvider(gen, ImageCache(tmp_path), image_size=8)
+    original = provider.get([["a", "b", "c"]])[0]
+    provider.flush()
+    tiny, grey, good = (Path(g.path) for g in original)
+    Image.new("RGB", (1, 1), (255, 0, 0)).save(tiny)  # the 1x1 PNG of the bug report
+    Image.new("L", (8, 8), 128).save(grey)  # right size, wrong mode
+    fresh = ImageProvider(gen, ImageCache(tmp_path), image_size=8)
+    with caplog.at_level(logging.WARNING, logger="models.image_generation"):
+        again = fresh.get([["a", "b", "c"]])[0]
+    fresh.flush()
+    assert fresh.stats() == {"slots": 3, "generated": 2, "from_cache": 1, "reused": 0}
+    messages = [r.getMessage() for r in caplog.records]
+    assert any(f"{tiny} is RGB 1x1, not RGB 8x8" in m for m in messages)
+    assert any(f"{grey} is L 8x8, not RGB 8x8" in m for m in messages)
+    for old, new, path in zip(original, again, (tiny, grey, good)):
+        assert np.array_equal(pixels(old.image), pixels(new.image))
+        with Image.open(path) as im:  # rewritten with the right image
+            assert im.size == (8, 8) and im.mode == "RGB" and np.array_equal(pixels(im), pixels(old.image))
+
+
 # ---------------------------------------------------------------- the tiny SDXL pipeline
 
 
 def test_same_key_byte_identical_png_across_processes(sdxl, tmp_path):
     provider = sdxl_provider(sdxl, tmp_path / "here")
     out = provider.get([PROMPTS])
+    provider.flush()
     script = (
         "import sys\n"
         "from models.image_generation import DiffusersGenerator, ImageCache, ImageProvider\n"
@@ -166,14 +213,15 @@ def test_batch_equals_one_by_one(sdxl):
 def test_warm_cache_never_loads_the_pipeline(tiny_sdxl_dir, tmp_path, monkeypatch):
     cold = sdxl_provider(DiffusersGenerator(tiny_sdxl_dir, device="cpu", dtype="fp32"), tmp_path)
     first = cold.get([PROMPTS, PROMPTS[:2]])
-    assert cold.stats() == {"hits": 0, "misses": 6, "generated": 4}
+    assert cold.stats() == {"slots": 6, "generated": 4, "from_cache": 0, "reused": 2}
+    cold.flush()
 
     monkeypatch.setattr(ig, "_PIPELINES", {})  # as in a fresh process
     loads = ig.PIPELINE_LOADS
     gen = DiffusersGenerator(tiny_sdxl_dir, device="cpu", dtype="fp32")
     warm = sdxl_provider(gen, tmp_path)
     second = warm.get([PROMPTS, PROMPTS[:2]])
-    assert warm.stats() == {"hits": 6, "misses": 0, "generated": 0}
+    assert warm.stats() == {"slots": 6, "generated": 0, "from_cache": 4, "reused": 2}
     assert ig.PIPELINE_LOADS == loads and gen._pipe is None
     for a, b in zip(first[0] + first[1], second[0] + second[1]):
         assert a.path == b.path and np.array_equal(pixels(a.image), pixels(b.image))
@@ -182,12 +230,14 @@ def test_warm_cache_never_loads_the_pipeline(tiny_sdxl_dir, tmp_path, monkeypatc
 def test_corrupt_or_truncated_png_is_regenerated(sdxl, tmp_path, caplog):
     provider = sdxl_provider(sdxl, tmp_path)
     original = provider.get([PROMPTS[:2]])[0]
+    provider.flush()
     truncated, garbage = (Path(g.path) for g in original)
     truncated.write_bytes(truncated.read_bytes()[:200])
     garbage.write_bytes(b"not a png at all")
     with caplog.at_level(logging.WARNING, logger="models.image_generation"):
         again = provider.get([PROMPTS[:2]])[0]
-    assert provider.stats() == {"hits": 0, "misses": 4, "generated": 4}
+    provider.flush()
+    assert provider.stats() == {"slots": 4, "generated": 4, "from_cache": 0, "reused": 0}
     assert sum("cannot read" in r.message for r in caplog.records) == 2
     for old, new in zip(original, again):
         assert np.array_equal(pixels(old.image), pixels(new.image))
@@ -205,15 +255,15 @@ def test_main_fills_the_cache(tiny_sdxl_dir, tmp_path):
             "--num_inference_steps", "1", "--gen_batch_size", "2", "--device", "cpu", "--dtype", "fp32"]
     # text 0 -> [Grass is green., The sky is blue., <whole text>]; text 1 -> [its sentence]*2 + [whole text]
     # which is the same string three times: indices 0, 1, 2. Six distinct keys.
-    assert ig.main(argv) == {"hits": 0, "misses": 6, "generated": 6}
+    assert ig.main(argv) == {"slots": 6, "generated": 6, "from_cache": 0, "reused": 0}
     gen_id = str(Path(tiny_sdxl_dir).resolve())
     expected = {
-        ImageCache.key(gen_id, p, i, 64, 1, 0.0, 0)
+        ImageCache.key(gen_id, p, i, 64, 1, 0.0, 0, dtype="fp32")
         for t in texts
         for p, i in zip(derive_prompts(t, 3, "sentences"), occurrence_indices(derive_prompts(t, 3, "sentences")))
     }
     assert {p.stem for p in cache.rglob("*.png")} == expected
-    assert ig.main(argv) == {"hits": 6, "misses": 0, "generated": 0}
+    assert ig.main(argv) == {"slots": 6, "generated": 0, "from_cache": 6, "reused": 0}
 
 
 # ---------------------------------------------------------------- construction and bad input
@@ -224,7 +274,7 @@ def test_build_generator_loads_nothing(tiny_sdxl_dir, monkeypatch):
     loads = ig.PIPELINE_LOADS
     gen = build_generator(str(tiny_sdxl_dir), device="cpu")
     assert isinstance(gen, DiffusersGenerator) and gen._pipe is None and ig.PIPELINE_LOADS == loads
-    assert gen.generator_id == str(Path(tiny_sdxl_dir).resolve()) and gen.dtype == ig.torch.float32
+    assert gen.generator_id == str(Path(tiny_sdxl_dir).resolve()) and str(gen.dtype) == "torch.float32"
     assert build_generator("stabilityai/sdxl-turbo", device="cpu").generator_id == "stabilityai/sdxl-turbo"
     toy = build_generator("toyworld", noise=0.0)
     assert type(toy).__name__ == "ToyWorldGenerator" and "toyworld" in toy.generator_id

@@ -175,6 +175,7 @@ def test_each_process_embeds_its_share_and_the_main_one_merges(coco_images, tiny
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("torchrun")  # one torchrun at a time: concurrent launches can meet on one port
 def test_two_processes_shard_and_merge_to_the_same_index(coco_images, tiny_clip_spec, tmp_path):
     """Under torchrun (as under accelerate launch) each process embeds its share; the main one merges."""
     single, sharded = tmp_path / "single", tmp_path / "sharded"

@@ -91,7 +91,8 @@ def test_released_command_writes_result_files(released_run, zoo):
     on_disk = json.loads((Path(zoo["out"]) / "r" / "imagenetvc.json").read_text())
     assert on_disk["metrics"] == result["metrics"]
     assert {"metrics", "config", "counts", "timing", "versions", "git_commit", "date"} <= set(on_disk)
-    assert {"examples", "images_generated", "images_cached", "pipeline_loads"} <= set(on_disk["counts"])
+    assert {"examples", "image_slots", "images_generated", "images_from_cache", "images_reused",
+            "vision_features_computed", "vision_features_read", "pngs_decoded", "pipeline_loads"} <= set(on_disk["counts"])
     assert {"generation", "clip", "lm", "fusion", "total"} <= set(on_disk["timing"])
     assert on_disk["config"]["generate_images"] is True and on_disk["config"]["k"] == K
     assert on_disk["counts"]["examples"] == len(samples) == len(SUBSETS) * LIMIT * len(TEMPLATES)
@@ -127,7 +128,10 @@ def test_images_generated_once_per_question_and_cached(released_run, zoo):
     again = main(image_args(zoo, "r_again"))
     assert again["counts"]["images_generated"] == 0
     assert again["counts"]["pipeline_loads"] == 0
-    assert again["counts"]["images_cached"] == K * len(samples)
+    c = again["counts"]
+    assert c["image_slots"] == K * len(samples) and c["images_from_cache"] == K * len(distinct)
+    assert c["images_reused"] == c["image_slots"] - c["images_from_cache"]
+    assert (c["vision_features_computed"], c["vision_features_read"], c["pngs_decoded"]) == (0, K * len(distinct), 0)
     assert again["metrics"] == result["metrics"]
 
 
@@ -293,6 +297,7 @@ def test_bad_input_is_one_line_exit_2(case, zoo, tmp_path, capsys):
         assert piece in err
 
 
+@pytest.mark.xdist_group("torchrun")  # one torchrun at a time: concurrent launches can meet on one port
 def test_two_processes_give_the_same_metrics(released_run, zoo):
     result, _ = released_run
     torchrun = Path(sys.executable).with_name("torchrun")

@@ -79,6 +79,35 @@ def test_one_image_matches_reference(arch, lm_dirs):
     assert not torch.allclose(got[valid], model.text_logits(ids, mask)[valid], atol=1e-3)
 
 
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+def test_logit_mixing_runs_the_head_once_and_equals_mixing_the_logits(arch, lm_dirs):
+    """With a linear head, (1/k) sum s_i L_i + (1 - mean s) L0 is the head of the same mix of hidden states."""
+    model = make_model(lm_dirs[arch], scale=5.0)
+    ids, mask = batch()
+    patches = torch.randn(2, 3, N_V, D_CLIP, generator=torch.Generator().manual_seed(3))
+    weights = torch.tensor([[1.0, 0.5, 0.0], [0.2, 1.3, 0.7]])
+    pos = torch.tensor([[3, 5], [1, 4]])
+    hidden, _ = model.text_hidden(ids, mask)
+    fused, _, _ = model.fuse(model.project(patches.flatten(0, 1)), hidden.repeat_interleave(3, 0),
+                             mask.repeat_interleave(3, 0))
+    sel = pos.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
+    l0 = model.lm_head(hidden.gather(1, sel))
+    li = model.lm_head(fused.gather(1, sel.repeat_interleave(3, 0))).unflatten(0, (2, 3))
+    calls = []
+    head = model.lm.get_output_embeddings()
+    handle = head.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    got = model.mixed_logprobs(ids, mask, patches, weights, "logits", positions=pos)
+    handle.remove()
+    assert model._linear_head and calls == [2]  # one head pass over the 2 texts, not 2 x (1 + k)
+    torch.testing.assert_close(got, mix_logprobs(l0, li, weights, "logits"), rtol=1e-5, atol=1e-5)
+    # probs mode, and a head that is not a plain Linear, keep mixing the k + 1 logits
+    torch.testing.assert_close(model.mixed_logprobs(ids, mask, patches, weights, "probs", positions=pos),
+                               mix_logprobs(l0, li, weights, "probs"), rtol=1e-5, atol=1e-5)
+    model._linear_head = False
+    torch.testing.assert_close(model.mixed_logprobs(ids, mask, patches, weights, "logits", positions=pos),
+                               mix_logprobs(l0, li, weights, "logits"), rtol=1e-6, atol=1e-6)
+
+
 def test_gemma_fusion_scales_inputs_by_sqrt_d(lm_dirs):
     model = make_model(lm_dirs["gemma"])
     assert model.fusion_input_scale == pytest.approx(32 ** 0.5)

@@ -283,6 +283,7 @@ def torchrun(argv: list[str]) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
+@pytest.mark.xdist_group("torchrun")  # one torchrun at a time: concurrent launches can meet on one port
 def test_two_processes_with_torchrun_agree_and_resume(tmp_path, lm_dirs, tiny_clip_spec, vg_dir):
     common = dict(max_train_samples=8, per_device_train_batch_size=2, max_train_steps=3, learning_rate=1e-3,
                   num_warmup_steps=1, shuffle_data=True, checkpointing_steps=1)

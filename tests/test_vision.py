@@ -5,30 +5,12 @@ import torch.nn.functional as F
 from PIL import Image
 
 from models.vision import load_vision_encoder
-from tests.zoo_sdxl import write_clip_tokenizer_files
 
 LONG = " ".join(["a red square next to a blue circle on a grey table"] * 20)  # far over 77 tokens
 
 
 def images():
     return [Image.new("RGB", (40, 40), c) for c in ((255, 0, 0), (0, 0, 255), (10, 200, 10))]
-
-
-@pytest.fixture(scope="module")
-def hf_clip_dir(tmp_path_factory):
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
-
-    d = tmp_path_factory.mktemp("hf-clip")
-    tok_dir = write_clip_tokenizer_files(d / "tok")
-    cfg = CLIPConfig(text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                      max_position_embeddings=77, vocab_size=49408),
-                     vision_config=dict(hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
-                                        image_size=32, patch_size=8), projection_dim=24)
-    torch.manual_seed(0)
-    CLIPModel(cfg).save_pretrained(d / "model")
-    CLIPTokenizer.from_pretrained(tok_dir).save_pretrained(d / "model")
-    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(d / "model")
-    return str(d / "model")
 
 
 def test_open_clip_patches_are_the_penultimate_block(tiny_clip_spec):
@@ -41,7 +23,7 @@ def test_open_clip_patches_are_the_penultimate_block(tiny_clip_spec):
     x = v.ln_pre(x)
     for block in v.transformer.resblocks[:-1]:                                  # all but the last block
         x = block(x)
-    assert patches.shape == (3, 16, 48) and enc.hidden_size == 48
+    assert patches.shape == (3, 16, 48) and enc.hidden_size == 48 and enc.n_patches == 16
     torch.testing.assert_close(patches, x[:, 1:])                              # CLS dropped, no final norm
     torch.testing.assert_close(embeds, F.normalize(enc.model.encode_image(px), dim=-1))
 
@@ -65,6 +47,7 @@ def test_hf_clip_backend(hf_clip_dir):
     out = ref.vision_model(pixel_values=px, output_hidden_states=True)
     torch.testing.assert_close(patches, out.hidden_states[-2][:, 1:])
     torch.testing.assert_close(embeds, F.normalize(ref.visual_projection(out.pooler_output), dim=-1))
+    assert enc.n_patches == patches.shape[1] == 16
 
 
 def test_hf_clip_long_prompt_scores_as_its_truncated_form(hf_clip_dir):

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-__all__ = ["tiny_sdxl_dir", "build_tiny_sdxl", "write_clip_tokenizer_files"]
+__all__ = ["tiny_sdxl_dir", "hf_clip_dir", "build_tiny_sdxl", "write_clip_tokenizer_files"]
 
 CLIP_BOS, CLIP_EOS = "<|startoftext|>", "<|endoftext|>"
 TEXT_WIDTH = 32  # hidden size of each tiny text encoder
@@ -140,3 +140,21 @@ def tiny_sdxl_dir(tmp_path_factory) -> Path:
     out = root / "pipeline"
     pipe.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def hf_clip_dir(tmp_path_factory):
+    """A tiny random HF transformers CLIP (48-wide 3-layer ViT at 32 px, patch 8) with the real CLIP BPE."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
+
+    d = tmp_path_factory.mktemp("hf-clip")
+    tok_dir = write_clip_tokenizer_files(d / "tok")
+    cfg = CLIPConfig(text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                      max_position_embeddings=77, vocab_size=49408),
+                     vision_config=dict(hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                                        image_size=32, patch_size=8), projection_dim=24)
+    torch.manual_seed(0)
+    CLIPModel(cfg).save_pretrained(d / "model")
+    CLIPTokenizer.from_pretrained(tok_dir).save_pretrained(d / "model")
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(d / "model")
+    return str(d / "model")
