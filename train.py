@@ -431,7 +431,7 @@ def agreed(accelerator, fn, *args, main_first: bool = False, **kwargs):
 
 # ----------------------------------------------------------------------------- setup helpers
 
-def resolve_lm_dtype(name: str, device: torch.device) -> torch.dtype:
+def resolve_lm_dtype(name: str, device: "torch.device") -> "torch.dtype":
     import torch
 
     if name != "auto":

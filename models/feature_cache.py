@@ -80,11 +80,7 @@ def hash_files(folder: Path, memo_path: Path | None = None) -> str:
         if isinstance(known, dict) and known.get("size") == st.st_size and known.get("mtime_ns") == st.st_mtime_ns:
             digest = known.get("sha256")
         else:
-            h = hashlib.sha256()
-            with open(entry.path, "rb") as f:
-                for block in iter(lambda: f.read(1 << 23), b""):
-                    h.update(block)
-            digest = h.hexdigest()
+            digest = write_behind.sha256_file(entry.path)
             memo[path] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest}
             changed = True
         total.update(f"{entry.name}\0{digest}\n".encode())

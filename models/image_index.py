@@ -37,11 +37,12 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 import numpy as np
+
+from models.write_behind import sha256_file, write_atomic
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 EMBEDDINGS, PATHS, CAPTIONS, SKIPPED, MANIFEST, PARTIAL = (
@@ -165,26 +166,6 @@ def same_encoder(probe_a, probe_b) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------- the index
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_index(out: Path, blocks, count: int, dim: int, paths: list[str], captions: list[list[str]] | None,
                 meta: dict, skipped: list[tuple[str, str]] = ()) -> dict:
     """Write an index folder from row ``blocks`` (float32 arrays, ``count`` rows of ``dim`` in all).
@@ -206,19 +187,19 @@ def write_index(out: Path, blocks, count: int, dim: int, paths: list[str], capti
     array.flush()
     del array
     os.replace(tmp, out / EMBEDDINGS)
-    _write_atomic(out / PATHS, "".join(p + "\n" for p in paths).encode("utf-8"))
+    write_atomic(out / PATHS, "".join(p + "\n" for p in paths).encode("utf-8"))
     if captions is not None:
-        _write_atomic(out / CAPTIONS, "".join(json.dumps(c, ensure_ascii=False) + "\n" for c in captions).encode())
+        write_atomic(out / CAPTIONS, "".join(json.dumps(c, ensure_ascii=False) + "\n" for c in captions).encode())
     else:
         (out / CAPTIONS).unlink(missing_ok=True)
     if skipped:
-        _write_atomic(out / SKIPPED, "".join(f"{p}\t{r}\n" for p, r in skipped).encode("utf-8"))
+        write_atomic(out / SKIPPED, "".join(f"{p}\t{r}\n" for p, r in skipped).encode("utf-8"))
     else:
         (out / SKIPPED).unlink(missing_ok=True)
     manifest = {"format": FORMAT, **meta, "count": count, "dim": dim, "captioned": captions is not None,
-                "skipped": len(skipped), "embeddings_sha256": _sha256_file(out / EMBEDDINGS),
+                "skipped": len(skipped), "embeddings_sha256": sha256_file(out / EMBEDDINGS),
                 "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
-    _write_atomic(out / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
+    write_atomic(out / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
     return manifest
 
 
@@ -256,7 +237,7 @@ class ImageIndex:
             raise ImageIndexError(f"{where}: {EMBEDDINGS} holds {header.dtype} {tuple(header.shape)}, the manifest "
                                   f"says float32 ({self.count}, {self.dim}); rebuild the index")
         del header
-        if verify and _sha256_file(self.dir / EMBEDDINGS) != manifest.get("embeddings_sha256"):
+        if verify and sha256_file(self.dir / EMBEDDINGS) != manifest.get("embeddings_sha256"):
             raise ImageIndexError(f"{where}: {EMBEDDINGS} does not match its manifest checksum (corrupt or "
                                   "changed); rebuild the index")
         from data.captions import _Strings
@@ -375,7 +356,7 @@ def _save_batch(partial: Path, item: dict, embeds: np.ndarray) -> None:
     np.savez(buf, embeddings=embeds.astype(np.float32), kept=item["kept"], digests=item["digests"],
              skipped_pos=np.asarray([p for p, _ in skipped], np.int64),
              skipped_reason=np.asarray([r for _, r in skipped] or [""])[:len(skipped)].astype(str))
-    _write_atomic(path, buf.getvalue())
+    write_atomic(path, buf.getvalue())
 
 
 def _load_batch(partial: Path, b: int) -> dict:
@@ -459,7 +440,7 @@ def build(args, batch_callback=None, state=None) -> dict | None:
     state.wait_for_everyone()
     partial.mkdir(parents=True, exist_ok=True)
     if not (partial / "plan.json").is_file():  # the same plan from every process: written atomically
-        _write_atomic(partial / "plan.json", json.dumps(plan, indent=2).encode())
+        write_atomic(partial / "plan.json", json.dumps(plan, indent=2).encode())
     n_batches = -(-len(collection.paths) // args.batch_size)
     todo = [b for b in range(n_batches) if not _batch_file(partial, b).is_file()]
     mine = [b for b in todo if b % state.num_processes == state.process_index]

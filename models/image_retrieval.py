@@ -23,7 +23,6 @@ turns this off.
 """
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,8 +30,7 @@ import torch
 
 from models.image_generation import GeneratedImage, ImageRef
 from models.image_index import ImageIndex, ImageIndexError, unreadable_reason
-from models.image_sources import (DEFAULT_DEDUP, DEFAULT_FAISS_THRESHOLD, IMAGE_SOURCES, RETRIEVE_BY,  # noqa: F401
-                                  add_retrieval_args)
+from models.image_sources import DEFAULT_DEDUP, DEFAULT_FAISS_THRESHOLD, RETRIEVE_BY
 
 
 

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from models.checkpoints import CheckpointError, WEIGHTS_NAME, check_finite, read_safetensors
+from models.write_behind import sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -211,14 +212,6 @@ def set_rng_state(state: dict, where: str) -> None:
 
 # ----------------------------------------------------------------------------- files
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _write_bytes(path: Path, data: bytes) -> None:
     with open(path, "wb") as f:
         f.write(data)
@@ -314,7 +307,7 @@ def save_training_checkpoint(accelerator, output_dir: Path, step: int, *, model,
         write_component(tmp, "trainer_state", {**trainer_state, "format": FORMAT, "scaler": scaler})
     accelerator.wait_for_everyone()
     if main:
-        files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir())}
+        files = {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in sorted(tmp.iterdir())}
         marker = {"format": FORMAT, "version": VERSION, "step": step,
                   "num_processes": accelerator.num_processes, "files": files}
         _write_bytes(tmp / MARKER, (json.dumps(marker, indent=1) + "\n").encode("utf-8"))  # last

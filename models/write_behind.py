@@ -19,7 +19,7 @@ Pillow 13: while a thread encodes 512 px PNGs, the main thread's longest stall i
 * :func:`write_atomic` writes a temporary file beside the target and renames it over the target, so a
   reader (or a process killed at any point) only ever sees whole files. A kill can leave the temporary
   file behind; :func:`remove_stale_temps` deletes the old ones (never recent ones: another process may
-  be writing them right now).
+  be writing them right now). :func:`sha256_file` hashes a file the same way everywhere.
 """
 from __future__ import annotations
 
@@ -57,6 +57,17 @@ def write_atomic(path: str | os.PathLike, data: bytes | memoryview) -> os.stat_r
         Path(tmp).unlink(missing_ok=True)
         raise
     return path.stat()
+
+
+def sha256_file(path: str | os.PathLike, block: int = 1 << 22) -> str:
+    """The SHA-256 hex digest of a file, read in blocks (weights files can be large)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(block), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def remove_stale_temps(dirs: Iterable[str | os.PathLike], older_than_s: float = STALE_TEMP_S,

@@ -8,7 +8,6 @@ import re
 import shutil
 import sys
 import types
-from pathlib import Path
 
 import numpy as np
 import pandas as pd

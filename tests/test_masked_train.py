@@ -1,7 +1,6 @@
 """train.py on a masked LM (tiny BERT): the MLM objective overfits a few captions, resumes exactly and
 touches no frozen weight; bad input is one line."""
 import pytest
-import torch
 
 import train
 from models.checkpoints import load_trainable, read_checkpoint_config
