@@ -140,7 +140,7 @@ class EvalArgumentParser(argparse.ArgumentParser):
         return parsed, extras
 
 
-def bool_word(value: str) -> bool:
+def true_or_false(value: str) -> bool:
     v = str(value).strip().lower()
     if v in ("true", "1", "yes", "y", "on"):
         return True
@@ -166,7 +166,7 @@ def build_parser(description: str, *, image_prompt_choices=("sentences", "full",
                    help="CLIP spec (default: the checkpoint's, else ViT-B-32-quickgelu/openai)")
     g.add_argument("--proj_hidden", type=int, default=None, help="projector width when no checkpoint is given")
     g = p.add_argument_group("images")
-    g.add_argument("--generate_images", nargs="?", const=True, default=None, type=bool_word,
+    g.add_argument("--generate_images", nargs="?", const=True, default=None, type=true_or_false,
                    help="fuse k images (a switch; '--generate_images True/False' also works; default: on "
                         "with --image_source retrieve, else off)")
     g.add_argument("--k", type=int, default=default_k, help="images per input")

@@ -26,7 +26,7 @@ import gc
 import time
 from typing import Callable
 
-from eval_scripts.cli import EvalError, bool_word, build_parser, parse_choices, run_main, validate_args  # noqa: F401
+from eval_scripts.cli import EvalError, build_parser, parse_choices, run_main, true_or_false, validate_args  # noqa: F401
 from eval_scripts.records import RunRecords
 
 _LAZY = {"DTYPES": "eval_scripts.runtime", "Runtime": "eval_scripts.runtime", "clear_memos": "eval_scripts.runtime",
@@ -61,7 +61,7 @@ def first_token_ids(tokenizer, word: str) -> tuple[int, ...]:
 
     return memoised(tokenizer, word)
 
-_bool_word = bool_word  # the former private name
+_bool_word = true_or_false  # the former name
 validate_common_args = validate_args  # the former name
 # settings that must match for a re-run with the same --run_name to resume
 RESUME_KEYS = ("model_name", "pretrained_model", "vision_encoder", "generate_images", "k", "image_prompt",

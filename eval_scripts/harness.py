@@ -12,7 +12,7 @@ Registers the model ``late_fusion`` with lm-eval (0.4.13) and runs lm-eval's own
 
     import lm_eval
     from eval_scripts.harness import LateFusionHarnessLM
-    lm = LateFusionHarnessLM(model_name="gpt2", pretrained_model="...", k=6, device="cuda")
+    lm = LateFusionHarnessLM(model_name="gpt2", pretrained_model="...", k=6, device="cuda:0")
     lm_eval.simple_evaluate(model=lm, tasks=["arc_easy"])
 
 ``--model_args`` take the project's flag names (see ``MODEL_ARGS``); ``k`` switches images on
@@ -54,7 +54,7 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from tqdm.auto import tqdm
 
-from eval_scripts.cli import DTYPE_NAMES, EvalError, bool_word, build_parser, run_main
+from eval_scripts.cli import DTYPE_NAMES, EvalError, build_parser, run_main, true_or_false
 
 logger = logging.getLogger(__name__)
 
@@ -122,7 +122,7 @@ def _convert(key: str, kind: str, value):
             if isinstance(value, bool):
                 raise ValueError
             return float(value)
-        return value if isinstance(value, bool) else bool_word(value)
+        return value if isinstance(value, bool) else true_or_false(value)
     except (TypeError, ValueError, argparse.ArgumentTypeError):
         raise EvalError(f"late_fusion model_args: {key}={value!r} is not a valid {kind}") from None
 

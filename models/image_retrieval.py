@@ -300,22 +300,11 @@ class ImageRetriever:
         """Nothing is written behind the work (the provider interface)."""
 
     def get(self, prompt_lists: list[list[str]]) -> list[list[RetrievedImage]]:
-        """For each item, one retrieved image per prompt (slot ``i`` takes its prompt's next best image)."""
-        self.prefetch(prompt_lists)
-        images: dict[int, object] = {}
-        out = []
-        for prompts in prompt_lists:
-            seen: dict[str, int] = {}
-            item = []
-            for p in prompts:
-                row, score = self.rankings[p][seen.get(p, 0)]
-                seen[p] = seen.get(p, 0) + 1
-                if row not in images:
-                    images[row] = self._open(row)
-                item.append(RetrievedImage(self.index.path(row), p, images[row], row=row, similarity=score))
-            out.append(item)
-            self.hits += len(item)
-        return out
+        """For each item, one retrieved image per prompt (:meth:`refs`), each file read once."""
+        refs = self.refs(prompt_lists)
+        found = self.images([r for item in refs for r in item])
+        return [[RetrievedImage(r.path, r.prompt, found[r.key][0], row=r.row, similarity=r.similarity) for r in item]
+                for item in refs]
 
 
 def build_retriever(args, encoder=None, device=None) -> ImageRetriever:
