@@ -20,24 +20,14 @@ import torch
 from PIL import Image
 
 import train
-from tests.test_train import REPO, flags, make_vg_dir, reset_accelerate
+from tests.test_train import REPO, flags, make_vg_dir
+from tests.zoo import reset_accelerate
 
 TRAINED = dict(max_train_samples=4, per_device_train_batch_size=2, max_train_steps=2, learning_rate=1e-3,
                checkpointing_steps=1)
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    yield
-    reset_accelerate()
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread", "fresh_accelerate_state")
 
 
 @pytest.fixture(scope="module")

@@ -5,17 +5,11 @@ import pytest
 import train
 from models.checkpoints import load_trainable, read_checkpoint_config
 from models.late_fusion import LateFusionLM
-from tests.test_train import assert_same_weights, flags, make_vg_dir, reset_accelerate, trainable
+from tests.test_train import assert_same_weights, flags, make_vg_dir, trainable
+from tests.zoo import reset_accelerate
 from tests.zoo_masked import save_tiny_mlm
 
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    yield
-    reset_accelerate()
-
-
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("one_thread", "fresh_accelerate_state")
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ import train
 from models.checkpoints import load_trainable, read_checkpoint_config
 from models.late_fusion import LateFusionLM
 from tests.paths import EVAL_DATA, TEST_DATA
-from tests.zoo import TINY
+from tests.zoo import TINY, reset_accelerate
 
 REPO = Path(__file__).resolve().parents[1]
 VG_SAMPLE = TEST_DATA / "visual_genome" / "v1.2"
@@ -25,27 +25,7 @@ README_COMMAND = ("--run_name test --dataset_name cropped_vg --model_name_or_pat
                   "--num_train_epochs 1 --run_bf16 --learning_rate 5e-4 --with_tracking").split()
 
 
-def reset_accelerate():
-    """Each ``main`` call builds its own Accelerator: forget Accelerate's process-wide state between calls."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    yield
-    reset_accelerate()
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and far faster than oversubscribed threads on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread", "fresh_accelerate_state")
 
 
 def make_vg_dir(root: Path, regions=None) -> Path:

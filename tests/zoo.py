@@ -47,6 +47,21 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+def reset_accelerate():
+    """Each ``train.main`` call builds its own Accelerator: forget Accelerate's process-wide state between calls."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """Training tests: every test starts without another test's Accelerator state."""
+    yield
+    reset_accelerate()
+
+
 def boost_fusion(model, seed: int = 0, scale: float = 20.0):
     """Make the visual path move the prediction: random fusion weights barely change the residual stream."""
     g = torch.Generator().manual_seed(seed)
