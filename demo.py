@@ -15,7 +15,7 @@ It prints accuracy for text-only and k = 1, 3, 6 images under ``--mix probs`` an
 writes ``summary.json``, ``accuracy_vs_k.png`` and ``examples.html`` under ``--output_dir``.
 With ``--image_source retrieve`` it also builds a captioned collection (renderings of the evaluated objects
 captioned with their names only, wrong 30% of the time, among 10x as many renderings of other invented
-objects), indexes it (``python -m models.image_index build``) and evaluates with images retrieved by BM25
+objects), indexes it (``python -m models.images.index build``) and evaluates with images retrieved by BM25
 over the captions (``--retrieve_by caption``): ``retrieve_k1`` and ``retrieve_k6`` in the summary. The
 random CLIP cannot rank images by text (``--retrieve_by clip``), nor tell near-duplicates apart.
 This is a sandbox: a real run uses SDXL-Turbo, CLIP ViT-B/32, a real LLM and real data (README).
@@ -66,7 +66,7 @@ def _ks(text: str) -> list[int]:
 
 def parse_args(argv=None):
     """Parse and check every flag (nothing is written here)."""
-    from data.toyworld import EVAL_OBJECTS
+    from models.images.toyworld import EVAL_OBJECTS
     from models.cli import OneLineArgumentParser, finite_float, positive_int, seed
 
     p = OneLineArgumentParser(description=__doc__.split("\n")[0])
@@ -119,7 +119,7 @@ def _log(msg: str) -> None:
 
 def train_model(args, out: Path, lm_dir: str, clip_spec: str) -> Path:
     import train
-    from data.toyworld import write_training_file
+    from models.images.toyworld import write_training_file
 
     train_file = write_training_file(out / "train_data", args.n_train, args.seed, args.image_size, qa=True)
     _log(f"training {args.steps} steps of batch {args.batch_size} on {args.n_train} rendered QA pairs about generic shapes")
@@ -170,9 +170,9 @@ def evaluate_retrieval(args, out: Path, lm_dir: str, clip_spec: str, ckpt: Path,
     The demo's CLIP is random: its text-image cosines rank nothing (so ``--retrieve_by clip`` is meaningless
     here) and its image-image cosines are high for any two renderings (so near-duplicate removal is off).
     """
-    from data.toyworld import write_captioned_collection
+    from models.images.toyworld import write_captioned_collection
     from eval_scripts import imagenetVC
-    from models import image_index
+    from models.images import index as image_index
 
     root = out / "retrieval"  # the demo's own folder: rebuilt on every run
     shutil.rmtree(root, ignore_errors=True)
@@ -264,7 +264,7 @@ def main(argv=None) -> dict:
 
 def run(args) -> dict:
     sys.path.insert(0, str(Path(__file__).resolve().parent))  # `import train` from the repository root
-    from data.toyworld import EVAL_OBJECTS, write_eval_csvs
+    from models.images.toyworld import EVAL_OBJECTS, write_eval_csvs
     from models.offline import build_tiny_clip, smollm2_dir
 
     t0 = time.perf_counter()

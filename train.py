@@ -22,7 +22,7 @@ positions only (``docs/masked_lm.md``).
 Outputs under ``--output_dir``:
 
 * ``checkpoint-<step>/``: the training state (trainable weights, optimizer, scheduler, RNG states, data
-  position, the run's config) in safetensors and JSON only (``models/training_state.py``), every
+  position, the run's config) in safetensors and JSON only (``models/checkpoints/training_state.py``), every
   ``--checkpointing_steps`` steps or each epoch, written atomically; at most ``--checkpoints_total_limit``
   kept. ``--resume_from_checkpoint latest|PATH`` resumes exactly: the resumed run ends with the same weights
   as an uninterrupted one. A resume with settings that change the result is refused unless
@@ -38,7 +38,7 @@ rank 0 prints it and every rank exits with it (a failure on one rank is shared w
 Wiki images: each WikiText chunk's image is generated from one of its sentences and stored in the
 content-addressed ``--image_cache``. Fill the cache first (sharded over processes, then exit) with the
 training command plus ``--pregenerate_images``; images still missing are generated inline by the
-DataLoader workers. ``python -m models.image_generation --prompts_file P --image_prompt full --k 1
+DataLoader workers. ``python -m models.images.generation --prompts_file P --image_prompt full --k 1
 --seed S`` fills the same cache entries for a file P of prompts.
 """
 from __future__ import annotations
@@ -94,8 +94,8 @@ def _checkpointing_steps(text: str) -> int | str:
 
 
 def build_parser():
-    from models.image_generation import add_generation_args
-    from models.image_sources import add_retrieval_args
+    from models.images.generation import add_generation_args
+    from models.images.sources import add_retrieval_args
 
     p = OneLineArgumentParser(description="Train the late-fusion projector and fusion block (LM and CLIP frozen).")
     g = p.add_argument_group("run")
@@ -196,7 +196,7 @@ def build_parser():
 
 def parse_args(argv=None):
     """Parse and check every flag: whatever can be known before reading data is an error here."""
-    from models.image_generation import check_generation_args
+    from models.images.generation import check_generation_args
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -247,15 +247,15 @@ def _check_report_to(parser, args) -> None:
 
 def list_checkpoints(output_dir) -> list[Path]:
     """The complete ``checkpoint-<step>`` folders of ``output_dir``, oldest (lowest step) first."""
-    from models.training_state import scan_checkpoints
+    from models.checkpoints.training_state import scan_checkpoints
 
     return scan_checkpoints(output_dir)[0]
 
 
 def resolve_resume(resume: str | None, output_dir) -> Path | None:
     """The checkpoint folder to resume from (None: start afresh); incomplete ones are skipped with a warning."""
-    from models.checkpoints import FORMAT, CheckpointError, read_checkpoint_config
-    from models.training_state import check_resumable, latest_checkpoint
+    from models.checkpoints.weights import FORMAT, CheckpointError, read_checkpoint_config
+    from models.checkpoints.training_state import check_resumable, latest_checkpoint
 
     if not resume:
         return None
@@ -287,7 +287,7 @@ def _run_weights(output_dir: Path, run_name: str) -> list[Path]:
 def _previous_run(args) -> list[Path]:
     """Checkpoints (complete or not) and this run's weights already in ``--output_dir``."""
     output_dir = Path(args.output_dir)
-    from models.training_state import scan_checkpoints
+    from models.checkpoints.training_state import scan_checkpoints
 
     complete, incomplete = scan_checkpoints(output_dir)
     return complete + incomplete + _run_weights(output_dir, args.run_name)
@@ -335,8 +335,8 @@ def run_config(args, accelerator, dataset_size: int) -> dict:
 
 def read_resume_checkpoint(accelerator, path: Path) -> dict:
     """Read and verify every file of the checkpoint this process needs (before any data or model loads)."""
-    from models.checkpoints import CheckpointError
-    from models.training_state import read_training_checkpoint
+    from models.checkpoints.weights import CheckpointError
+    from models.checkpoints.training_state import read_training_checkpoint
 
     try:
         return read_training_checkpoint(path, accelerator.process_index)
@@ -346,7 +346,7 @@ def read_resume_checkpoint(accelerator, path: Path) -> dict:
 
 def check_resume_config(args, ckpt: dict, config: dict) -> None:
     """Refuse a checkpoint made with other result-changing settings, unless --ignore_config_mismatch."""
-    from models.training_state import config_differences
+    from models.checkpoints.training_state import config_differences
 
     diffs = config_differences(ckpt["trainer_state"]["config"], config)
     if diffs and not args.ignore_config_mismatch:
@@ -407,7 +407,7 @@ def agreed(accelerator, fn, *args, main_first: bool = False, **kwargs):
     """``fn(*args, **kwargs)`` on every process; bad input on any process is every process's InputError.
 
     ``main_first``: the main process runs first (it may download or build caches), then the others."""
-    from models.checkpoints import CheckpointError
+    from models.checkpoints.weights import CheckpointError
 
     def attempt():
         try:
@@ -449,10 +449,10 @@ def _pretrained_exists(path: str) -> bool:
 def build_image_provider(args, device):
     """The wiki images' source: the generator with its cache, or (``--image_source retrieve``) a retriever
     over ``--image_index``, whose vision encoder is bound once loaded (:func:`prefetch_wiki_images`)."""
-    from models.image_generation import ImageCache, ImageProvider, build_generator
+    from models.images.generation import ImageCache, ImageProvider, build_generator
 
     if args.image_source == "retrieve":
-        from models.image_retrieval import build_retriever
+        from models.images.retrieval import build_retriever
 
         return build_retriever(args, device=device)
 
@@ -565,7 +565,7 @@ def prepare_data(args, accelerator):
     from transformers import AutoConfig, AutoTokenizer
 
     from data.captions import build_train_dataset, select_sources
-    from models.late_fusion import model_kind
+    from models.fusion.causal import model_kind
 
     def load(what: str):
         try:
@@ -628,7 +628,7 @@ def prepare_data(args, accelerator):
 
 def load_pretrained(path: str):
     """``--pretrained_model``'s trainable weights, read and checked (finite) before any data or model loads."""
-    from models.checkpoints import load_state
+    from models.checkpoints.weights import load_state
 
     if not _pretrained_exists(path):
         raise InputError(f"--pretrained_model {path}: not found (also tried .bin)")
@@ -637,10 +637,10 @@ def load_pretrained(path: str):
 
 def load_models(args, accelerator, lm_config, pretrained=None):
     """The frozen vision encoder and the model: LM frozen in --lm_dtype, mm_proj and fusion_layer in fp32.
-    ``pretrained``: what ``models.checkpoints.load_state`` read from ``--pretrained_model`` (checked first,
+    ``pretrained``: what ``models.checkpoints.weights.load_state`` read from ``--pretrained_model`` (checked first,
     before the LM loads)."""
-    from models.checkpoints import load_trainable
-    from models.late_fusion import LateFusionLM
+    from models.checkpoints.weights import load_trainable
+    from models.fusion.causal import LateFusionLM
     from models.vision import load_vision_encoder
 
     lm_dtype = resolve_lm_dtype(args.lm_dtype, accelerator.device)
@@ -686,7 +686,7 @@ def _run(args, step_callback) -> dict:
     from transformers.utils import logging as hf_logging
 
     from data.captions import BadImageBudget, CaptionCollator, NoReadableImage, SkipBadImages
-    from models.training_state import restore_training_checkpoint
+    from models.checkpoints.training_state import restore_training_checkpoint
 
     accelerator = make_accelerator(args)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
@@ -788,7 +788,7 @@ class _Run:
         self.last_saved = state.completed_steps if resume_path is not None else None  # step of the newest checkpoint
 
     def save_checkpoint(self) -> Path:
-        from models.training_state import save_training_checkpoint
+        from models.checkpoints.training_state import save_training_checkpoint
 
         trainer_state = {**self.state.state_dict(), "accumulation_step": self.accelerator.step,
                          "images_seen": self.budget.seen, "bad_images": self.budget.bad, "config": self.config}
@@ -799,7 +799,7 @@ class _Run:
         return path
 
     def save_weights(self, epoch: int) -> Path:
-        from models.checkpoints import save_trainable
+        from models.checkpoints.weights import save_trainable
 
         args, accelerator = self.args, self.accelerator
         path = self.output_dir / f"{args.run_name}_{epoch}"
@@ -829,7 +829,7 @@ class _Run:
         from tqdm.auto import tqdm
 
         from data.masking import batch_seed
-        from models.late_fusion import HiddenStateMemo
+        from models.fusion.causal import HiddenStateMemo
 
         args, accelerator, model, state = self.args, self.accelerator, self.model, self.state
         optimizer, lr_scheduler, train_dataloader = self.optimizer, self.lr_scheduler, self.train_dataloader

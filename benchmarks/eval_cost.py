@@ -141,7 +141,7 @@ def _generator(fast: Fast512 | None):
     if fast is None:
         yield
         return
-    from models import image_generation
+    from models.images import generation as image_generation
 
     original = image_generation.build_generator
     image_generation.build_generator = lambda spec, **kw: fast
@@ -181,13 +181,13 @@ def _argv(args, *, images: bool, cache: Path, out_dir: Path, run_name: str, limi
 # Cache and feature writes run in the background writer's threads: their seconds are busy time there,
 # not time on the critical path (which "flush_wait_s", the wait at the end, shows).
 _TIMED = (("eval_scripts.core", "Evaluator", "__init__", "setup_s"),
-          ("models.image_generation", None, "_load_pipeline", "pipeline_s"),
-          ("models.image_generation", "DiffusersGenerator", "generate", "generator_s"),
-          ("data.toyworld", "ToyWorldGenerator", "generate", "generator_s"),
-          ("models.image_generation", "ImageCache", "write", "cache_write_s"),
-          ("models.image_generation", "ImageCache", "read", "cache_read_s"),
-          ("models.feature_cache", "FeatureStore", "write", "feature_write_s"),
-          ("models.feature_cache", "FeatureStore", "read", "feature_read_s"),
+          ("models.images.generation", None, "_load_pipeline", "pipeline_s"),
+          ("models.images.generation", "DiffusersGenerator", "generate", "generator_s"),
+          ("models.images.toyworld", "ToyWorldGenerator", "generate", "generator_s"),
+          ("models.images.generation", "ImageCache", "write", "cache_write_s"),
+          ("models.images.generation", "ImageCache", "read", "cache_read_s"),
+          ("models.images.features", "FeatureStore", "write", "feature_write_s"),
+          ("models.images.features", "FeatureStore", "read", "feature_read_s"),
           ("eval_scripts.runtime", "Runtime", "flush", "flush_wait_s"),
           ("models.vision", "VisionEncoder", "pixels", "clip_preprocess_s"),
           ("models.vision", "VisionEncoder", "encode_texts", "clip_text_s"),
@@ -258,7 +258,7 @@ def _clean_state(device):
     import torch
 
     from eval_scripts import core
-    from models import image_generation
+    from models.images import generation as image_generation
 
     if hasattr(image_generation, "write_behind"):  # (an older checkout writes synchronously)
         image_generation.write_behind.flush()
@@ -275,7 +275,7 @@ COUNTERS = ("image_slots", "images_generated", "images_from_cache", "images_reus
 
 def run_way(args, way: str, cache: Path, out_dir: Path, device: str, limit: int | None = None) -> dict:
     from eval_scripts import imagenetVC
-    from models import image_generation
+    from models.images import generation as image_generation
 
     _clean_state(device)
     memory = PeakMemory(device)

@@ -247,7 +247,7 @@ def main(argv=None) -> dict:
         from transformers import AutoTokenizer
 
         from data.captions import VGRegions
-        from models.late_fusion import LateFusionLM
+        from models.fusion.causal import LateFusionLM
         from models.vision import DEFAULT_VISION_ENCODER, load_vision_encoder
 
         if args.threads:

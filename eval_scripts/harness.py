@@ -20,7 +20,7 @@ Registers the model ``late_fusion`` with lm-eval (0.4.13) and runs lm-eval's own
 its share of the requests, as lm-eval's ``hf`` model does (``rank``, ``world_size``).
 
 What each request type means here (lm-eval's ``hf`` semantics, with the mixed prediction of
-:meth:`models.late_fusion.LateFusionLM.mixed_logprobs` in place of the LM's):
+:meth:`models.fusion.causal.LateFusionLM.mixed_logprobs` in place of the LM's):
 
 * ``loglikelihood``: lm-eval's own encoding (``TemplateLM``), scored by
   :meth:`eval_scripts.scoring.Scorer.pair_logprobs` (the project's harness protocol uses the same);
@@ -99,7 +99,7 @@ def image_prompts(text: str | None, k: int, strategy: str) -> list[str]:
 
 
 def _choices(key: str) -> tuple[str, ...]:
-    from models.mixing import MIX_MODES
+    from models.fusion.mixing import MIX_MODES
 
     return {"mix": MIX_MODES, "image_prompt": IMAGE_PROMPTS, "dtype": ("auto", *DTYPE_NAMES)}[key]
 
@@ -315,7 +315,7 @@ class LateFusionHarnessLM(TemplateLM):
         (lm-eval hands all requests at once), so scoring batches find them in the cache."""
         if not self.use_images:
             return [[] for _ in texts]
-        from models.image_generation import occurrence_indices
+        from models.images.generation import occurrence_indices
 
         by_text = {t: image_prompts(t, self.args.k, self.args.image_prompt) for t in dict.fromkeys(texts)}
         provider = self.runtime.provider

@@ -29,7 +29,7 @@ def masked_prompt(prompt: str, mask_token: str) -> str:
 
 
 class MaskedScorer(Scorer):
-    """:class:`eval_scripts.scoring.Scorer` for a :class:`models.masked_fusion.MaskedLateFusionLM`."""
+    """:class:`eval_scripts.scoring.Scorer` for a :class:`models.fusion.masked.MaskedLateFusionLM`."""
 
     def answer_prompt(self, prompt: str) -> str:
         return masked_prompt(prompt, self.tokenizer.mask_token)

@@ -4,7 +4,7 @@ its trained weights, and, when images are requested, the vision encoder and the 
 A :class:`Runtime` serves any number of tasks in one process (each :class:`eval_scripts.core.Evaluator`
 takes one); nothing in it depends on a task. It also keeps the two memos that make repeated scoring
 cheap: the frozen LM's hidden states per token sequence (process-wide, bounded in bytes) and the vision
-features per image (:mod:`models.feature_cache`: in memory, and on disk beside the image cache).
+features per image (:mod:`models.images.features`: in memory, and on disk beside the image cache).
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import time
 import torch
 
 from eval_scripts.cli import EvalError, NonFiniteScores
-from models.late_fusion import HiddenStateMemo
+from models.fusion.causal import HiddenStateMemo
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # the flags a Runtime is built from: tasks that share one must agree on them
@@ -107,8 +107,8 @@ class Runtime:
         from accelerate import PartialState
         from transformers import AutoTokenizer
 
-        from models.checkpoints import load_state, load_trainable
-        from models.late_fusion import LateFusionLM
+        from models.checkpoints.weights import load_state, load_trainable
+        from models.fusion.causal import LateFusionLM
         from models.vision import DEFAULT_VISION_ENCODER
 
         if not sys.stderr.isatty():  # progress bars (model loading) only on a terminal
@@ -135,8 +135,8 @@ class Runtime:
         self.spec["vision_encoder"] = args.vision_encoder
         self.retriever = None  # retrieved images: the index is opened (and checked) before any model loads
         if use_images and getattr(args, "image_source", "generate") == "retrieve":
-            from models.image_index import ImageIndexError
-            from models.image_retrieval import build_retriever
+            from models.images.index import ImageIndexError
+            from models.images.retrieval import build_retriever
             try:
                 self.retriever = build_retriever(args, device=self.device)
             except ImageIndexError as e:
@@ -177,9 +177,9 @@ class Runtime:
         self.model.lm.get_output_embeddings().register_forward_hook(self._watch_logits)
         self.provider = self.features = None
         if use_images:
-            from models import image_generation
-            from models.feature_cache import FeatureStore, VisionFeatures, encoder_identity
-            from models.image_generation import ImageCache, ImageProvider, build_generator, dtype_name
+            from models.images import generation as image_generation
+            from models.images.features import FeatureStore, VisionFeatures, encoder_identity
+            from models.images.generation import ImageCache, ImageProvider, build_generator, dtype_name
             cache = ImageCache(args.image_cache)
         if self.retriever is not None:
             self.provider = self.retriever  # the same interface as the generator's provider
@@ -226,14 +226,14 @@ class Runtime:
         """CLIP patch tokens of each image slot and the cosine of its image with its own prompt.
 
         Each distinct image (by key) is encoded at most once: from this runtime's memo, the feature
-        cache on disk, or the vision tower (see :class:`models.feature_cache.VisionFeatures`)."""
+        cache on disk, or the vision tower (see :class:`models.images.features.VisionFeatures`)."""
         return self.features(images)
 
     def image_stats(self) -> dict:
         """Cumulative image counters of this runtime (see :data:`IMAGE_COUNTERS`)."""
         s = dict.fromkeys(IMAGE_COUNTERS, 0)
         if self.features is not None:
-            from models import image_generation
+            from models.images import generation as image_generation
             s.update(self.features.counts, pipeline_loads=image_generation.PIPELINE_LOADS - self._pipeline_loads0)
         return s
 

@@ -51,7 +51,7 @@ class Scorer:
         """
         if not self.use_images:
             return None, None, [[] for _ in prompt_lists]
-        from models.mixing import clip_weights
+        from models.fusion.mixing import clip_weights
         refs = self.rt.provider.refs(prompt_lists)
         flat = [r for item in refs for r in item]
         patches, cos = self.rt.image_features(flat)

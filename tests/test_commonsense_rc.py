@@ -193,8 +193,8 @@ def test_context_image_prompt_shares_images(lm_dirs, tiny_clip_spec, tmp_path):
 
 # ------------------------------------------------------------------------------------- fused generation
 def test_fused_generation(lm_dirs, tiny_clip_spec, tmp_path):
-    from models.checkpoints import save_trainable
-    from models.late_fusion import LateFusionLM
+    from models.checkpoints.weights import save_trainable
+    from models.fusion.causal import LateFusionLM
 
     torch.manual_seed(0)
     model = LateFusionLM.from_pretrained(lm_dirs["llama"], vision_dim=48)  # the tiny CLIP's width

@@ -37,7 +37,7 @@ def test_demo_writes_summary_plot_and_page(summary):
 
 
 def test_retrieved_images_beat_text_only(summary):
-    from data.toyworld import OBJECTS, find_object
+    from models.images.toyworld import OBJECTS, find_object
 
     s, out = summary
     assert s["retrieve_k6"] - s["text_only"] >= 0.20, s

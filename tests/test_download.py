@@ -1,6 +1,6 @@
 import pytest
 
-from models import download
+from models.checkpoints import download
 
 
 def test_unreachable_network_is_one_clear_line(monkeypatch, tmp_path, capsys):

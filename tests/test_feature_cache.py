@@ -21,8 +21,8 @@ import torch
 from eval_scripts import core
 from eval_scripts.imagenetVC import main
 from models import write_behind
-from models.feature_cache import FORMAT, FeatureStore, VisionFeatures, encoder_identity
-from models.image_generation import ImageCache
+from models.images.features import FORMAT, FeatureStore, VisionFeatures, encoder_identity
+from models.images.generation import ImageCache
 from models.offline import build_tiny_clip
 from models.vision import OpenClipEncoder, load_vision_encoder
 from tests.paths import EVAL_DATA
@@ -136,7 +136,7 @@ def test_corrupt_truncated_or_stale_feature_files_are_recomputed(zoo, tmp_path, 
     foreign.write_bytes(good[stale])  # a valid entry, for another key
     png = next(cache.rglob(f"{stale.stem}.png"))
     os.utime(png, ns=(png.stat().st_atime_ns, png.stat().st_mtime_ns + 10**9))  # the PNG changed since
-    with caplog.at_level("WARNING", logger="models.feature_cache"):
+    with caplog.at_level("WARNING", logger="models.images.features"):
         again = main(args_for(zoo, cache, "after_corruption"))
     c = again["counts"]
     assert (c["vision_features_computed"], c["vision_features_read"], c["images_generated"]) == (4, 0, 0)
@@ -175,7 +175,7 @@ def test_text_embeddings_are_stored_checked_and_never_shared(tmp_path, caplog):
     data = bytearray(path.read_bytes())
     data[-1] ^= 1
     path.write_bytes(bytes(data))
-    with caplog.at_level("WARNING", logger="models.feature_cache"):
+    with caplog.at_level("WARNING", logger="models.images.features"):
         assert store.read_text("a red apple") is None
     assert "checksum mismatch" in caplog.text
     store.write_text("a red apple", e.to(torch.float16))  # not this store's dtype: refused on reading

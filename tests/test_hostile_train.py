@@ -1,4 +1,4 @@
-"""Hostile input to the training side: train.py, its checkpoints, demo.py and ``python -m models.image_generation``.
+"""Hostile input to the training side: train.py, its checkpoints, demo.py and ``python -m models.images.generation``.
 
 Every bad input is one ``error: ...`` line on stderr and exit status 2, with no traceback and nothing written.
 Nothing in a checkpoint folder runs code, nothing a user made is deleted, and nothing silently wrong is kept:
@@ -221,7 +221,7 @@ if not torch.cuda.is_available():
 
 @pytest.mark.parametrize("case", list(IG_CASES))
 def test_image_generation_bad_input(case, bad_files, tmp_path, capsys):
-    import models.image_generation as ig
+    import models.images.generation as ig
 
     argv, expected = IG_CASES[case]
     base = {"--prompts_file": str(bad_files / "prompts.txt"), "--image_generator": "toyworld",
@@ -384,7 +384,7 @@ def test_new_run_into_a_used_output_dir_is_refused(trained, tmp_path, lm_dirs, t
 def test_kill_mid_save_keeps_the_last_complete_checkpoint(trained, tmp_path, lm_dirs, tiny_clip_spec, vg_dir,
                                                           monkeypatch, caplog):
     # a save killed after its weights: checkpoint-2.tmp is left, checkpoint-1 survives --checkpoints_total_limit 1
-    import models.training_state as ts
+    import models.checkpoints.training_state as ts
 
     real = ts.write_component
 
@@ -440,7 +440,7 @@ def test_stale_checkpoint_is_refused_unless_told(trained, tmp_path, lm_dirs, tin
 def test_non_finite_checkpoint_is_refused(trained, tmp_path, lm_dirs, tiny_clip_spec, vg_dir, capsys):
     from safetensors.torch import load_file, save_file
 
-    from models.checkpoints import CheckpointError, load_state
+    from models.checkpoints.weights import CheckpointError, load_state
 
     out = copy_run(trained, tmp_path)
     for target in (out / "test_0", out / "checkpoint-1"):
@@ -481,7 +481,7 @@ def edit_component(ckpt: Path, name: str, change) -> None:
     """Change a checkpoint's ``name`` component in place and forge its marker to match."""
     from safetensors.torch import load_file
 
-    from models.training_state import decode_tree, write_component
+    from models.checkpoints.training_state import decode_tree, write_component
 
     tensors_file = ckpt / f"{name}.safetensors"
     obj = decode_tree(json.loads((ckpt / f"{name}.json").read_text()),

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import models.image_generation as ig
+import models.images.generation as ig
 from data.prompts import derive_prompts
-from models.image_generation import (
+from models.images.generation import (
     DiffusersGenerator,
     ImageCache,
     ImageGenerator,
@@ -158,7 +158,7 @@ def test_valid_but_wrong_cached_png_is_regenerated(tmp_path, caplog):
     Image.new("RGB", (1, 1), (255, 0, 0)).save(tiny)  # the 1x1 PNG of the bug report
     Image.new("L", (8, 8), 128).save(grey)  # right size, wrong mode
     fresh = ImageProvider(gen, ImageCache(tmp_path), image_size=8)
-    with caplog.at_level(logging.WARNING, logger="models.image_generation"):
+    with caplog.at_level(logging.WARNING, logger="models.images.generation"):
         again = fresh.get([["a", "b", "c"]])[0]
     fresh.flush()
     assert fresh.stats() == {"slots": 3, "generated": 2, "from_cache": 1, "reused": 0}
@@ -180,7 +180,7 @@ def test_same_key_byte_identical_png_across_processes(sdxl, tmp_path):
     provider.flush()
     script = (
         "import sys\n"
-        "from models.image_generation import DiffusersGenerator, ImageCache, ImageProvider\n"
+        "from models.images.generation import DiffusersGenerator, ImageCache, ImageProvider\n"
         "gen = DiffusersGenerator(sys.argv[1], device='cpu', dtype='fp32')\n"
         "p = ImageProvider(gen, ImageCache(sys.argv[2]), image_size=64, num_inference_steps=2, gen_batch_size=4)\n"
         f"p.get([{PROMPTS!r}])\n"
@@ -234,7 +234,7 @@ def test_corrupt_or_truncated_png_is_regenerated(sdxl, tmp_path, caplog):
     truncated, garbage = (Path(g.path) for g in original)
     truncated.write_bytes(truncated.read_bytes()[:200])
     garbage.write_bytes(b"not a png at all")
-    with caplog.at_level(logging.WARNING, logger="models.image_generation"):
+    with caplog.at_level(logging.WARNING, logger="models.images.generation"):
         again = provider.get([PROMPTS[:2]])[0]
     provider.flush()
     assert provider.stats() == {"slots": 4, "generated": 4, "from_cache": 0, "reused": 0}

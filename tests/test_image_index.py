@@ -1,4 +1,4 @@
-"""models/image_index.py and models/image_retrieval.py on the tiny CLIP: building (resume, shards, bad input)
+"""models/images/index.py and models/images/retrieval.py on the tiny CLIP: building (resume, shards, bad input)
 and ranking (exact top-k against a brute-force numpy reference, faiss, BM25 over captions, near-duplicates).
 
 The COCO captions sample ships without images: stand-ins (coloured shapes) are drawn for its file names.
@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from models import image_index
-from models.image_index import ImageIndex, ImageIndexError, list_collection, write_index
-from models.image_retrieval import ImageRetriever, exact_search
+from models.images import index as image_index
+from models.images.index import ImageIndex, ImageIndexError, list_collection, write_index
+from models.images.retrieval import ImageRetriever, exact_search
 from tests.paths import TEST_DATA
 
 COCO = TEST_DATA / "coco_captions" / "captions_val2017.json"
@@ -28,7 +28,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def draw_stand_ins(root: Path, names, size: int = 32) -> Path:
     """One coloured shape per file name (deterministic in the name), saved in the format its suffix names."""
-    from data.toyworld import COLORS, SHAPES, _rng, render
+    from models.images.toyworld import COLORS, SHAPES, _rng, render
 
     for name in names:
         rng = _rng("stand-in", name)
@@ -182,7 +182,7 @@ def test_two_processes_shard_and_merge_to_the_same_index(coco_images, tiny_clip_
     build("--images", coco_images, "--out", single, "--vision_encoder", tiny_clip_spec, batch_size=8)
     runner = Path(sys.executable).with_name("torchrun")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([str(runner), "--standalone", "--nproc_per_node", "2", "-m", "models.image_index", "build",
+    proc = subprocess.run([str(runner), "--standalone", "--nproc_per_node", "2", "-m", "models.images.index", "build",
                            "--images", str(coco_images), "--out", str(sharded), "--vision_encoder", tiny_clip_spec,
                            "--batch_size", "8", "--num_workers", "0", "--device", "cpu"],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
@@ -394,7 +394,7 @@ def test_a_pickled_retriever_serves_prefetched_prompts_only(coco_index, encoder)
 
 
 def test_write_index_then_open(tmp_path, encoder):
-    from models.image_index import encoder_probe
+    from models.images.index import encoder_probe
 
     emb = np.eye(4, dtype=np.float32)
     meta = {"vision_encoder": encoder.spec, "probe": encoder_probe(encoder), "image_root": str(tmp_path),

@@ -4,9 +4,9 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
-from models.checkpoints import CheckpointMismatchError, load_trainable, save_trainable
-from models.late_fusion import LateFusionLM, build_fusion_layer, positions_from_mask
-from models.mixing import mix_logprobs
+from models.checkpoints.weights import CheckpointMismatchError, load_trainable, save_trainable
+from models.fusion.causal import LateFusionLM, build_fusion_layer, positions_from_mask
+from models.fusion.mixing import mix_logprobs
 from tests.zoo import ARCHS
 
 N_V, D_CLIP = 5, 48
@@ -156,7 +156,7 @@ def test_mixing_by_hand():
 
 
 def test_clip_weights():
-    from models.mixing import clip_weights
+    from models.fusion.mixing import clip_weights
     cos = torch.tensor([[-0.3, 0.0, 0.25, 0.5]])
     torch.testing.assert_close(clip_weights(cos), torch.tensor([[0.0, 0.0, 0.5, 1.0]]))
     torch.testing.assert_close(clip_weights(cos, tau=1.0), torch.tensor([[0.0, 0.0, 0.25, 0.5]]))
@@ -336,7 +336,7 @@ def test_missing_lm_dir_is_one_line_error(tmp_path):
 
 
 def test_hidden_state_memo_runs_the_lm_once_per_distinct_row(lm_dirs):
-    from models.late_fusion import HiddenStateMemo
+    from models.fusion.causal import HiddenStateMemo
     model = make_model(lm_dirs["llama"])
     memo = HiddenStateMemo()
     ids, mask = batch(b=2)

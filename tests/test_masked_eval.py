@@ -11,8 +11,8 @@ from transformers import AutoModelForMaskedLM, AutoTokenizer, pipeline
 
 from eval_scripts import boolq, commonsenseQA, core, imagenetVC, object_commonsense, quac, squad
 from eval_scripts.core import run_main
-from models.checkpoints import save_trainable
-from models.late_fusion import LateFusionLM
+from models.checkpoints.weights import save_trainable
+from models.fusion.causal import LateFusionLM
 from tests.paths import EVAL_DATA, TEST_DATA
 from tests.zoo import boost_fusion
 

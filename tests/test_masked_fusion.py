@@ -6,10 +6,10 @@ import torch.nn.functional as F
 from transformers import AutoModelForMaskedLM, AutoTokenizer
 
 from data.masking import MLMMasker, batch_seed
-from models.checkpoints import CheckpointMismatchError, load_trainable
-from models.late_fusion import LateFusionLM, model_kind
-from models.masked_fusion import MaskedLateFusionLM
-from models.mixing import mix_logprobs
+from models.checkpoints.weights import CheckpointMismatchError, load_trainable
+from models.fusion.causal import LateFusionLM, model_kind
+from models.fusion.masked import MaskedLateFusionLM
+from models.fusion.mixing import mix_logprobs
 from tests.zoo import boost_fusion
 from tests.zoo_masked import MLM_ARCHS
 

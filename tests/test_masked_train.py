@@ -3,8 +3,8 @@ touches no frozen weight; bad input is one line."""
 import pytest
 
 import train
-from models.checkpoints import load_trainable, read_checkpoint_config
-from models.late_fusion import LateFusionLM
+from models.checkpoints.weights import load_trainable, read_checkpoint_config
+from models.fusion.causal import LateFusionLM
 from tests.test_train import assert_same_weights, flags, make_vg_dir, trainable
 from tests.zoo import reset_accelerate
 from tests.zoo_masked import save_tiny_mlm

@@ -6,9 +6,9 @@ import pytest
 
 from eval_scripts.core import EvalError, Evaluator, run_main
 from eval_scripts.imagenetVC import main, parse_args
-from models import image_index
-from models.image_index import ImageIndex
-from models.image_retrieval import ImageRetriever
+from models.images import index as image_index
+from models.images.index import ImageIndex
+from models.images.retrieval import ImageRetriever
 from tests.paths import EVAL_DATA, TEST_DATA
 from tests.test_image_index import draw_stand_ins
 from tests.zoo import boosted_checkpoint

@@ -1,4 +1,4 @@
-"""Tests for the embedded toy world (data/toyworld.py): rendering measured in pixels, the generator's
+"""Tests for the embedded toy world (models/images/toyworld.py): rendering measured in pixels, the generator's
 prompt handling and noise, training data and the ImageNetVC-format evaluation files."""
 
 import csv
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data.toyworld import (
+from models.images.toyworld import (
     COLORS, DEV_OBJECTS, OBJECTS, PROMPT_TEMPLATES, SHAPES, ToyWorldGenerator, find_object,
     make_training_examples, render, write_eval_csvs, write_training_file,
 )

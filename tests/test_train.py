@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 
 import train
-from models.checkpoints import load_trainable, read_checkpoint_config
-from models.late_fusion import LateFusionLM
+from models.checkpoints.weights import load_trainable, read_checkpoint_config
+from models.fusion.causal import LateFusionLM
 from tests.paths import EVAL_DATA, TEST_DATA
 from tests.zoo import TINY, reset_accelerate
 

@@ -76,8 +76,8 @@ def boost_fusion(model, seed: int = 0, scale: float = 20.0):
 def boosted_checkpoint(root, lm_dir: str, clip_spec: str, seed: int = 0):
     """A tiny-Llama late-fusion model whose images matter, saved as trainable weights under ``root/ckpt``;
     returns ``(model, checkpoint dir)``."""
-    from models.checkpoints import save_trainable
-    from models.late_fusion import LateFusionLM
+    from models.checkpoints.weights import save_trainable
+    from models.fusion.causal import LateFusionLM
 
     torch.manual_seed(seed)
     model = boost_fusion(LateFusionLM.from_pretrained(lm_dir, vision_dim=48), seed=seed)

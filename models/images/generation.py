@@ -18,8 +18,8 @@ images are handed to the caller at once and written by a background thread.
 
 Pre-generate the images of a prompts file (one text per line)::
 
-    python -m models.image_generation --prompts_file texts.txt --image_prompt sentences --k 6
-    accelerate launch -m models.image_generation --prompts_file texts.txt ...   # sharded over GPUs
+    python -m models.images.generation --prompts_file texts.txt --image_prompt sentences --k 6
+    accelerate launch -m models.images.generation --prompts_file texts.txt ...   # sharded over GPUs
 """
 
 from __future__ import annotations
@@ -200,7 +200,7 @@ def build_generator(spec: str, *, device=None, dtype=None, noise: float = 0.3) -
     Nothing heavy is loaded here: a diffusers pipeline loads on its first ``generate``.
     """
     if spec == "toyworld":
-        from data.toyworld import ToyWorldGenerator
+        from models.images.toyworld import ToyWorldGenerator
 
         return ToyWorldGenerator(noise=noise)
     return DiffusersGenerator(spec, device=device, dtype=dtype)

@@ -1,6 +1,6 @@
-"""Retrieved images: a drop-in alternative to the image generator, over an index of ``models.image_index``.
+"""Retrieved images: a drop-in alternative to the image generator, over an index of ``models.images.index``.
 
-:class:`ImageRetriever` has the interface of :class:`models.image_generation.ImageProvider`: ``get(prompt
+:class:`ImageRetriever` has the interface of :class:`models.images.generation.ImageProvider`: ``get(prompt
 lists)`` returns, for each item, one image object per prompt with ``path``, ``prompt`` and ``image`` (so
 CLIP weights, mixing, the samples file and the report work unchanged), plus ``row`` (the index row) and
 ``similarity`` (the ranking score), which the samples file records.
@@ -28,9 +28,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from models.image_generation import GeneratedImage, ImageRef
-from models.image_index import ImageIndex, ImageIndexError, unreadable_reason
-from models.image_sources import DEFAULT_DEDUP, DEFAULT_FAISS_THRESHOLD, RETRIEVE_BY
+from models.images.generation import GeneratedImage, ImageRef
+from models.images.index import ImageIndex, ImageIndexError, unreadable_reason
+from models.images.sources import DEFAULT_DEDUP, DEFAULT_FAISS_THRESHOLD, RETRIEVE_BY
 
 
 
@@ -61,7 +61,7 @@ def check_retrieval_args(args) -> None:
         return
     if not args.image_index:
         raise ImageIndexError("--image_source retrieve needs --image_index INDEX_DIR "
-                              "(python -m models.image_index build)")
+                              "(python -m models.images.index build)")
     if not -1.0 <= args.dedup_threshold <= 1.0:
         raise ImageIndexError(f"--dedup_threshold is a cosine in [-1, 1], got {args.dedup_threshold}")
     if args.faiss_threshold < 0:

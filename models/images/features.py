@@ -186,7 +186,7 @@ class FeatureStore:
                 raise ValueError("checksum mismatch")
             from safetensors.torch import load
 
-            from models.image_generation import dtype_name
+            from models.images.generation import dtype_name
 
             tensors = load(data)
             if set(tensors) != set(ranks) or any(t.dim() != ranks[name] or dtype_name(t.dtype) != self.dtype
@@ -222,7 +222,7 @@ class VisionFeatures:
     vision tower; new features go to the memo at once and to the store in the background.
 
     ``counts`` (cumulative): ``slots``; ``generated`` / ``from_cache`` / ``reused`` (each slot counted once,
-    see :data:`models.image_generation.SLOT_ORIGINS`); ``pngs_decoded``; ``features_computed`` and
+    see :data:`models.images.generation.SLOT_ORIGINS`); ``pngs_decoded``; ``features_computed`` and
     ``features_read`` (distinct images run through the tower / read from the store).
     """
 
@@ -256,7 +256,7 @@ class VisionFeatures:
         ``prompt``, ``path``, and optionally ``image``, a PIL image given by the caller)."""
         import torch
 
-        from models.image_generation import tally
+        from models.images.generation import tally
 
         images = list(images)
         keys = [_store_key(getattr(im, "key", "") or im.path) for im in images]
@@ -324,7 +324,7 @@ class VisionFeatures:
         """Features of images not in the memo or the store: get each image, run the tower, store."""
         given = {key: im.image for key, im in todo if getattr(im, "image", None) is not None}
         with self._phase("generation"):
-            from models.image_generation import ImageRef
+            from models.images.generation import ImageRef
 
             found = self.provider.images([ImageRef(key, im.prompt, im.path) for key, im in todo
                                           if key not in given], write=False) if len(given) < len(todo) else {}

@@ -13,7 +13,7 @@ Parts:
 The vision encoder is NOT part of this module: callers pass CLIP patch tokens in. Checkpoints hold
 only ``mm_proj`` and ``fusion_layer``.
 
-Masked LMs (BERT, RoBERTa, ...) get the same model around an encoder: :mod:`models.masked_fusion`.
+Masked LMs (BERT, RoBERTa, ...) get the same model around an encoder: :mod:`models.fusion.masked`.
 :func:`model_kind` tells the two apart, and :meth:`LateFusionLM.from_pretrained` builds the right one.
 """
 from __future__ import annotations
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from models.mixing import mix_logprobs
+from models.fusion.mixing import mix_logprobs
 
 # vLMIG used a 4d-wide projector for GPT-2 (and BERT) and a d-wide one for the rest.
 _WIDE_PROJECTOR_TYPES = {"gpt2", "bert"}
@@ -269,13 +269,13 @@ class LateFusionLM(nn.Module):
     def from_pretrained(cls, model_name_or_path: str, vision_dim: int, proj_hidden: int | None = None,
                         torch_dtype=None, device=None, **lm_kwargs) -> "LateFusionLM":
         """The frozen LM from the hub or a directory (:func:`load_lm`), with a new projector and fusion
-        block. A masked LM (:func:`model_kind`) gives a :class:`models.masked_fusion.MaskedLateFusionLM`."""
+        block. A masked LM (:func:`model_kind`) gives a :class:`models.fusion.masked.MaskedLateFusionLM`."""
         lm = load_lm(model_name_or_path, torch_dtype=torch_dtype, **lm_kwargs)
         kind = model_kind(lm.config)
         if kind != cls.kind:
             if cls is not LateFusionLM:
                 raise UnsupportedModelError(f"{model_name_or_path!r} is a {kind} LM, not a {cls.kind} one")
-            from models.masked_fusion import MaskedLateFusionLM
+            from models.fusion.masked import MaskedLateFusionLM
             cls = MaskedLateFusionLM
         model = cls(lm, vision_dim=vision_dim, proj_hidden=proj_hidden)
         model.name_or_path = model_name_or_path
@@ -393,7 +393,7 @@ class LateFusionLM(nn.Module):
             input_ids, attention_mask: ``[B, T]`` text batch (any padding side).
             image_patches: ``[B, k, n_v, d_clip]`` CLIP patch tokens of each row's k images, or None.
             weights: ``[B, k]`` image weights ``s_i``.
-            mode: ``logits`` or ``probs`` (see :mod:`models.mixing`).
+            mode: ``logits`` or ``probs`` (see :mod:`models.fusion.mixing`).
             positions: optional ``[B, P]`` indices of the text positions whose prediction is
                 needed (the LM head then runs on those only); all ``T`` when None.
             hidden: the LM's final hidden states ``[B, T, d]`` if the caller already has them
@@ -434,7 +434,7 @@ class LateFusionLM(nn.Module):
 
     def mix(self, hidden: torch.Tensor, fused: torch.Tensor, weights: torch.Tensor, mode: str) -> torch.Tensor:
         """Mixed log-probabilities from the text-only hidden states ``[B, P, d]`` and the fused ones
-        ``[B, k, P, d]`` (see :mod:`models.mixing`), in float32.
+        ``[B, k, P, d]`` (see :mod:`models.fusion.mixing`), in float32.
 
         ``logits`` mode with a linear head (no soft-capping): ``(1/k) sum_i s_i L_i + (1 - mean s) L0`` with
         ``L = W h (+ b)`` equals the head applied to the same mix of hidden states, so the head runs once

@@ -2,9 +2,9 @@
 
 Build one (batched, resumable, sharded over processes under ``accelerate launch``)::
 
-    python -m models.image_index build --images DIR --out INDEX_DIR --vision_encoder ViT-B-32-quickgelu/openai
-    python -m models.image_index build --images captions_val2017.json --image_root val2017/ --out INDEX_DIR
-    accelerate launch -m models.image_index build --images DIR --out INDEX_DIR     # one shard per process
+    python -m models.images.index build --images DIR --out INDEX_DIR --vision_encoder ViT-B-32-quickgelu/openai
+    python -m models.images.index build --images captions_val2017.json --image_root val2017/ --out INDEX_DIR
+    accelerate launch -m models.images.index build --images DIR --out INDEX_DIR     # one shard per process
 
 ``--images`` is a folder (every JPEG, PNG and WebP under it, recursively, in sorted path order; captions
 are read from a ``captions.jsonl`` beside the images when there is one, rows ``{"image": relative path,
@@ -216,7 +216,7 @@ class ImageIndex:
         if not (self.dir / MANIFEST).is_file():
             hint = " (an unfinished build: rerun the same build command to complete it)" \
                 if (self.dir / PARTIAL).is_dir() else ""
-            raise ImageIndexError(f"{where}: no {MANIFEST}{hint}; build one with python -m models.image_index "
+            raise ImageIndexError(f"{where}: no {MANIFEST}{hint}; build one with python -m models.images.index "
                                   "build --images DIR --out INDEX_DIR")
         try:
             manifest = json.loads((self.dir / MANIFEST).read_text(encoding="utf-8"))
@@ -418,7 +418,7 @@ def build(args, batch_callback=None, state=None) -> dict | None:
     from accelerate import PartialState
     from tqdm.auto import tqdm
 
-    from models.image_generation import resolve_dtype
+    from models.images.generation import resolve_dtype
     from models.vision import load_vision_encoder
 
     if args.batch_size < 1:
@@ -502,7 +502,7 @@ def _merge(out: Path, partial: Path, collection: Collection, plan: dict, n_batch
 def build_parser() -> argparse.ArgumentParser:
     from models.vision import DEFAULT_VISION_ENCODER
 
-    p = argparse.ArgumentParser(prog="python -m models.image_index",
+    p = argparse.ArgumentParser(prog="python -m models.images.index",
                                 description="Build a CLIP index over a local image collection.")
     sub = p.add_subparsers(dest="command", required=True)
     b = sub.add_parser("build", help="embed every image of a folder or captions JSON")

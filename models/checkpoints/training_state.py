@@ -13,7 +13,7 @@ A checkpoint folder holds:
 ``checkpoint.json``                   the completion marker, written last: the size and SHA-256 of every file
 
 Nothing is unpickled: JSON and safetensors hold data only, and a file whose size or hash differs from the
-marker is refused before it is parsed. Every problem is one :class:`~models.checkpoints.CheckpointError` line
+marker is refused before it is parsed. Every problem is one :class:`~models.checkpoints.weights.CheckpointError` line
 naming the file. A checkpoint is written into ``checkpoint-<step>.tmp/`` and renamed into place once its
 marker is written, so a killed save never leaves a folder that looks complete; older checkpoints are
 pruned only after that. (Accelerate's ``save_state`` pickles its custom objects and RNG states; its
@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.checkpoints import CheckpointError, WEIGHTS_NAME, check_finite, read_safetensors
+from models.checkpoints.weights import CheckpointError, WEIGHTS_NAME, check_finite, read_safetensors
 from models.write_behind import sha256_file
 
 logger = logging.getLogger(__name__)
@@ -385,7 +385,7 @@ def _fits(saved, current: dict) -> bool:
 
 def restore_training_checkpoint(ckpt: dict, accelerator, model, optimizer, scheduler) -> None:
     """Load what :func:`read_training_checkpoint` returned into the prepared objects and set the RNGs last."""
-    from models.checkpoints import load_trainable
+    from models.checkpoints.weights import load_trainable
 
     path = ckpt["path"]
     load_trainable(accelerator.unwrap_model(model), path, loaded=(ckpt["weights"], {}))

@@ -458,7 +458,7 @@ def write_captioned_collection(out_dir: str | Path, objects=None, *, per_object:
     * ``distractor_factor`` times as many renderings of other invented objects (:func:`distractor_names`),
       each with its own colour and shape.
 
-    Deterministic in ``seed``; returns the folder (give it to ``python -m models.image_index build --images``).
+    Deterministic in ``seed``; returns the folder (give it to ``python -m models.images.index build --images``).
     """
     names = list(OBJECTS) if objects is None else list(objects)
     unknown = [name for name in names if name not in OBJECTS]

@@ -1,7 +1,7 @@
 """Late multi-image fusion around any HuggingFace masked LM (BERT, RoBERTa, DistilBERT, ALBERT, ...).
 
-The same model as :class:`models.late_fusion.LateFusionLM`, with an encoder where the causal side has a
-decoder (chosen by :func:`models.late_fusion.model_kind`; ``LateFusionLM.from_pretrained`` builds this
+The same model as :class:`models.fusion.causal.LateFusionLM`, with an encoder where the causal side has a
+decoder (chosen by :func:`models.fusion.causal.model_kind`; ``LateFusionLM.from_pretrained`` builds this
 class for a masked LM):
 
 * ``lm``: the frozen ``AutoModelForMaskedLM``. Its encoder (the base model) gives the final hidden
@@ -28,7 +28,7 @@ import copy
 import torch
 from torch import nn
 
-from models.late_fusion import LateFusionLM, _hidden_size, build_fusion_layer
+from models.fusion.causal import LateFusionLM, _hidden_size, build_fusion_layer
 
 
 def build_encoder_fusion_layer(lm_config) -> tuple[nn.Module, float]:

@@ -1,7 +1,7 @@
 """Download the authors' released late-fusion checkpoints (vLMIG ``ft_wiki_laion_220_2.bin``) with gdown.
 
-    python -m models.download gpt2            # -> output/gpt2/ft_wiki_laion_220_2.bin
-    python -m models.download gemma_2b llama3 --output_dir output
+    python -m models.checkpoints.download gpt2            # -> output/gpt2/ft_wiki_laion_220_2.bin
+    python -m models.checkpoints.download gemma_2b llama3 --output_dir output
 
 Then pass ``--pretrained_model output/gpt2/ft_wiki_laion_220_2`` (suffix optional) to any eval script.
 Note: the released README gives the SAME Google Drive file for Gemma-2B and LLaMA 3. Loading is
