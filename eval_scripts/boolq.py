@@ -26,26 +26,30 @@ from __future__ import annotations
 
 from data.benchmarks import boolq_context, boolq_released_prompt, load_boolq
 from data.prompts import derive_prompts
-from eval_scripts.core import Evaluator, build_parser, first_token_ids, require_causal_lm, run_main
+from eval_scripts.cli import option_parser, parse_eval_args
+from eval_scripts.core import Evaluator, first_token_ids, require_causal_lm, run_main
+from models.options import Option, eval_options
 
 CANDIDATES = ("yes", "no")
 LAST_N_WORDS = 60
 PROMPTS = {"released": boolq_released_prompt, "harness": boolq_context}
 
 
+OPTIONS = (
+    *eval_options(image_prompt_choices=("sentences",)),
+    Option("prompt_format", kind="choice", choices=tuple(PROMPTS), default="released", results=True, group="BoolQ",
+           help="released: the release's prompt (passage case kept); harness: lm-evaluation-harness's"),
+    Option("split", data=True, group="BoolQ", help="local file {split}.jsonl or hub split (default: dev/validation)"),
+)
+DESCRIPTION = __doc__.split("\n")[0]
+
+
 def make_parser():
-    p = build_parser(__doc__.split("\n")[0], image_prompt_choices=("sentences",))
-    p.add_argument("--prompt_format", choices=tuple(PROMPTS), default="released")
-    p.add_argument("--split", default=None, help="local file {split}.jsonl or hub split (default: dev/validation)")
-    return p
-
-
-def check_args(args):
-    return args
+    return option_parser(OPTIONS, DESCRIPTION)
 
 
 def parse_args(argv=None):
-    return check_args(make_parser().parse_args(argv))
+    return parse_eval_args(OPTIONS, argv, DESCRIPTION)
 
 
 def task_name(args) -> str:
@@ -97,7 +101,7 @@ def evaluate(args, runtime=None) -> dict:
     """Run the benchmark with parsed ``args`` (on a shared ``runtime``, if given: the suite's)."""
     require_causal_lm(args, "boolq.py")
     data = load_boolq(args.data_dir, limit=args.limit, split=args.split, data_file=args.data_file)
-    ev = Evaluator(args, task_name(args), runtime=runtime)
+    ev = Evaluator(args, task_name(args), OPTIONS, runtime=runtime)
     metrics = metrics_from(ev.run(build_items(ev, data), make_compute(ev)))
     return ev.finish(metrics, [("acc", f"{metrics['acc']:.2f}")])
 

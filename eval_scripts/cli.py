@@ -1,21 +1,23 @@
-"""Command-line pieces every eval script shares: the common flags, list flags, their validation, and
-one-line errors.
+"""Command-line pieces every eval script shares: parsing and resolving its settings, the checks a value
+alone cannot make, and one-line errors.
 
-Every flag is checked when it is parsed (:func:`validate_args`), before any data or model is read and
-before anything is written: numbers (finite, in range), ``--run_name`` (a plain folder name),
-``--device`` (known and present), ``--data_dir``/``--data_file`` (exist, not both) and ``--output_dir``
-(a writable folder, or one that can be made).
+The options themselves are declared in :mod:`models.options` (the shared ones) and next to each script (its
+own). :func:`parse_eval_args` parses them (command line over ``--config FILE.yaml`` over defaults), resolves
+what depends on other settings (:func:`resolve_args`) and checks, before any data or model is read and before
+anything is written: ``--run_name`` (a plain folder name), ``--device`` (known and present),
+``--data_dir``/``--data_file`` (exist, not both) and ``--output_dir`` (a writable folder, or one that can be
+made). The result is read-only: what a run records is what it used.
 """
 from __future__ import annotations
 
-import argparse
-import math
+import datetime as _dt
 import os
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-DTYPE_NAMES = ("bf16", "fp16", "fp32")
+if TYPE_CHECKING:
+    from models.options import Settings
 
 
 class EvalError(Exception):
@@ -26,47 +28,11 @@ class NonFiniteScores(EvalError):
     """The model produced NaN or infinite values while scoring (e.g. NaN weights): never recorded."""
 
 
-# Numeric flags and their ranges (low, high; None: unbounded), checked for every flag a parsed
-# namespace holds, so that a script's own flags (e.g. --max_new_tokens) need only a line here.
-# Floats must also be finite: NaN compares False with everything and would slip through a range.
-NUMERIC_FLAGS: dict[str, tuple[float | None, float | None]] = {
-    "k": (0, None),
-    "limit": (1, None),
-    "batch_size": (1, None),
-    "proj_hidden": (1, None),
-    "clip_temperature": (0.0, None),
-    "image_size": (1, None),
-    "num_inference_steps": (1, None),
-    "guidance_scale": (None, None),
-    "gen_batch_size": (1, None),
-    "toyworld_noise": (0.0, 1.0),
-    "max_new_tokens": (1, None),
-    "dedup_threshold": (-1.0, 1.0),  # a cosine; 1 turns near-duplicate removal off
-    "faiss_threshold": (0, None),
-}
-
-
-def check_numbers(args: argparse.Namespace, flags: dict = NUMERIC_FLAGS) -> None:
-    """Every numeric flag of ``args`` named in ``flags`` is finite and within its range (None: unset)."""
-    for name, (low, high) in flags.items():
-        value = getattr(args, name, None)
-        if value is None or isinstance(value, bool):
-            continue
-        if isinstance(value, float) and not math.isfinite(value):
-            raise EvalError(f"--{name} must be a finite number, got {value}")
-        if low is not None and value < low:
-            raise EvalError(f"--{name} must be >= {low}, got {value}")
-        if high is not None and value > high:
-            raise EvalError(f"--{name} must be <= {high}, got {value}")
-
-
 def check_run_name(name: str | None) -> None:
     """A run name is one plain folder name inside --output_dir: no separators, no '.'/'..', not absolute."""
-    if name is None:
-        return
-    seps = [sep for sep in ("/", "\\", os.sep, os.altsep) if sep]
-    if (not name.strip() or name in (".", "..") or any(sep in name for sep in seps) or "\0" in name
-            or Path(name).is_absolute() or Path(name).drive):
+    from models.options.catalog import plain_name_problem
+
+    if name is not None and plain_name_problem(name):
         raise EvalError(f"--run_name {name!r} must be a plain folder name (no path separator, no '..'): "
                         "results go to OUTPUT_DIR/RUN_NAME")
 
@@ -115,12 +81,51 @@ def check_output_dir(output_dir: str, run_name: str | None = None) -> None:
         raise EvalError(f"--output_dir {output_dir}: {p} is not writable")
 
 
-def validate_args(args: argparse.Namespace) -> None:
-    """All checks of the common flags (and of the script flags named in ``NUMERIC_FLAGS``)."""
-    check_numbers(args)
+def resolve_args(args) -> "Settings":
+    """The settings as the run uses and records them, from parsed (or hand-built) ones: a new object,
+    ``args`` itself is not changed.
+
+    * ``--generate_images`` not given: on with ``--image_source retrieve``, else off;
+    * ``--vision_encoder`` not given: the one ``--pretrained_model``'s config.json names, else the default;
+    * ``--run_name`` not given: a timestamp.
+    """
+    from models.options import DEFAULT_VISION_ENCODER, as_settings
+
+    args = as_settings(args)
+    changes = {}
     if hasattr(args, "generate_images") and args.generate_images is None:
-        # not given: images come with --image_source retrieve
-        args.generate_images = getattr(args, "image_source", "generate") == "retrieve"
+        changes["generate_images"] = getattr(args, "image_source", "generate") == "retrieve"
+    if hasattr(args, "vision_encoder") and args.vision_encoder is None:
+        changes["vision_encoder"] = (checkpoint_vision_encoder(getattr(args, "pretrained_model", None))
+                                     or DEFAULT_VISION_ENCODER)
+    if hasattr(args, "run_name") and args.run_name is None:
+        changes["run_name"] = _dt.datetime.now().strftime("run-%Y%m%d-%H%M%S")
+    return args.replace(**changes) if changes else args
+
+
+def checkpoint_vision_encoder(pretrained_model: str | None) -> str | None:
+    """The vision encoder a train.py checkpoint names in its config.json (None for a released .bin)."""
+    if not pretrained_model or not Path(pretrained_model).is_dir():
+        return None
+    from models.checkpoints.config_file import CheckpointError, read_checkpoint_config
+
+    try:
+        spec = read_checkpoint_config(pretrained_model).get("vision_encoder")
+    except (CheckpointError, OSError) as err:
+        raise EvalError(f"--pretrained_model {pretrained_model}: {err}") from None
+    return spec if isinstance(spec, str) and spec else None
+
+
+def validate_args(args) -> None:
+    """The checks a parsed value alone cannot make (every value was checked against its declaration when
+    parsed; a namespace built by hand is checked against the declarations here): k with images, the run
+    name, the data source, the device and the output folder."""
+    from models.options import SHARED, OptionError, check_settings
+
+    try:
+        check_settings(args, SHARED.values())
+    except OptionError as err:
+        raise EvalError(str(err)) from None
     if getattr(args, "generate_images", False) and getattr(args, "k", 1) < 1:
         raise EvalError(f"--k must be >= 1 when images are requested, got {args.k}")
     check_run_name(getattr(args, "run_name", None))
@@ -131,71 +136,27 @@ def validate_args(args: argparse.Namespace) -> None:
         check_output_dir(args.output_dir, getattr(args, "run_name", None))
 
 
-class EvalArgumentParser(argparse.ArgumentParser):
-    """An ArgumentParser that validates the flags it parsed (:func:`validate_args`)."""
+def parse_eval_args(options, argv=None, description: str = "", resolve=None) -> "Settings":
+    """An eval script's settings: its ``options`` parsed (command line over ``--config`` over defaults),
+    resolved (:func:`resolve_args`, then the script's own ``resolve(settings) -> settings``) and checked.
+    Bad input is an ``EvalError`` or ``ValueError``: one line and exit status 2 through :func:`run_main`."""
+    from models.options import parse
 
-    def parse_known_args(self, args=None, namespace=None):
-        parsed, extras = super().parse_known_args(args, namespace)
-        validate_args(parsed)
-        return parsed, extras
-
-
-def true_or_false(value: str) -> bool:
-    v = str(value).strip().lower()
-    if v in ("true", "1", "yes", "y", "on"):
-        return True
-    if v in ("false", "0", "no", "n", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected True or False, got {value!r}")
+    args = resolve_args(parse(options, argv, description=description, raise_errors=True))
+    if resolve is not None:
+        args = resolve(args)
+    validate_args(args)
+    return args
 
 
-def build_parser(description: str, *, image_prompt_choices=("sentences", "full", "question"),
-                 default_image_prompt: str = "sentences", default_k: int = 10) -> argparse.ArgumentParser:
-    """The flags every eval script shares (released spellings kept as aliases)."""
-    from models.images.generation import add_generation_args
-    from models.images.sources import add_retrieval_args
-    from models.fusion.mixing import MIX_MODES
+def option_parser(options, description: str = ""):
+    """The argparse parser of ``options`` (``--help``; the suite reads its flags)."""
+    from models.options import build_parser
 
-    p = EvalArgumentParser(description=description)
-    g = p.add_argument_group("model")
-    g.add_argument("--model_name", "--model_name_or_path", dest="model_name", default="gpt2",
-                   help="causal or masked LM: hub id or local dir")
-    g.add_argument("--pretrained_model", default=None,
-                   help="trained fusion weights: a dir written by train.py, or a released .bin (suffix optional)")
-    g.add_argument("--vision_encoder", default=None,
-                   help="CLIP spec (default: the checkpoint's, else ViT-B-32-quickgelu/openai)")
-    g.add_argument("--proj_hidden", type=int, default=None, help="projector width when no checkpoint is given")
-    g = p.add_argument_group("images")
-    g.add_argument("--generate_images", nargs="?", const=True, default=None, type=true_or_false,
-                   help="fuse k images (a switch; '--generate_images True/False' also works; default: on "
-                        "with --image_source retrieve, else off)")
-    g.add_argument("--k", type=int, default=default_k, help="images per input")
-    g.add_argument("--image_prompt", choices=image_prompt_choices, default=default_image_prompt,
-                   help="how image prompts are derived from the input")
-    add_generation_args(p)
-    add_retrieval_args(p)
-    g = p.add_argument_group("mixing")
-    g.add_argument("--mix", choices=MIX_MODES, default="logits",
-                   help="logits: average weighted logits (the released code); probs: the paper's Eq. 2")
-    g.add_argument("--clip_temperature", type=float, default=2.0, help="tau in s_i = tau * max(0, cos)")
-    g.add_argument("--uniform_weights", "--no_clip_rescaling", dest="uniform_weights", action="store_true",
-                   help="weight every image 0.5 instead of by CLIP agreement")
-    g = p.add_argument_group("run")
-    g.add_argument("--limit", type=int, default=None, help="evaluate only the first N examples (per subset)")
-    g.add_argument("--batch_size", type=int, default=8, help="texts per forward pass")
-    g.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: accelerator's choice)")
-    g.add_argument("--dtype", choices=("auto", *DTYPE_NAMES), default="auto",
-                   help="frozen LM and CLIP dtype (auto: bf16 on CUDA, fp32 on CPU)")
-    g.add_argument("--seed", type=int, default=0, help="base seed of every generated image")
-    g.add_argument("--data_dir", default=None,
-                   help="folder of the benchmark's original files (default: the shipped files, else the hub)")
-    g.add_argument("--data_file", default=None, help="one file of the benchmark in its original format")
-    g.add_argument("--output_dir", default="output/results")
-    g.add_argument("--run_name", default=None, help="results go to OUTPUT_DIR/RUN_NAME (default: a timestamp)")
-    return p
+    return build_parser(options, description)
 
 
-def check_data_source(args: argparse.Namespace) -> None:
+def check_data_source(args) -> None:
     """``--data_dir`` and ``--data_file`` exclude each other, and must exist when given."""
     from pathlib import Path
 
@@ -205,15 +166,6 @@ def check_data_source(args: argparse.Namespace) -> None:
         raise EvalError(f"--data_file {args.data_file}: no such file")
     if args.data_dir is not None and not Path(args.data_dir).is_dir():
         raise EvalError(f"--data_dir {args.data_dir}: no such folder")
-
-
-def parse_choices(value: str, allowed, what: str) -> list[str]:
-    """A comma-separated flag value, every item checked against ``allowed``."""
-    items = [v.strip() for v in value.split(",") if v.strip()]
-    unknown = [v for v in items if v not in allowed]
-    if unknown or not items:
-        raise EvalError(f"unknown {what} {unknown[0] if unknown else value!r}; choose from {', '.join(allowed)}")
-    return items
 
 
 def one_line(message: object) -> str:

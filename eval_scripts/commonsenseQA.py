@@ -43,31 +43,32 @@ import math
 
 from data.benchmarks import COMMONSENSE_TESTSETS, MCExample, load_commonsense
 from data.prompts import derive_prompts
-from eval_scripts.core import EvalError, Evaluator, build_parser, require_causal_lm, run_main
+from eval_scripts.cli import option_parser, parse_eval_args
+from eval_scripts.core import EvalError, Evaluator, require_causal_lm, run_main
 from eval_scripts.metrics import mc_predictions, ppl_prediction
+from models.options import Option, eval_options
 
 PROTOCOLS = ("released", "harness")
 LAST_N_WORDS = 70
 
 
+OPTIONS = (
+    *eval_options(image_prompt_choices=("sentences", "context")),
+    Option("testset", kind="choice", choices=COMMONSENSE_TESTSETS, required=True, results=True, group="commonsense",
+           help="the benchmark"),
+    Option("protocol", kind="choice", choices=PROTOCOLS, default="released", results=True, group="commonsense",
+           help="released (perplexity) or harness (log-likelihood)"),
+    Option("split", data=True, group="commonsense", help="file/split to read (default: the released one per set)"),
+)
+DESCRIPTION = __doc__.split("\n")[0]
+
+
 def make_parser():
-    p = build_parser(__doc__.split("\n")[0], image_prompt_choices=("sentences", "context"))
-    p.add_argument("--testset", default=None, help=f"one of {', '.join(COMMONSENSE_TESTSETS)}")
-    p.add_argument("--protocol", default="released", help="released (perplexity) or harness (log-likelihood)")
-    p.add_argument("--split", default=None, help="file/split to read (default: the released one per set)")
-    return p
-
-
-def check_args(args):
-    if args.testset not in COMMONSENSE_TESTSETS:
-        raise EvalError(f"unknown --testset {args.testset!r}; choose one of {', '.join(COMMONSENSE_TESTSETS)}")
-    if args.protocol not in PROTOCOLS:
-        raise EvalError(f"unknown --protocol {args.protocol!r}; choose one of {', '.join(PROTOCOLS)}")
-    return args
+    return option_parser(OPTIONS, DESCRIPTION)
 
 
 def parse_args(argv=None):
-    return check_args(make_parser().parse_args(argv))
+    return parse_eval_args(OPTIONS, argv, DESCRIPTION)
 
 
 def task_name(args) -> str:
@@ -194,7 +195,7 @@ def evaluate(args, runtime=None) -> dict:
     require_causal_lm(args, "commonsenseQA.py")
     examples = load_commonsense(args.testset, args.data_dir, split=args.split, limit=args.limit,
                                 data_file=args.data_file)
-    ev = Evaluator(args, task_name(args), runtime=runtime)
+    ev = Evaluator(args, task_name(args), OPTIONS, runtime=runtime)
     records = ev.run(build_items(ev, examples), make_compute(ev), desc=ev.task)
     metrics = metrics_from(records, args.protocol)
     table = [(k, f"{v:.2f}") for k, v in metrics.items() if k != "n"]

@@ -21,20 +21,19 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime as _dt
 import gc
 import time
 from typing import Callable
 
-from eval_scripts.cli import EvalError, build_parser, parse_choices, run_main, true_or_false, validate_args  # noqa: F401
+from eval_scripts.cli import EvalError, resolve_args, run_main, validate_args  # noqa: F401
 from eval_scripts.records import RunRecords
 
-_LAZY = {"DTYPES": "eval_scripts.runtime", "Runtime": "eval_scripts.runtime", "clear_memos": "eval_scripts.runtime",
+_LAZY = {"Runtime": "eval_scripts.runtime", "clear_memos": "eval_scripts.runtime",
          "Scorer": "eval_scripts.scoring"}
 
 
 def __getattr__(name: str):
-    """``DTYPES``, ``Runtime``, ``clear_memos``, ``Scorer``: imported (with torch) when first asked for."""
+    """``Runtime``, ``clear_memos``, ``Scorer``: imported (with torch) when first asked for."""
     if name in _LAZY:
         import importlib
 
@@ -61,15 +60,6 @@ def first_token_ids(tokenizer, word: str) -> tuple[int, ...]:
 
     return memoised(tokenizer, word)
 
-_bool_word = true_or_false  # the former name
-validate_common_args = validate_args  # the former name
-# settings that must match for a re-run with the same --run_name to resume
-RESUME_KEYS = ("model_name", "pretrained_model", "vision_encoder", "generate_images", "k", "image_prompt",
-               "image_generator", "image_size", "num_inference_steps", "guidance_scale", "mix",
-               "clip_temperature", "uniform_weights", "seed",
-               "image_source", "image_index", "retrieve_by", "dedup_threshold")
-
-
 def require_causal_lm(args: argparse.Namespace, script: str) -> None:
     """One clear error, before anything is loaded or written, when ``script`` (which scores next tokens or
     generates) is given a masked LM. A model whose config cannot be read is left to the runtime to report."""
@@ -89,15 +79,17 @@ def require_causal_lm(args: argparse.Namespace, script: str) -> None:
 class Evaluator:
     """One task's evaluation: a runtime (built here unless given), a scorer and the run records."""
 
-    def __init__(self, args: argparse.Namespace, task: str, resume_keys: tuple[str, ...] = (),
-                 runtime: "Runtime | None" = None):
-        """``resume_keys``: the script's own flags that must match for a re-run to resume."""
+    def __init__(self, args: argparse.Namespace, task: str, options, runtime: "Runtime | None" = None):
+        """``options``: the script's option declarations: those that change results must match for a re-run
+        to resume, and the run records them all (``<task>.json`` and ``<task>.config.yaml``)."""
+        from models.options import keys
+
         self.t0 = time.perf_counter()
-        self.args, self.task = args, task
-        self.resume_keys = RESUME_KEYS + tuple(resume_keys)
-        validate_args(args)  # again: callers may build the namespace without the parser
+        args = resolve_args(args)  # a namespace built without the parser is resolved and checked alike
+        validate_args(args)
+        self.args, self.task, self.options = args, task, tuple(options)
+        self.resume_keys = keys(self.options, "results")
         self.use_images = bool(args.generate_images) and args.k > 0
-        args.run_name = args.run_name or _dt.datetime.now().strftime("run-%Y%m%d-%H%M%S")
         with _gc_paused():  # importing torch and transformers and loading models: about 20% faster
             from eval_scripts.masked_scoring import MaskedScorer
             from eval_scripts.runtime import Runtime
@@ -112,7 +104,6 @@ class Evaluator:
             diff = runtime.mismatches(args, self.use_images)
             if diff:
                 raise EvalError(f"task {task!r} needs another model setup than the loaded one (--{diff[0]})")
-            args.vision_encoder = runtime.spec["vision_encoder"]
             self._open_records(runtime)
         self.runtime = runtime
         self.scorer = (MaskedScorer if runtime.model.kind == "masked" else Scorer)(runtime, args, self.use_images)
@@ -122,7 +113,7 @@ class Evaluator:
         if self.use_images and runtime.retriever is not None and self.args.k > len(runtime.retriever):
             raise EvalError(f"--k {self.args.k} is larger than the image index {self.args.image_index} "
                             f"({len(runtime.retriever)} images)")
-        self.records = RunRecords(self.args, self.task, runtime.state, self.resume_keys)
+        self.records = RunRecords(self.args, self.task, runtime.state, self.resume_keys, self.options)
         self.records.check_resume()
 
     # ------------------------------------------------------------------ views of the parts

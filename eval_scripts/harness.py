@@ -41,7 +41,6 @@ kwargs, tasks that feed images or audio, chat templates, ``batch_size=auto``.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import logging
@@ -54,23 +53,14 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from tqdm.auto import tqdm
 
-from eval_scripts.cli import DTYPE_NAMES, EvalError, build_parser, run_main, true_or_false
+from eval_scripts.cli import EvalError, resolve_args, run_main
+from models.options import catalog
 
 logger = logging.getLogger(__name__)
 
-# --model_args: the project's flag names (see eval_scripts/cli.py) -> kind
-MODEL_ARGS = {
-    "model_name": "str", "pretrained_model": "str", "vision_encoder": "str", "k": "int", "mix": "choice",
-    "clip_temperature": "float", "uniform_weights": "bool", "image_generator": "str", "image_cache": "str",
-    "image_prompt": "choice", "dtype": "choice", "device": "str", "batch_size": "int",
-    # the project's other image-generation and model flags
-    "image_size": "int", "num_inference_steps": "int", "guidance_scale": "float", "seed": "int",
-    "gen_batch_size": "int", "proj_hidden": "int", "toyworld_noise": "float",
-}
 IGNORED_ARGS = ("max_batch_size",)  # lm-eval passes it for batch_size=auto, which is not supported
 IMAGE_PROMPTS = ("question", "full", "sentences")
 LAST_N_WORDS = 70
-DTYPE_ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "half": "fp16"}
 MAX_GEN_TOKS = 256  # lm-eval's hf default
 # generation kwargs that greedy decoding honours or that have no effect on it
 GREEDY_GEN_KWARGS = ("until", "max_gen_toks", "do_sample", "temperature", "top_p", "top_k", "min_p")
@@ -98,57 +88,39 @@ def image_prompts(text: str | None, k: int, strategy: str) -> list[str]:
     return derive_prompts(text, k, "sentences", last_n_words=LAST_N_WORDS)
 
 
-def _choices(key: str) -> tuple[str, ...]:
-    from models.fusion.mixing import MIX_MODES
-
-    return {"mix": MIX_MODES, "image_prompt": IMAGE_PROMPTS, "dtype": ("auto", *DTYPE_NAMES)}[key]
-
-
-def _convert(key: str, kind: str, value):
-    """One --model_args value, checked and converted (lm-eval has already turned '2' into 2)."""
-    if kind == "choice":
-        value = DTYPE_ALIASES.get(value, value) if key == "dtype" else value
-        if value not in _choices(key):
-            raise EvalError(f"late_fusion model_args: {key}={value!r}; choose one of {', '.join(_choices(key))}")
-        return value
-    try:
-        if kind == "str":
-            return None if value is None else str(value)
-        if kind == "int":
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise ValueError
-            return int(value)
-        if kind == "float":
-            if isinstance(value, bool):
-                raise ValueError
-            return float(value)
-        return value if isinstance(value, bool) else true_or_false(value)
-    except (TypeError, ValueError, argparse.ArgumentTypeError):
-        raise EvalError(f"late_fusion model_args: {key}={value!r} is not a valid {kind}") from None
+# --model_args: the project's option declarations (the same names, types and ranges as the eval scripts'
+# flags), and ``config=FILE.yaml`` for a file of them
+HARNESS_OPTIONS = (*catalog.MODEL, catalog.K,
+                   catalog.IMAGE_PROMPT.replace(choices=IMAGE_PROMPTS, default="question"),
+                   *catalog.GENERATION, *catalog.RETRIEVAL, *catalog.MIXING, catalog.DEVICE, catalog.DTYPE,
+                   catalog.SEED, catalog.BATCH_SIZE)
+MODEL_ARGS = tuple(o.name for o in HARNESS_OPTIONS)
+WHERE = "late_fusion model_args"
 
 
-def parse_model_args(kwargs: dict) -> tuple[argparse.Namespace, bool]:
-    """The project's flags (defaults of ``eval_scripts.cli.build_parser``) with ``kwargs`` applied,
+def parse_model_args(kwargs: dict):
+    """The settings of ``--model_args`` (over a ``config=FILE.yaml`` among them, over the declared defaults),
     and whether images are used (``k`` given). Bad keys and values are one ``EvalError``."""
-    unknown = sorted(set(kwargs) - set(MODEL_ARGS) - set(IGNORED_ARGS))
-    if unknown:
-        raise EvalError(f"late_fusion model_args: unknown key {unknown[0]!r}; accepted: {', '.join(MODEL_ARGS)}")
-    args = build_parser("late_fusion", image_prompt_choices=IMAGE_PROMPTS, default_image_prompt="question").parse_args([])
+    from models.options import OptionError, Settings, checked_values, read_config
+    from models.options.dtypes import canonical
+
+    kwargs = {k: v for k, v in kwargs.items() if k not in IGNORED_ARGS}
     if str(kwargs.get("batch_size", "")).startswith("auto"):
         raise EvalError("late_fusion: batch_size auto is not supported; give a number (--batch_size 8)")
-    for key, value in kwargs.items():
-        if key in MODEL_ARGS:
-            setattr(args, key, _convert(key, MODEL_ARGS[key], value))
-    use_images = kwargs.get("k") is not None
-    if use_images and args.k < 1:
-        raise EvalError(f"late_fusion model_args: k must be >= 1, got {args.k} (leave k out for no images)")
-    if args.batch_size < 1:
-        raise EvalError(f"late_fusion model_args: batch_size must be >= 1, got {args.batch_size}")
-    for key in ("image_size", "gen_batch_size", "num_inference_steps"):
-        if getattr(args, key) < 1:
-            raise EvalError(f"late_fusion model_args: {key} must be >= 1, got {getattr(args, key)}")
-    args.generate_images = use_images
-    return args, use_images
+    if isinstance(kwargs.get("dtype"), str):
+        kwargs["dtype"] = canonical(kwargs["dtype"])  # lm-eval's spellings: float16, bfloat16, ...
+    config = kwargs.pop("config", None)
+    try:
+        values = read_config(config, HARNESS_OPTIONS) if config else {}
+        values.update(checked_values(kwargs, HARNESS_OPTIONS, WHERE))
+    except OptionError as err:
+        raise EvalError(str(err)) from None
+    use_images = values.get("k") is not None
+    if use_images and values["k"] < 1:
+        raise EvalError(f"{WHERE}: k must be >= 1, got {values['k']} (leave k out for no images)")
+    settings = Settings(**{**{o.name: o.default for o in HARNESS_OPTIONS}, **values}, generate_images=use_images,
+                        config=config)
+    return resolve_args(settings), use_images
 
 
 @register_model("late_fusion")
@@ -165,17 +137,18 @@ class LateFusionHarnessLM(TemplateLM):
         super().__init__()
         from accelerate import PartialState
 
-        self.args, self.use_images = parse_model_args(model_args)
-        if self.args.device and self.args.device.startswith("cuda") and not torch.cuda.is_available():
+        args, self.use_images = parse_model_args(model_args)
+        device = args.device
+        if device and device.startswith("cuda") and not torch.cuda.is_available():
             logger.info("late_fusion: CUDA is not available, using the accelerator's default device")
-            self.args.device = None  # lm-eval's CLI asks for cuda:0 unless told otherwise (as hf does)
-        state = PartialState(cpu=self.args.device == "cpu")
+            device = None  # lm-eval's CLI asks for cuda:0 unless told otherwise (as hf does)
+        state = PartialState(cpu=device == "cpu")
         if state.num_processes > 1:  # accelerate launch: one device per process, as lm-eval's hf model
-            self.args.device = None
+            device = None
             self._rank, self._world_size = state.process_index, state.num_processes
         self._state = state
-        self._device = torch.device(self.args.device) if self.args.device else state.device
-        self.args.device = str(self._device)
+        self._device = torch.device(device) if device else state.device
+        self.args = args.replace(device=str(self._device))  # what this adapter runs on
         self._runtime = None
 
     @classmethod

@@ -30,45 +30,53 @@ from pathlib import Path
 from data.benchmarks import (IMAGENETVC_DIR, IMAGENETVC_SUBSETS, IMAGENETVC_TEMPLATES, imagenetvc_prompt,
                              load_imagenetvc, load_imagenetvc_demos)
 from data.prompts import derive_prompts
-from eval_scripts.core import EvalError, Evaluator, build_parser, parse_choices, run_main
+from eval_scripts.cli import option_parser, parse_eval_args
+from eval_scripts.core import EvalError, Evaluator, run_main
 from eval_scripts.metrics import summarize_templates
+from models.options import Option, eval_options
 
 TASK = "imagenetvc"
 
 
+OPTIONS = (
+    *eval_options(image_prompt_choices=("question", "full"), default_image_prompt="question"),
+    Option("subsets", kind="list", choices=IMAGENETVC_SUBSETS, results=True, group="ImageNetVC",
+           help=f"comma-separated subsets (default: all of {','.join(IMAGENETVC_SUBSETS)}; with --data_file, the "
+                "subset its name says, e.g. color.csv)"),
+    Option("from_hub", kind="flag", default=False, data=True, group="ImageNetVC",
+           help="read the CSVs from the hub (hemingkx/ImageNetVC) instead of the shipped copy"),
+    Option("use_icl", kind="flag", default=False, spellings=("--use-icl",), results=True, group="ImageNetVC",
+           help="prepend the dev/ in-context demonstrations"),
+    Option("scoring", kind="choice", choices=("first_token", "full"), default="first_token", results=True,
+           group="ImageNetVC", help="first_token: the released first-token probability; full: whole-candidate "
+                                    "log-likelihood"),
+)
+DESCRIPTION = __doc__.split("\n")[0]
+
+
 def make_parser():
-    p = build_parser(__doc__.split("\n")[0], image_prompt_choices=("question", "full"),
-                     default_image_prompt="question")
-    p.add_argument("--subsets", default=None,
-                   help=f"comma-separated subsets (default: all of {','.join(IMAGENETVC_SUBSETS)}; with "
-                        "--data_file, the subset its name says, e.g. color.csv)")
-    p.add_argument("--from_hub", action="store_true",
-                   help="read the CSVs from the hub (hemingkx/ImageNetVC) instead of the shipped copy")
-    p.add_argument("--use-icl", "--use_icl", dest="use_icl", action="store_true",
-                   help="prepend the dev/ in-context demonstrations")
-    p.add_argument("--scoring", choices=("first_token", "full"), default="first_token")
-    return p
+    return option_parser(OPTIONS, DESCRIPTION)
 
 
-def check_args(args):
+def resolve(args):
+    """The subsets and data folder the run reads: from ``--data_file``'s name, else all subsets of the
+    shipped files (unless ``--data_dir`` or ``--from_hub``)."""
     if args.from_hub and (args.data_dir or args.data_file):
         raise EvalError("--from_hub reads the hub: leave out --data_dir and --data_file")
+    subsets, data_dir = args.subsets, args.data_dir
     if args.data_file is not None:
         stem = Path(args.data_file).stem
-        args.subsets = args.subsets or (stem if stem in IMAGENETVC_SUBSETS else None)
-        if args.subsets is None or "," in args.subsets:
+        subsets = subsets or ([stem] if stem in IMAGENETVC_SUBSETS else None)
+        if subsets is None or len(subsets) != 1:
             raise EvalError(f"--data_file {args.data_file}: name its one subset with --subsets "
                             f"({', '.join(IMAGENETVC_SUBSETS)})")
-    elif args.data_dir is None and not args.from_hub:
-        args.data_dir = str(IMAGENETVC_DIR)  # the files shipped with the project
-    if not isinstance(args.subsets, list):
-        args.subsets = parse_choices(args.subsets or ",".join(IMAGENETVC_SUBSETS), IMAGENETVC_SUBSETS,
-                                     "ImageNetVC subset")
-    return args
+    elif data_dir is None and not args.from_hub:
+        data_dir = str(IMAGENETVC_DIR)  # the files shipped with the project
+    return args.replace(subsets=list(subsets or IMAGENETVC_SUBSETS), data_dir=data_dir)
 
 
 def parse_args(argv=None):
-    return check_args(make_parser().parse_args(argv))
+    return parse_eval_args(OPTIONS, argv, DESCRIPTION, resolve)
 
 
 def load_examples(args) -> dict[str, list[dict]]:
@@ -134,7 +142,7 @@ def metrics_from(records_by_subset: dict[str, list[dict]]) -> dict:
 def evaluate(args, runtime=None) -> dict:
     """Run the benchmark with parsed ``args`` (on a shared ``runtime``, if given: the suite's)."""
     examples = load_examples(args)
-    ev = Evaluator(args, TASK, resume_keys=("subsets", "use_icl", "scoring"), runtime=runtime)
+    ev = Evaluator(args, TASK, OPTIONS, runtime=runtime)
     compute = make_compute(ev)
     by_subset = {s: ev.run(build_items(ev, s, exs), compute, desc=f"imagenetvc/{s}") for s, exs in examples.items()}
     metrics = metrics_from(by_subset)

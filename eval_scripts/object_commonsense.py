@@ -80,8 +80,10 @@ from pathlib import Path
 
 from data.benchmarks import OBJECT_SET_FILES, OBJECT_SETS, load_object_commonsense, object_phrase, object_set_of_file
 from data.prompts import derive_prompts
-from eval_scripts.core import EvalError, Evaluator, build_parser, parse_choices, run_main
+from eval_scripts.cli import option_parser, parse_eval_args
+from eval_scripts.core import EvalError, Evaluator, run_main
 from eval_scripts.metrics import summarize_templates
+from models.options import Option, eval_options
 
 TASK = "object_commonsense"
 
@@ -110,30 +112,36 @@ TEMPLATES = {"memory_color": COLOR_TEMPLATES, "color_terms": COLOR_TEMPLATES, "s
 SIZE_CANDIDATES = ["yes", "no"]
 
 
+OPTIONS = (
+    *eval_options(image_prompt_choices=("object", "full"), default_image_prompt="object"),
+    Option("sets", kind="list", choices=OBJECT_SETS, results=True, group="object commonsense",
+           help=f"comma-separated sets (default: all of {','.join(OBJECT_SETS)}; with --data_file, the set its "
+                "released file name says)"),
+    Option("scoring", kind="choice", choices=("first_token", "full"), default="first_token", results=True,
+           group="object commonsense", help="first_token: the released first-token probability; full: "
+                                            "whole-candidate log-likelihood"),
+    Option("size_both_directions", kind="flag", default=False, results=True, group="object commonsense",
+           help="also ask every size pair swapped (answer 'no')"),
+)
+DESCRIPTION = __doc__.split("\n")[0]
+
+
 def make_parser():
-    p = build_parser(__doc__.split("\n")[0], image_prompt_choices=("object", "full"),
-                     default_image_prompt="object")
-    p.add_argument("--sets", default=None,
-                   help=f"comma-separated sets (default: all of {','.join(OBJECT_SETS)}; with --data_file, "
-                        "the set its released file name says)")
-    p.add_argument("--scoring", choices=("first_token", "full"), default="first_token")
-    p.add_argument("--size_both_directions", action="store_true",
-                   help="also ask every size pair swapped (answer 'no')")
-    return p
+    return option_parser(OPTIONS, DESCRIPTION)
 
 
-def check_args(args):
+def resolve(args):
+    """The sets the run reads: ``--sets``, else the one ``--data_file``'s name says, else all."""
+    sets = args.sets
     if args.data_file is not None:
-        args.sets = args.sets or object_set_of_file(args.data_file)
-        if args.sets is None or "," in args.sets:
+        sets = sets or ([s] if (s := object_set_of_file(args.data_file)) else None)
+        if sets is None or len(sets) != 1:
             raise EvalError(f"--data_file {args.data_file}: name its one set with --sets ({', '.join(OBJECT_SETS)})")
-    if not isinstance(args.sets, list):
-        args.sets = parse_choices(args.sets or ",".join(OBJECT_SETS), OBJECT_SETS, "object-commonsense set")
-    return args
+    return args.replace(sets=list(sets or OBJECT_SETS))
 
 
 def parse_args(argv=None):
-    return check_args(make_parser().parse_args(argv))
+    return parse_eval_args(OPTIONS, argv, DESCRIPTION, resolve)
 
 
 def _questions(set_name: str, ex: dict, both_directions: bool) -> list[tuple[str, dict, str, list[str]]]:
@@ -194,7 +202,7 @@ def set_metrics(set_name: str, records: list[dict], n_examples: int) -> dict:
 def evaluate(args, runtime=None) -> dict:
     """Run the benchmark with parsed ``args`` (on a shared ``runtime``, if given: the suite's)."""
     examples = load_examples(args)
-    ev = Evaluator(args, TASK, resume_keys=("sets", "scoring", "size_both_directions"), runtime=runtime)
+    ev = Evaluator(args, TASK, OPTIONS, runtime=runtime)
     compute = make_compute(ev)
     metrics = {}
     for set_name, exs in examples.items():

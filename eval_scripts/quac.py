@@ -23,7 +23,7 @@ from __future__ import annotations
 from data.benchmarks import QUAC_CANNOTANSWER, load_quac
 from eval_scripts.core import require_causal_lm, run_main
 from eval_scripts.metrics import exact_match, quac_f1, quac_references, quac_scores
-from eval_scripts.squad import abstained, check_args, parse_args, run_generation  # noqa: F401 (check_args: the suite)
+from eval_scripts.squad import OPTIONS, abstained, parse_args, run_generation  # noqa: F401 (OPTIONS: quac's are squad's)
 from eval_scripts.squad import make_parser as _squad_parser
 
 TASK = "quac"

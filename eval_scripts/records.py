@@ -118,9 +118,12 @@ def non_finite_field(value, where: str = "") -> str | None:
 class RunRecords:
     """One task's files under ``<output_dir>/<run_name>`` (see the module docstring)."""
 
-    def __init__(self, args: argparse.Namespace, task: str, state, resume_keys: tuple[str, ...]):
+    def __init__(self, args: argparse.Namespace, task: str, state, resume_keys: tuple[str, ...], options=()):
+        """``resume_keys``: the settings a re-run must share to resume; ``options``: the declarations of
+        every setting, which the results record (``config`` in ``<task>.json``, and ``<task>.config.yaml``,
+        which ``--config`` reads back)."""
         self.args, self.task, self.state = args, task, state
-        self.resume_keys = resume_keys
+        self.resume_keys, self.options = resume_keys, tuple(options)
         self.out_dir = Path(args.output_dir) / args.run_name
         self.is_main = state.is_main_process
         self.n_examples = 0
@@ -142,6 +145,17 @@ class RunRecords:
 
     def result_path(self) -> Path:
         return self.out_dir / f"{self.task}.json"
+
+    def config_path(self) -> Path:
+        return self.out_dir / f"{self.task}.config.yaml"
+
+    def recorded_config(self) -> dict:
+        """The settings this run used, as recorded (every declared option; all settings without declarations)."""
+        from models.options import recorded
+
+        if not self.options:
+            return {k: v for k, v in vars(self.args).items() if k != "config"}
+        return recorded(self.args, self.options)
 
     def _row_files(self) -> list[Path]:
         parts = sorted(self.out_dir.glob(f"{self.task}_samples.part*.jsonl"))
@@ -327,7 +341,7 @@ class RunRecords:
         result = {
             "task": self.task,
             "metrics": metrics,
-            "config": {k: v for k, v in vars(self.args).items()},
+            "config": self.recorded_config(),
             "counts": {"examples": self.n_examples,
                        **{name: sum(s["images"][counter] for s in all_stats) for name, counter in COUNT_NAMES.items()},
                        "lm_passes": sum(s["passes"]["lm"] for s in all_stats),
@@ -345,6 +359,13 @@ class RunRecords:
         for p in [*self.out_dir.glob(f"{self.task}_samples.part*.jsonl"), *self.out_dir.glob(f"{self.task}.stats*.json")]:
             p.unlink()
         out = self.result_path()
+        if self.options:
+            from models.options import config_yaml
+
+            header = (f"The settings of {self.task} in run {self.args.run_name!r}, as used; give this file back as "
+                      "--config to reproduce the run\n(with the same --run_name it resumes; flags given beside it "
+                      "win).")
+            write_atomic(self.config_path(), config_yaml(self.args, self.options, header))
         write_atomic(out, json.dumps(result, indent=2, default=str, allow_nan=False) + "\n")
         width = max([len(k) for k, _ in (table or [])] + [8])
         for k, v in table or []:

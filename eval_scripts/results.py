@@ -18,15 +18,14 @@ from pathlib import Path
 
 from eval_scripts.cli import EvalError
 from eval_scripts.records import read_jsonl_rows
+from models.options import SHARED, keys
 from eval_scripts.tasks import headline, metrics_from_samples, text_only_view
 
 FLIPS = ("fixed", "broke", "unchanged")
-# config keys that do not change what a run computes (how it ran, where it wrote)
-COSMETIC = ("run_name", "output_dir", "batch_size", "gen_batch_size", "device", "image_cache")
-# config keys that matter only when images are fused
-IMAGE_ONLY = ("k", "generate_images", "pretrained_model", "vision_encoder", "proj_hidden", "image_prompt",
-              "image_generator", "image_size", "num_inference_steps", "guidance_scale", "mix", "clip_temperature",
-              "uniform_weights", "seed", "toyworld_noise")
+# config keys that do not change what a run computes (how it ran, where it wrote), and those that matter only
+# when images are fused: read from the option declarations
+COSMETIC = tuple(o.name for o in SHARED.values() if not (o.results or o.data))
+IMAGE_ONLY = keys(SHARED.values(), "images_only")
 
 
 @dataclass

@@ -15,15 +15,13 @@ import time
 
 import torch
 
-from eval_scripts.cli import EvalError, NonFiniteScores
+from eval_scripts.cli import EvalError, NonFiniteScores, resolve_args
+from models.options import SHARED, keys
+from models.options.dtypes import AUTO_LM, resolve as resolve_dtype, torch_dtype
 from models.fusion.causal import HiddenStateMemo
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-# the flags a Runtime is built from: tasks that share one must agree on them
-RUNTIME_KEYS = ("model_name", "pretrained_model", "vision_encoder", "proj_hidden", "device", "dtype",
-                "image_generator", "image_size", "num_inference_steps", "guidance_scale", "seed",
-                "image_cache", "gen_batch_size", "toyworld_noise",
-                "image_source", "image_index", "retrieve_by", "dedup_threshold", "faiss_threshold")
+# the settings a Runtime is built from (declared with runtime=True): tasks that share one must agree on them
+RUNTIME_KEYS = keys(SHARED.values(), "runtime")
 
 # image counters of a run, each with one meaning: image slots (k x prompts) = generated + from_cache + reused;
 # PNGs decoded; distinct images run through the vision tower vs read from the feature cache; pipeline loads
@@ -109,18 +107,17 @@ class Runtime:
 
         from models.checkpoints.weights import load_state, load_trainable
         from models.fusion.causal import LateFusionLM
-        from models.vision import DEFAULT_VISION_ENCODER
 
         if not sys.stderr.isatty():  # progress bars (model loading) only on a terminal
             from transformers.utils import logging as hf_logging
             hf_logging.disable_progress_bar()
         self.t0 = time.perf_counter()
+        args = resolve_args(args)
         self.use_images = use_images
         self.spec = {k: getattr(args, k, None) for k in RUNTIME_KEYS}
         self.state = PartialState(cpu=args.device == "cpu")
         self.device = torch.device(args.device) if args.device else self.state.device
-        self.dtype = (DTYPES[args.dtype] if args.dtype != "auto" else
-                      torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        self.dtype = torch_dtype(resolve_dtype(args.dtype, self.device, AUTO_LM))
         self.is_main = self.state.is_main_process
         self.watch = Stopwatch(self.device)
 
@@ -131,8 +128,6 @@ class Runtime:
             proj_hidden = ckpt_state["mm_proj.linear1.weight"].shape[0]
         else:
             vision_dim, proj_hidden = ckpt_cfg.get("vision_dim"), args.proj_hidden
-        args.vision_encoder = args.vision_encoder or ckpt_cfg.get("vision_encoder") or DEFAULT_VISION_ENCODER
-        self.spec["vision_encoder"] = args.vision_encoder
         self.retriever = None  # retrieved images: the index is opened (and checked) before any model loads
         if use_images and getattr(args, "image_source", "generate") == "retrieve":
             from models.images.index import ImageIndexError
@@ -214,9 +209,8 @@ class Runtime:
 
     def mismatches(self, args: argparse.Namespace, use_images: bool) -> list[str]:
         """The runtime flags on which ``args`` differs from what this runtime was built from."""
-        diff = [k for k in RUNTIME_KEYS if k != "vision_encoder" and getattr(args, k, None) != self.spec[k]]
-        if args.vision_encoder not in (None, self.spec["vision_encoder"]):
-            diff.append("vision_encoder")
+        args = resolve_args(args)
+        diff = [k for k in RUNTIME_KEYS if getattr(args, k, None) != self.spec[k]]
         if use_images and not self.use_images:
             diff.append("generate_images")
         return diff

@@ -38,8 +38,10 @@ from typing import Callable
 
 from data.benchmarks import load_squad, qa_one_shot_prompt
 from data.prompts import derive_prompts
-from eval_scripts.core import EvalError, Evaluator, build_parser, require_causal_lm, run_main
+from eval_scripts.cli import option_parser, parse_eval_args
+from eval_scripts.core import EvalError, Evaluator, require_causal_lm, run_main
 from eval_scripts.metrics import exact_match, f1, normalize_answer
+from models.options import Option, eval_options
 
 LAST_N_WORDS = 70
 ABSTENTION = "Not in background."
@@ -48,22 +50,23 @@ ABSTENTION = "Not in background."
 TASK = "squad"
 
 
+OPTIONS = (
+    *eval_options(image_prompt_choices=("sentences",)),
+    Option("all_questions", kind="flag", default=False, results=True, data=True, group="generation",
+           help="also score unanswerable questions (default: the released subset)"),
+    Option("max_new_tokens", kind="int", low=1, default=50, results=True, group="generation",
+           help="longest generated answer, in tokens"),
+    Option("split", data=True, group="generation",
+           help="local file of that split, or hub split (default: dev/validation)"),
+)
+
+
 def make_parser(description: str = __doc__.split("\n")[0]):
-    p = build_parser(description, image_prompt_choices=("sentences",))
-    p.add_argument("--all_questions", action="store_true",
-                   help="also score unanswerable questions (default: the released subset)")
-    p.add_argument("--max_new_tokens", type=int, default=50, help="longest generated answer, in tokens")
-    p.add_argument("--split", default=None, help="local file of that split, or hub split (default: dev/validation)")
-    return p
-
-
-def check_args(args):
-    # --max_new_tokens >= 1 is checked with the common flags (cli.NUMERIC_FLAGS)
-    return args
+    return option_parser(OPTIONS, description)
 
 
 def parse_args(description: str, argv=None):
-    return check_args(make_parser(description).parse_args(argv))
+    return parse_eval_args(OPTIONS, argv, description)
 
 
 def select_questions(records: list[dict], all_questions: bool) -> tuple[list[dict], int]:
@@ -84,7 +87,7 @@ def run_generation(args, task: str, records: list[dict], score: Callable,
     records = records[:args.limit] if args.limit is not None else records
     if not records:
         raise EvalError(f"no {task} question to score (none has an earlier answered question in its article)")
-    ev = Evaluator(args, task.lower(), resume_keys=("max_new_tokens", "all_questions"), runtime=runtime)
+    ev = Evaluator(args, task.lower(), OPTIONS, runtime=runtime)
     return ev, ev.run(build_items(ev, records), make_compute(ev, score)), skipped
 
 

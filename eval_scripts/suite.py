@@ -35,32 +35,49 @@ import sys
 from pathlib import Path
 
 from eval_scripts import paper
-from eval_scripts.cli import EvalError, build_parser, parse_choices, run_main
+from eval_scripts.cli import EvalError, resolve_args, run_main, validate_args
 from eval_scripts.records import write_atomic
 from eval_scripts.results import COSMETIC
 from eval_scripts.tasks import DEFAULT_SUITE, GROUPS, TASKS, family, headline, subset_values
+from models.options import Option, eval_options
 
 MARK_MD = "<!-- written by python -m eval_scripts.suite -->"
 PER_TASK_ONLY = ("--data_dir", "--data_file")
 
 
-def _suite_flags(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    g = p.add_argument_group("suite")
-    g.add_argument("--tasks", default=",".join(DEFAULT_SUITE), help=f"comma-separated, from {', '.join(TASKS)}")
-    g.add_argument("--data_root", action="append", default=[], metavar="DIR",
-                   help="a folder holding benchmark folders in their original format (repeatable)")
-    g.add_argument("--task_args", action="append", default=[], metavar="TASK=FLAGS",
-                   help="extra flags for one task, e.g. 'imagenetvc=--image_prompt full' (repeatable)")
-    g.add_argument("--paper_model", default="auto",
-                   help="which paper model's numbers to show: auto (from --model_name), none, "
-                   + ", ".join(paper.models()))
-    return p
+SUITE_OPTIONS = (
+    Option("tasks", kind="list", choices=tuple(TASKS), default=list(DEFAULT_SUITE), results=True, group="suite",
+           help="comma-separated tasks"),
+    Option("data_root", kind="list", repeat=True, default=[], metavar="DIR", path=True, group="suite",
+           help="a folder holding benchmark folders in their original format (repeatable)"),
+    Option("task_args", kind="list", repeat=True, default=[], metavar="TASK=FLAGS", group="suite",
+           help="extra flags for one task, e.g. 'imagenetvc=--image_prompt full' (repeatable)"),
+    Option("paper_model", kind="choice", choices=("auto", "none", *paper.models()), default="auto", group="suite",
+           help="which paper model's numbers to show: auto (from --model_name), none, or one of the paper's"),
+)
+
+
+def task_options(spec) -> tuple:
+    """The option declarations of a task's script."""
+    return spec.module.OPTIONS
+
+
+def all_task_options(tasks) -> dict[str, Option]:
+    """Every option some selected task declares, by name (one declaration each: the shared ones are the
+    same objects in every script)."""
+    out = {}
+    for t in tasks:
+        for opt in task_options(TASKS[t]):
+            out.setdefault(opt.name, opt)
+    return out
 
 
 def help_parser() -> argparse.ArgumentParser:
     """The suite's own flags and the flags every script shares (``--help``)."""
-    p = _suite_flags(build_parser(__doc__.split("\n")[0]))
-    p.formatter_class, p.description = argparse.RawDescriptionHelpFormatter, __doc__
+    from models.options import build_parser
+
+    p = build_parser([*SUITE_OPTIONS, *eval_options()], __doc__)
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
     return p
 
 
@@ -76,16 +93,43 @@ def data_flags(spec, roots: list[str]) -> list[str]:
     return []  # the script's default: the shipped files (ImageNetVC, object commonsense) or the hub
 
 
+def _split_config(path: str | None, tasks_given: list[str] | None) -> tuple[dict, dict]:
+    """A suite config file's values: the suite's own, and the task settings (each key checked by the
+    declaration of the selected tasks that have it; a key no selected task has is an error)."""
+    if path is None:
+        return {}, {}
+    from models.options import checked_values
+    from models.options.parsing import load_yaml_mapping
+
+    where = f"--config {path}"
+    suite_names = {n for o in SUITE_OPTIONS for n in o.names()}
+    raw = load_yaml_mapping(path)
+    own = checked_values({k: v for k, v in raw.items() if k in suite_names}, SUITE_OPTIONS, where)
+    tasks = tasks_given or own.get("tasks") or list(DEFAULT_SUITE)
+    rest = {k: v for k, v in raw.items() if k not in suite_names}
+    return own, checked_values(rest, tuple(all_task_options(tasks).values()), where)
+
+
 def parse_args(argv=None) -> tuple[argparse.Namespace, dict[str, argparse.Namespace]]:
-    """The suite's flags and each task's parsed (and checked) script flags."""
+    """The suite's flags and each task's parsed, resolved and checked settings (nothing runs before all of
+    them are known to be good)."""
+    from models.options import OptionError, parse
+
     argv = list(sys.argv[1:] if argv is None else argv)
     if "-h" in argv or "--help" in argv:
         help_parser().print_help()
         raise SystemExit(0)
-    own, rest = _suite_flags(argparse.ArgumentParser(add_help=False)).parse_known_args(argv)
-    tasks = parse_choices(own.tasks, tuple(TASKS), "task")
-    if own.paper_model not in ("auto", "none", *paper.models()):
-        raise EvalError(f"unknown --paper_model {own.paper_model!r}; choose auto, none or {', '.join(paper.models())}")
+    try:
+        own, rest = parse(SUITE_OPTIONS, argv, known=True, raise_errors=True, config=False)
+        config_path = _config_arg(rest)
+        own_file, task_file = _split_config(config_path, own.tasks if "--tasks" in map(_flag, argv) else None)
+        if own_file:  # the command line wins over the file
+            given = {o.name for o in SUITE_OPTIONS if any(_flag(t) in o.flags for t in argv)}
+            own = own.replace(**{k: v for k, v in own_file.items() if k not in given})
+    except OptionError as err:
+        raise EvalError(str(err)) from None
+    rest = _without_config(rest)
+    tasks = own.tasks
     for root in own.data_root:
         if not Path(root).is_dir():
             raise EvalError(f"--data_root {root} is not a directory")
@@ -103,19 +147,23 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, dict[str, argparse.Namesp
     parsed, unknown = {}, []
     for t in tasks:
         spec = TASKS[t]
-        parser = spec.module.make_parser()
-        parser.exit_on_error = False
+        options = task_options(spec)
+        mine = {o.name for o in options}
+        defaults = {k: v for k, v in task_file.items() if k in mine}
         try:
-            ns, extras = parser.parse_known_args([*spec.argv, *data_flags(spec, own.data_root), *run_name,
-                                                  *rest, *extra[t]])
-        except argparse.ArgumentError as e:
+            ns, extras = parse(options, [*spec.argv, *data_flags(spec, own.data_root), *run_name, *rest, *extra[t]],
+                               known=True, raise_errors=True, defaults=defaults, config=False)
+        except OptionError as e:
             raise EvalError(f"{t}: {e}") from None
         flags = {_flag(x) for x in extras if x.startswith("--")}
         own_unknown = flags & {_flag(x) for x in extra[t]}
         if own_unknown:
             raise EvalError(f"--task_args for {t}: its script has no flag {sorted(own_unknown)[0]}")
         unknown.append(flags)
-        parsed[t] = spec.module.check_args(ns)
+        ns = resolve_args(ns)
+        resolve = getattr(spec.module, "resolve", None)
+        parsed[t] = resolve(ns) if resolve is not None else ns
+        validate_args(parsed[t])
     nowhere = set.intersection(*unknown) if unknown else set()
     if nowhere:
         raise EvalError(f"no selected task has the flag {sorted(nowhere)[0]}")
@@ -124,6 +172,30 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, dict[str, argparse.Namesp
         raise EvalError("every task of a suite writes to one run directory: --output_dir and --run_name "
                         "cannot differ per task")
     return own, parsed
+
+
+def _config_arg(tokens: list[str]) -> str | None:
+    for i, tok in enumerate(tokens):
+        if tok == "--config" and i + 1 < len(tokens):
+            return tokens[i + 1]
+        if tok.startswith("--config="):
+            return tok.split("=", 1)[1]
+    return None
+
+
+def _without_config(tokens: list[str]) -> list[str]:
+    out, skip = [], False
+    for i, tok in enumerate(tokens):
+        if skip:
+            skip = False
+            continue
+        if tok == "--config":
+            skip = True
+            continue
+        if tok.startswith("--config="):
+            continue
+        out.append(tok)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- running
@@ -141,9 +213,9 @@ def finished(out_dir: Path, name: str, args: argparse.Namespace) -> dict | None:
         saved = result["config"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    mine = _plain(vars(args))
+    mine = _plain({k: v for k, v in vars(args).items() if k != "config"})
     for key in set(mine) | set(saved):
-        if key in COSMETIC or (key == "vision_encoder" and mine.get(key) is None):
+        if key in COSMETIC:
             continue
         if mine.get(key) != saved.get(key):
             return None
@@ -152,11 +224,10 @@ def finished(out_dir: Path, name: str, args: argparse.Namespace) -> dict | None:
 
 def run_tasks(own, parsed: dict[str, argparse.Namespace]) -> dict:
     """Run every task on one runtime (built at the first task that needs running)."""
-    from eval_scripts.core import validate_common_args
     from eval_scripts.runtime import Runtime
 
     for ns in parsed.values():
-        validate_common_args(ns)
+        validate_args(ns)
     first = next(iter(parsed.values()))
     out_dir = Path(first.output_dir) / first.run_name
     use_images = any(ns.generate_images and ns.k > 0 for ns in parsed.values())

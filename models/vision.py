@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-DEFAULT_VISION_ENCODER = "ViT-B-32-quickgelu/openai"
+from models.options.catalog import DEFAULT_VISION_ENCODER  # noqa: E402  (declared with the options)
 OFFLINE_HINT = ("offline, pass --vision_encoder local-dir:PATH (an open_clip folder) or an HF CLIP folder, "
                 "or set up hub access")
 

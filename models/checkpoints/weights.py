@@ -19,17 +19,13 @@ from pathlib import Path
 
 import torch
 
+from models.checkpoints.config_file import CONFIG_NAME, FORMAT, CheckpointError, read_checkpoint_config  # noqa: F401
+
 WEIGHTS_NAME = "model.safetensors"
-CONFIG_NAME = "config.json"
-FORMAT = "late-fusion-trainable"
 TRAINABLE_PREFIXES = ("mm_proj.", "fusion_layer.")
 # Buffers older transformers versions persisted in state dicts; never trainable, safe to skip.
 _IGNORED_SUFFIXES = (".rotary_emb.inv_freq", ".attn.bias", ".attn.masked_bias", ".embeddings.position_ids",
                      ".embeddings.token_type_ids")
-
-
-class CheckpointError(ValueError):
-    """A weights file that cannot be used: unreadable, not a checkpoint, or holding non-finite values."""
 
 
 class CheckpointMismatchError(CheckpointError):
@@ -66,20 +62,6 @@ def save_trainable(model, out_dir: str | os.PathLike, *, base_model: str, vision
     os.replace(tmp, out)
     shutil.rmtree(old, ignore_errors=True)
     return out
-
-
-def read_checkpoint_config(path: str | os.PathLike) -> dict:
-    """The ``config.json`` beside a checkpoint ({} when there is none); one CheckpointError line if unreadable."""
-    cfg = Path(path) / CONFIG_NAME
-    if not cfg.is_file():
-        return {}
-    try:
-        config = json.loads(cfg.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{str(cfg)!r} is not valid JSON ({type(e).__name__})") from None
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{str(cfg)!r} does not hold a JSON object")
-    return config
 
 
 def _resolve(path: str | os.PathLike) -> Path:
