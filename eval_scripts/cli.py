@@ -116,14 +116,14 @@ def checkpoint_vision_encoder(pretrained_model: str | None) -> str | None:
     return spec if isinstance(spec, str) and spec else None
 
 
-def validate_args(args) -> None:
+def validate_args(args, options=()) -> None:
     """The checks a parsed value alone cannot make (every value was checked against its declaration when
-    parsed; a namespace built by hand is checked against the declarations here): k with images, the run
-    name, the data source, the device and the output folder."""
-    from models.options import SHARED, OptionError, check_settings
+    parsed; with ``options``, a namespace built by hand is checked against those declarations here too): k
+    with images, the run name, the data source, the device and the output folder."""
+    from models.options import OptionError, check_settings
 
     try:
-        check_settings(args, SHARED.values())
+        check_settings(args, options)
     except OptionError as err:
         raise EvalError(str(err)) from None
     if getattr(args, "generate_images", False) and getattr(args, "k", 1) < 1:
@@ -145,7 +145,7 @@ def parse_eval_args(options, argv=None, description: str = "", resolve=None) -> 
     args = resolve_args(parse(options, argv, description=description, raise_errors=True))
     if resolve is not None:
         args = resolve(args)
-    validate_args(args)
+    validate_args(args, options)
     return args
 
 

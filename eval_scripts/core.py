@@ -86,7 +86,7 @@ class Evaluator:
 
         self.t0 = time.perf_counter()
         args = resolve_args(args)  # a namespace built without the parser is resolved and checked alike
-        validate_args(args)
+        validate_args(args, options)
         self.args, self.task, self.options = args, task, tuple(options)
         self.resume_keys = keys(self.options, "results")
         self.use_images = bool(args.generate_images) and args.k > 0

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from eval_scripts import core
-from eval_scripts.core import EvalError, Evaluator, _bool_word, build_parser, run_main
-from eval_scripts.imagenetVC import main, parse_args
+from eval_scripts.core import EvalError, Evaluator, run_main
+from eval_scripts.imagenetVC import OPTIONS, main, parse_args
+from models.options.catalog import GENERATE_IMAGES as SWITCH
 from tests.zoo import boosted_checkpoint
 from tests.paths import EVAL_DATA
 
@@ -46,32 +47,32 @@ def samples(zoo, run_name):
 
 
 # ---------------------------------------------------------------------------------------------- flags
-def test_bool_word():
+def test_switch_words():
     for word in ("True", "true", "1", "yes", "Y", "on"):
-        assert _bool_word(word) is True
+        assert SWITCH.convert(word) is True
     for word in ("False", "false", "0", "no", "N", "off"):
-        assert _bool_word(word) is False
-    with pytest.raises(argparse.ArgumentTypeError):
-        _bool_word("maybe")
+        assert SWITCH.convert(word) is False
+    with pytest.raises(ValueError, match="true or false"):
+        SWITCH.convert("maybe")
 
 
 def test_generate_images_is_a_switch_and_takes_the_released_true_false():
-    p = build_parser("x")
-    assert p.parse_args([]).generate_images is False  # resolved at parse time: off unless --image_source retrieve
-    assert p.parse_args(["--generate_images"]).generate_images is True
-    assert p.parse_args(["--generate_images", "True"]).generate_images is True
-    assert p.parse_args(["--generate_images", "False"]).generate_images is False  # a plain bool() would say True
-    assert p.parse_args(["--generate_images", "--k", "3"]).generate_images is True
-    with pytest.raises(SystemExit):
-        p.parse_args(["--generate_images", "maybe"])
-    released = p.parse_args(["--model_name_or_path", "m", "--no_clip_rescaling"])
+    p = parse_args
+    assert p([]).generate_images is False  # resolved at parse time: off unless --image_source retrieve
+    assert p(["--generate_images"]).generate_images is True
+    assert p(["--generate_images", "True"]).generate_images is True
+    assert p(["--generate_images", "False"]).generate_images is False  # a plain bool() would say True
+    assert p(["--generate_images", "--k", "3"]).generate_images is True
+    with pytest.raises(ValueError, match="generate_images"):
+        p(["--generate_images", "maybe"])
+    released = p(["--model_name_or_path", "m", "--no_clip_rescaling"])
     assert released.model_name == "m" and released.uniform_weights is True
-    assert p.parse_args([]).k == 10  # the released scripts' default
+    assert p([]).k == 10  # the released scripts' default
 
 
 def test_k_below_one_with_images_is_an_error(zoo, capsys):
     with pytest.raises(EvalError, match="--k"):
-        Evaluator(parse_args(args_for(zoo, "k0", k=0)), "imagenetvc")
+        Evaluator(parse_args(args_for(zoo, "k0", k=0)), "imagenetvc", OPTIONS)
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
         run_main(main, args_for(zoo, "k0", k=0))

@@ -13,7 +13,7 @@ import torch
 
 from eval_scripts import core
 from eval_scripts.core import run_main
-from eval_scripts.imagenetVC import main, make_compute, parse_args
+from eval_scripts.imagenetVC import OPTIONS, main, make_compute, parse_args
 from tests.zoo import boosted_checkpoint
 from tests.paths import EVAL_DATA
 
@@ -229,7 +229,7 @@ def test_full_scoring_differs_from_first_token_on_a_multi_token_candidate(zoo):
     assert len(tok(" rhombus", add_special_tokens=False)["input_ids"]) == 3
 
     def score(scoring):
-        ev = core.Evaluator(parse_args(text_args(zoo, f"unit_{scoring}", 1, "--scoring", scoring)), "imagenetvc")
+        ev = core.Evaluator(parse_args(text_args(zoo, f"unit_{scoring}", 1, "--scoring", scoring)), "imagenetvc", OPTIONS)
         return make_compute(ev)([item])[0]["scores"]
 
     ctx = tok(prompt)["input_ids"]

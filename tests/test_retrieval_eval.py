@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from eval_scripts.core import EvalError, Evaluator, run_main
-from eval_scripts.imagenetVC import main, parse_args
+from eval_scripts.imagenetVC import OPTIONS, main, parse_args
 from models.images import index as image_index
 from models.images.index import ImageIndex
 from models.images.retrieval import ImageRetriever
@@ -82,7 +82,7 @@ def test_one_image_retrieved_for_two_prompts_gets_each_prompts_own_weight(zoo, t
     second prompt would get the first prompt's weight."""
     images = draw_stand_ins(tmp_path / "one", ["only.png"])
     index_dir = build_index(images, tmp_path / "index", zoo["clip"])
-    ev = Evaluator(parse_args(args_for(zoo, "one-image", "--image_index", str(index_dir), k=1)), "imagenetvc")
+    ev = Evaluator(parse_args(args_for(zoo, "one-image", "--image_index", str(index_dir), k=1)), "imagenetvc", OPTIONS)
     from PIL import Image
 
     image = Image.open(images / "only.png").convert("RGB")
@@ -200,7 +200,7 @@ def test_evaluator_refuses_k_above_the_index_before_loading_models(zoo, monkeypa
 
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", no_loading)
     with pytest.raises(EvalError, match="larger than the image index"):
-        Evaluator(parse_args(args_for(zoo, "early", k=99)), "imagenetvc")
+        Evaluator(parse_args(args_for(zoo, "early", k=99)), "imagenetvc", OPTIONS)
 
 
 SCRIPTS = [("boolq", "boolq", ["--data_dir", str(TEST_DATA / "boolq")]),

@@ -150,13 +150,13 @@ def test_paper_model_names():
 
 
 @pytest.mark.parametrize("extra,message", [
-    (["--tasks", "imagenetvc,nosuchtask"], "unknown task 'nosuchtask'"),
+    (["--tasks", "imagenetvc,nosuchtask"], "--tasks: 'nosuchtask' is not one of"),
     (["--tasks", "boolq", "--sets", "shape"], "no selected task has the flag --sets"),
     (["--tasks", "boolq", "--data_dir", "x"], "--data_dir differs per task"),
     (["--tasks", "boolq", "--task_args", "piqa=--protocol harness"], "--task_args"),
     (["--tasks", "boolq", "--task_args", "boolq=--testset piqa"], "its script has no flag --testset"),
     (["--tasks", "boolq,piqa", "--image_prompt", "context"], "boolq: argument --image_prompt"),
-    (["--tasks", "boolq", "--paper_model", "gpt5"], "unknown --paper_model"),
+    (["--tasks", "boolq", "--paper_model", "gpt5"], "--paper_model: must be one of auto, none"),
 ])
 def test_bad_input_is_one_line_and_exit_2(zoo, tmp_path, capsys, extra, message):
     argv = zoo["common"] + ["--output_dir", str(tmp_path / "out"), "--run_name", "bad"] + extra

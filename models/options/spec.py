@@ -113,6 +113,8 @@ class Option:
             return value
         try:
             out = self._typed(value)
+        except OptionError:
+            raise
         except (TypeError, ValueError):
             raise OptionError(f"must be {self.allowed()}, got {value!r}") from None
         problem = self._out_of_range(out, value)
@@ -160,8 +162,9 @@ class Option:
             items = [str(v).strip() for v in items if str(v).strip()]
             if not items:
                 raise ValueError
-            if self.choices and any(v not in self.choices for v in items):
-                raise ValueError
+            bad = [v for v in items if self.choices and v not in self.choices]
+            if bad:
+                raise OptionError(f"{bad[0]!r} is not one of {', '.join(map(str, self.choices))}")
             return items
         if not isinstance(value, str):
             if isinstance(value, (dict, list, tuple, bool)) or value is None:
