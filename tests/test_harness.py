@@ -294,8 +294,10 @@ def test_bad_model_args_fail_before_any_model_loads(lm_dirs):
     from eval_scripts.harness import LateFusionHarnessLM
 
     cases = [({"model_nmae": "gpt2"}, "unknown key 'model_nmae'"), ({"k": 0}, "k must be >= 1"),
-             ({"mix": "mean"}, "mix='mean'; choose one of logits, probs"), ({"batch_size": "auto"}, "auto"),
-             ({"k": "two"}, "k='two' is not a valid int"), ({"image_prompt": "context"}, "choose one of")]
+             ({"mix": "mean"}, "mix: must be one of logits, probs, got 'mean'"), ({"batch_size": "auto"}, "auto"),
+             ({"k": "two"}, "k: must be an integer >= 0, got 'two'"),
+             ({"guidance_scale": -1}, "guidance_scale: must be a finite number >= 0, got -1"),
+             ({"image_prompt": "context"}, "image_prompt: must be one of question, full, sentences")]
     for args, message in cases:
         with pytest.raises(EvalError, match=message):
             LateFusionHarnessLM.create_from_arg_obj({"model_name": "no/such-model", **args}, {"device": "cpu"})
@@ -332,12 +334,10 @@ def test_cli_bad_input_is_one_line_and_exit_2():
                            "--include_path", str(TASKS), "--model_args", "model_name=gpt2,kk=2", "--device", "cpu"],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1] == ("error: late_fusion model_args: unknown key 'kk'; accepted: "
-                                                    "model_name, pretrained_model, vision_encoder, k, mix, "
-                                                    "clip_temperature, uniform_weights, image_generator, "
-                                                    "image_cache, image_prompt, dtype, device, batch_size, "
-                                                    "image_size, num_inference_steps, guidance_scale, seed, "
-                                                    "gen_batch_size, proj_hidden, toyworld_noise")
+    from eval_scripts.harness import MODEL_ARGS
+
+    assert proc.stderr.strip().splitlines()[-1] == ("error: late_fusion model_args: unknown key 'kk'; allowed: "
+                                                    + ", ".join(MODEL_ARGS))
     assert "Traceback" not in proc.stderr
 
 
