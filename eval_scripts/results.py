@@ -18,7 +18,7 @@ from pathlib import Path
 
 from eval_scripts.cli import EvalError
 from eval_scripts.records import read_jsonl_rows
-from eval_scripts.tasks import headline, metrics_from_samples, text_only_view
+from eval_scripts.registry import headline, metrics_from_samples
 
 FLIPS = ("fixed", "broke", "unchanged")
 # config keys that do not change what a run computes (how it ran, where it wrote)
@@ -27,6 +27,19 @@ COSMETIC = ("run_name", "output_dir", "batch_size", "gen_batch_size", "device", 
 IMAGE_ONLY = ("k", "generate_images", "pretrained_model", "vision_encoder", "proj_hidden", "image_prompt",
               "image_generator", "image_size", "num_inference_steps", "guidance_scale", "mix", "clip_temperature",
               "uniform_weights", "seed", "toyworld_noise")
+
+
+def text_only_view(record: dict) -> dict | None:
+    """A sample record as the text-only prediction would have made it (``prediction`` and
+    ``correct`` replaced), or None when the record holds no text-only prediction."""
+    if "text_only_prediction" not in record:
+        return None
+    view = {**record, "prediction": record["text_only_prediction"], "scores": record.get("text_only_scores"),
+            "correct": record["text_only_prediction"] == record["answer"]}
+    if "text_only_prediction_norm" in record:
+        view.update(prediction_norm=record["text_only_prediction_norm"],
+                    correct_norm=record["text_only_prediction_norm"] == record["answer"])
+    return view
 
 
 @dataclass
