@@ -12,6 +12,11 @@ metric the paper reports for it (``metric``, ``headline_value``) and the paper's
 in, its per-subset values for the report's charts (``subsets``), and how its metrics are
 recomputed from sample records (``from_samples``, used on the text-only view of an image run).
 Its functions read plain dicts, so a declaration imports no torch (``--help`` stays light).
+
+Adding a benchmark: write ``eval_scripts/<name>.py`` with the three functions above, its metric
+function, a ``task_name(args)`` when its result name depends on flags, a ``__main__`` block, and
+``BENCHMARKS`` after the metric code. The suite's ``--tasks``, its summary and the report then know
+it; ``tests/test_registry.py`` checks the declaration and ``tests/test_imports.py`` its ``--help``.
 """
 from __future__ import annotations
 

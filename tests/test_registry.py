@@ -21,7 +21,8 @@ from tests.paths import REPO
 NOT_BENCHMARKS = ("harness.py", "report.py", "suite.py")  # entry points that run no benchmark of their own
 SCRIPTS = sorted(p.stem for p in (REPO / "eval_scripts").glob("*.py")
                  if 'if __name__ == "__main__":' in p.read_text() and p.name not in NOT_BENCHMARKS)
-# (script, argv, group, folders) of every benchmark, as the suite ran them before the declarations moved
+# (script, argv, group, folders) of the benchmarks as the suite ran them before the declarations moved (a
+# new benchmark needs no entry here: these only must not change)
 EXPECTED = {
     "imagenetvc": ("imagenetVC", (), "VC", ("imagenetvc",)),
     "object_commonsense": ("object_commonsense", (), None, ("object_commonsense", "valm")),
@@ -42,7 +43,7 @@ EXPECTED = {
 
 # ---------------------------------------------------------------------------------------------- discovery
 def test_every_eval_script_declares_its_benchmarks():
-    assert SCRIPTS == ["boolq", "commonsenseQA", "imagenetVC", "object_commonsense", "quac", "squad"]
+    assert {"boolq", "commonsenseQA", "imagenetVC", "object_commonsense", "quac", "squad"} <= set(SCRIPTS)
     found = registry.benchmarks()
     for stem in SCRIPTS:
         module = importlib.import_module(f"eval_scripts.{stem}")
@@ -57,12 +58,12 @@ def test_every_eval_script_declares_its_benchmarks():
 
 def test_declarations_hold_what_the_suite_used():
     got = {name: (b.script.split(".")[-1], b.argv, b.group, b.folders) for name, b in registry.benchmarks().items()}
-    assert got == EXPECTED
+    assert {name: got[name] for name in EXPECTED} == EXPECTED
 
 
 def test_registry_names_are_the_suite_choices():
     assert suite.TASKS == registry.benchmarks()
-    assert set(registry.names()) == set(EXPECTED) and set(suite.DEFAULT_SUITE) <= set(registry.names())
+    assert set(EXPECTED) <= set(registry.names()) and set(suite.DEFAULT_SUITE) <= set(registry.names())
     with pytest.raises(EvalError, match="choose from " + ", ".join(registry.names()) + "$"):
         suite.parse_args(["--tasks", "nosuchtask"])
     help_text = suite.help_parser().format_help()
@@ -73,7 +74,7 @@ def test_discovery_imports_no_torch():
     code = ("import sys, eval_scripts.registry as r; n = len(r.benchmarks()); "
             "print(n, sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'numpy', 'PIL', 'lm_eval'}))")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True).stdout
-    assert out.split() == [str(len(EXPECTED)), "[]"]
+    assert out.split() == [str(len(registry.names())), "[]"]
     assert "eval_scripts.harness" not in registry.declaring_modules()
 
 
@@ -109,7 +110,8 @@ def test_a_new_benchmark_module_is_found_with_nothing_else_edited(tmp_path, monk
     monkeypatch.delitem(sys.modules, "eval_scripts.toy_benchmark", raising=False)
     try:
         found = registry.benchmarks()
-        assert list(found)[-1] == "toy" and set(found) == set(EXPECTED) | {"toy"}
+        assert "eval_scripts.toy_benchmark" in registry.declaring_modules()
+        assert set(found) == set(suite.TASKS) | {"toy"}  # the suite's were found before the module was there
         toy = found["toy"]
         assert toy.script == "eval_scripts.toy_benchmark" and toy.group == "RC" and toy.folders == ("toy",)
         assert registry.for_result("toy_v2") is toy and registry.for_result("toyx") is None
