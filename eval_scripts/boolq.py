@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from data.benchmarks import boolq_context, boolq_released_prompt, load_boolq
 from data.prompts import derive_prompts
+from eval_scripts.benchmark import Benchmark
 from eval_scripts.cli import option_parser, parse_eval_args
 from eval_scripts.core import Evaluator, first_token_ids, require_causal_lm, run_main
 from models.options import Option, eval_options
@@ -95,6 +96,10 @@ def make_compute(ev: Evaluator):
 
 def metrics_from(records: list[dict]) -> dict:
     return {"acc": 100 * sum(r["correct"] for r in records) / len(records), "n": len(records)}
+
+
+BENCHMARKS = (Benchmark("boolq", results="boolq", metric="acc", group="RC", folders=("boolq",), task_name=task_name,
+                        from_samples=lambda config, records: metrics_from(records)),)
 
 
 def evaluate(args, runtime=None) -> dict:

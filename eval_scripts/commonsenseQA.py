@@ -43,6 +43,7 @@ import math
 
 from data.benchmarks import COMMONSENSE_TESTSETS, MCExample, load_commonsense
 from data.prompts import derive_prompts
+from eval_scripts.benchmark import Benchmark
 from eval_scripts.cli import option_parser, parse_eval_args
 from eval_scripts.core import EvalError, Evaluator, require_causal_lm, run_main
 from eval_scripts.metrics import mc_predictions, ppl_prediction
@@ -188,6 +189,20 @@ def metrics_from(records: list[dict], protocol: str) -> dict:
         metrics["acc_norm"] = 100 * sum(r["correct_norm"] for r in records) / n
     metrics["n"] = n
     return metrics
+
+
+def metrics_from_samples(config: dict, records: list[dict]) -> dict:
+    return metrics_from(records, records[0].get("protocol", config.get("protocol", "released")))
+
+
+# folder names under a --data_root: the released name first, then the other spellings in use
+FOLDERS = {"piqa": ("piqa",), "siqa": ("siqa", "socialiqa"), "arc": ("arc",), "arc_easy": ("arc",),
+           "arc_challenge": ("arc",), "obqa": ("obqa", "openbookqa"), "cqa": ("commonsenseqa", "cqa"),
+           "hs": ("hellaswag", "hs"), "winogrande": ("winogrande",)}
+BENCHMARKS = tuple(Benchmark(name, results=f"commonsense_{name}", metric="acc", group="CR",
+                             argv=("--testset", name), folders=FOLDERS[name], task_name=task_name,
+                             from_samples=metrics_from_samples)
+                   for name in COMMONSENSE_TESTSETS)
 
 
 def evaluate(args, runtime=None) -> dict:

@@ -30,6 +30,7 @@ from pathlib import Path
 from data.benchmarks import (IMAGENETVC_DIR, IMAGENETVC_SUBSETS, IMAGENETVC_TEMPLATES, imagenetvc_prompt,
                              load_imagenetvc, load_imagenetvc_demos)
 from data.prompts import derive_prompts
+from eval_scripts.benchmark import Benchmark, records_by, template_means
 from eval_scripts.cli import option_parser, parse_eval_args
 from eval_scripts.core import EvalError, Evaluator, run_main
 from eval_scripts.metrics import summarize_templates
@@ -137,6 +138,13 @@ def metrics_from(records_by_subset: dict[str, list[dict]]) -> dict:
                for t in range(n_t)]
     metrics["overall"] = {"per_template": [round(100 * a, 4) for a in overall], **summarize_templates(overall)}
     return metrics
+
+
+# the paper reports the mean over templates of the macro average over subsets
+BENCHMARKS = (Benchmark(TASK, results=TASK, metric="acc", group="VC", folders=("imagenetvc",),
+                        headline_value=lambda metrics: metrics.get("overall", {}).get("mean"),
+                        subsets=template_means,
+                        from_samples=lambda config, records: metrics_from(records_by(records, "subset"))),)
 
 
 def evaluate(args, runtime=None) -> dict:

@@ -80,6 +80,7 @@ from pathlib import Path
 
 from data.benchmarks import OBJECT_SET_FILES, OBJECT_SETS, load_object_commonsense, object_phrase, object_set_of_file
 from data.prompts import derive_prompts
+from eval_scripts.benchmark import Benchmark, records_by, template_means
 from eval_scripts.cli import option_parser, parse_eval_args
 from eval_scripts.core import EvalError, Evaluator, run_main
 from eval_scripts.metrics import summarize_templates
@@ -197,6 +198,18 @@ def set_metrics(set_name: str, records: list[dict], n_examples: int) -> dict:
         rows = [r for r in records if r["template"] == t]
         accs.append(sum(r["correct"] for r in rows) / len(rows))
     return {"per_template": [round(100 * a, 4) for a in accs], **summarize_templates(accs), "n": n_examples}
+
+
+def mean_over_sets(metrics: dict) -> float | None:
+    sets = template_means(metrics)
+    return sum(sets.values()) / len(sets) if sets else None
+
+
+# the paper's Table 1 (no group): accuracy per set, compared with the published numbers per set
+BENCHMARKS = (Benchmark(TASK, results=TASK, metric="acc", folders=("object_commonsense", "valm"),
+                        headline_value=mean_over_sets, subsets=template_means, paper_table="object_commonsense",
+                        from_samples=lambda config, records: {s: set_metrics(s, rows, None)
+                                                              for s, rows in records_by(records, "set").items()}),)
 
 
 def evaluate(args, runtime=None) -> dict:

@@ -21,6 +21,7 @@ answers, is_impossible, exact_match, f1, correct`` (exact match) and ``images``.
 from __future__ import annotations
 
 from data.benchmarks import QUAC_CANNOTANSWER, load_quac
+from eval_scripts.benchmark import Benchmark
 from eval_scripts.core import require_causal_lm, run_main
 from eval_scripts.metrics import exact_match, quac_f1, quac_references, quac_scores
 from eval_scripts.squad import OPTIONS, abstained, parse_args, run_generation  # noqa: F401 (OPTIONS: quac's are squad's)
@@ -42,6 +43,10 @@ def quac_example_scores(prediction: str, answers: list[str]) -> tuple[float, flo
 
 def make_parser():
     return _squad_parser(__doc__.split("\n")[0])
+
+
+# a generation task: no metrics from samples (the text-only answer needs its own decode)
+BENCHMARKS = (Benchmark(TASK, results=TASK, metric="f1", group="RC", folders=("quac",)),)
 
 
 def evaluate(args, runtime=None) -> dict:

@@ -29,7 +29,7 @@ from eval_scripts.cli import EvalError, run_main
 from eval_scripts.records import write_atomic
 from eval_scripts.report_media import k_plot, subset_chart, thumbnail
 from eval_scripts.results import FLIPS, Comparison, TaskRun, compare
-from eval_scripts.tasks import headline, subset_values
+from eval_scripts.registry import headline, subset_values
 
 MARK_HTML = '<meta name="generator" content="late-fusion eval_scripts.report">'
 MARK_MD = "<!-- written by python -m eval_scripts.report -->"

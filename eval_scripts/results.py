@@ -18,14 +18,27 @@ from pathlib import Path
 
 from eval_scripts.cli import EvalError
 from eval_scripts.records import read_jsonl_rows
+from eval_scripts.registry import headline, metrics_from_samples
 from models.options import SHARED, keys
-from eval_scripts.tasks import headline, metrics_from_samples, text_only_view
 
 FLIPS = ("fixed", "broke", "unchanged")
 # config keys that do not change what a run computes (how it ran, where it wrote), and those that matter only
 # when images are fused: read from the option declarations
 COSMETIC = tuple(o.name for o in SHARED.values() if not (o.results or o.data))
 IMAGE_ONLY = keys(SHARED.values(), "images_only")
+
+
+def text_only_view(record: dict) -> dict | None:
+    """A sample record as the text-only prediction would have made it (``prediction`` and
+    ``correct`` replaced), or None when the record holds no text-only prediction."""
+    if "text_only_prediction" not in record:
+        return None
+    view = {**record, "prediction": record["text_only_prediction"], "scores": record.get("text_only_scores"),
+            "correct": record["text_only_prediction"] == record["answer"]}
+    if "text_only_prediction_norm" in record:
+        view.update(prediction_norm=record["text_only_prediction_norm"],
+                    correct_norm=record["text_only_prediction_norm"] == record["answer"])
+    return view
 
 
 @dataclass

@@ -38,6 +38,7 @@ from typing import Callable
 
 from data.benchmarks import load_squad, qa_one_shot_prompt
 from data.prompts import derive_prompts
+from eval_scripts.benchmark import Benchmark
 from eval_scripts.cli import option_parser, parse_eval_args
 from eval_scripts.core import EvalError, Evaluator, require_causal_lm, run_main
 from eval_scripts.metrics import exact_match, f1, normalize_answer
@@ -144,6 +145,16 @@ def group_means(records: list[dict]) -> dict:
     if all(groups.values()):
         metrics.update({name: means(rows) for name, rows in groups.items()})
     return metrics
+
+
+def answerable_split(metrics: dict) -> dict[str, float]:
+    """Exact match on the answerable and on the unanswerable questions (when both were scored)."""
+    return {k: metrics[k]["exact_match"] for k in ("answerable", "unanswerable") if isinstance(metrics.get(k), dict)}
+
+
+# a generation task: no metrics from samples (the text-only answer needs its own decode); squad_v1.1 is its family
+BENCHMARKS = (Benchmark(TASK, results=TASK, metric="exact_match", group="RC", folders=("squad_v2", "squad"),
+                        subsets=answerable_split),)
 
 
 def evaluate(args, runtime=None) -> dict:

@@ -10,17 +10,17 @@ serves every task) and the image cache is shared. Each task runs its own script'
 ``<output_dir>/<run_name>``, which also receives ``suite.json`` and ``suite.md``: one row per task
 with the metric the paper reports, the group averages VC, CR and RC, and, for the paper's models
 (GPT-2, Gemma-2B, Llama-3-8B; ``--paper_model`` names one explicitly), the published numbers
-beside ours with the difference (see :mod:`eval_scripts.tasks` for the metrics, and
-:mod:`eval_scripts.paper`).
+beside ours with the difference (see :mod:`eval_scripts.registry` for the metrics, and
+:mod:`eval_scripts.paper`). The tasks are the benchmarks the eval scripts declare (their ``BENCHMARKS``).
 
 Flags: every eval script's flag applies to each task whose script has it (``--k`` to all,
 ``--scoring`` to ImageNetVC and object commonsense, ``--protocol`` to the commonsense sets, ...); a
 flag no selected task has is an error. ``--task_args 'TASK=FLAGS'`` adds flags for one task
 (e.g. ``--task_args 'imagenetvc=--image_prompt full'``). Data: each task reads the first
-``ROOT/<folder>`` of the ``--data_root`` folders that exists (``imagenetvc``, ``object_commonsense``,
-``piqa``, ``siqa``, ``arc``, ``obqa``, ``commonsenseqa``, ``hellaswag``, ``winogrande``, ``boolq``,
-``squad_v2``, ``quac``), else the files shipped with the project (ImageNetVC, object commonsense),
-else its script's default (the hub).
+``ROOT/<folder>`` of the ``--data_root`` folders that exists, of the folders its declaration names
+(e.g. ``imagenetvc``, ``piqa``, ``arc``, ``commonsenseqa``, ``hellaswag``, ``boolq``, ``squad_v2``,
+``quac``), else the files shipped with the project (ImageNetVC, object commonsense), else its
+script's default (the hub).
 
 A killed suite resumes task by task: a task whose result file exists with the same settings is
 not run again, and an unfinished one resumes where it stopped, as each script does.
@@ -34,12 +34,16 @@ import shlex
 import sys
 from pathlib import Path
 
-from eval_scripts import paper
+from eval_scripts import paper, registry
+from eval_scripts.benchmark import GROUPS
 from eval_scripts.cli import EvalError, resolve_args, run_main, validate_args
 from eval_scripts.records import write_atomic
 from eval_scripts.results import COSMETIC
-from eval_scripts.tasks import DEFAULT_SUITE, GROUPS, TASKS, family, headline, subset_values
 from models.options import Option, eval_options
+
+TASKS = registry.benchmarks()  # {name: Benchmark}, as the eval scripts declare them
+# the paper's suite (its Table 4 tasks and Table 1), in the order its summary lists them: a choice, not a registration
+DEFAULT_SUITE = ("imagenetvc", "object_commonsense", "piqa", "siqa", "arc_easy", "obqa", "boolq", "squad", "quac")
 
 MARK_MD = "<!-- written by python -m eval_scripts.suite -->"
 PER_TASK_ONLY = ("--data_dir", "--data_file")
@@ -267,12 +271,13 @@ def summarize(own, parsed: dict[str, argparse.Namespace], results: dict, state: 
     for t, result in results.items():
         if not result:
             continue
-        metric, value = headline(result["task"], result["metrics"])
+        spec = TASKS[t]
+        metric, value = spec.headline(result["metrics"])
         rows.append({"task": t, "result": f"{result['task']}.json", "metric": metric, "value": value,
-                     "n": result.get("counts", {}).get("examples"), "group": TASKS[t].group})
-        if family(result["task"]) == "object_commonsense":
-            for name, v in subset_values(result["task"], result["metrics"]).items():
-                published = {s: paper.value("object_commonsense", model, s, name) for s in paper.SETTINGS}
+                     "n": result.get("counts", {}).get("examples"), "group": spec.group})
+        if spec.paper_table is not None:
+            for name, v in spec.subset_values(result["metrics"]).items():
+                published = {s: paper.value(spec.paper_table, model, s, name) for s in paper.SETTINGS}
                 sets.append({"set": name, "value": v, "paper": published,
                              "diff": None if published[setting] is None else v - published[setting]})
     groups = {}
