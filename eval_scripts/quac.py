@@ -62,7 +62,7 @@ def evaluate(args, runtime=None) -> dict:
 
 
 def main(argv=None) -> dict:
-    return evaluate(parse_args(__doc__.split("\n")[0], argv))
+    return evaluate(parse_args(argv, __doc__.split("\n")[0]))
 
 
 if __name__ == "__main__":

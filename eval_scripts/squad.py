@@ -66,7 +66,7 @@ def make_parser(description: str = __doc__.split("\n")[0]):
     return option_parser(OPTIONS, description)
 
 
-def parse_args(description: str, argv=None):
+def parse_args(argv=None, description: str = __doc__.split("\n")[0]):
     return parse_eval_args(OPTIONS, argv, description)
 
 
@@ -169,7 +169,7 @@ def evaluate(args, runtime=None) -> dict:
 
 
 def main(argv=None) -> dict:
-    return evaluate(parse_args(__doc__.split("\n")[0], argv))
+    return evaluate(parse_args(argv))
 
 
 if __name__ == "__main__":
