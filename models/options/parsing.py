@@ -44,6 +44,8 @@ class OptionsParser(argparse.ArgumentParser):
 
 def _help(opt: Option) -> str:
     text = opt.help or ""
+    if opt.kind == "list" and opt.choices:
+        text = f"{text} (from {', '.join(map(str, opt.choices))})" if text else f"from {', '.join(opt.choices)}"
     shown = opt.default not in (None, False, [], ()) and "default" not in text.lower()
     if shown:
         value = ",".join(map(str, opt.default)) if isinstance(opt.default, (list, tuple)) else opt.default
