@@ -91,30 +91,34 @@ class Evaluator:
         self.resume_keys = keys(self.options, "results")
         self.use_images = bool(args.generate_images) and args.k > 0
         with _gc_paused():  # importing torch and transformers and loading models: about 20% faster
+            from accelerate import PartialState
+
             from eval_scripts.masked_scoring import MaskedScorer
             from eval_scripts.runtime import Runtime
             from eval_scripts.scoring import Scorer
 
+            # the run's settings are checked against the run being resumed before anything loads: a
+            # mismatched re-run fails fast and writes nothing
+            state = runtime.state if runtime is not None else PartialState(cpu=args.device == "cpu")
+            self.records = RunRecords(self.args, self.task, state, self.resume_keys, self.options)
+            self.records.check_resume()
             shared = runtime is not None
             if not shared:
-                # the run's settings are checked after the trained weights are read but before any model
-                # loads: a mismatched re-run fails fast and writes nothing
-                runtime = Runtime(args, self.use_images, before_load=self._open_records)
+                # the image index is opened (and its size checked against k) before any model loads
+                runtime = Runtime(args, self.use_images, before_load=self._check_index)
         if shared:
             diff = runtime.mismatches(args, self.use_images)
             if diff:
                 raise EvalError(f"task {task!r} needs another model setup than the loaded one (--{diff[0]})")
-            self._open_records(runtime)
+            self._check_index(runtime)
         self.runtime = runtime
         self.scorer = (MaskedScorer if runtime.model.kind == "masked" else Scorer)(runtime, args, self.use_images)
         self._stats0 = self._runtime_stats()
 
-    def _open_records(self, runtime: "Runtime") -> None:
+    def _check_index(self, runtime: "Runtime") -> None:
         if self.use_images and runtime.retriever is not None and self.args.k > len(runtime.retriever):
             raise EvalError(f"--k {self.args.k} is larger than the image index {self.args.image_index} "
                             f"({len(runtime.retriever)} images)")
-        self.records = RunRecords(self.args, self.task, runtime.state, self.resume_keys, self.options)
-        self.records.check_resume()
 
     # ------------------------------------------------------------------ views of the parts
     model = property(lambda self: self.runtime.model)

@@ -204,9 +204,9 @@ class RunRecords:
             write_atomic(run_file, json.dumps(mine, indent=2))
         diff = [k for k in self.resume_keys if locked and old.get(k) != mine[k]]
         if diff:
-            k = diff[0]
+            k, others = diff[0], "".join(f", --{d} {old.get(d)!r} (now {mine[d]!r})" for d in diff[1:])
             raise EvalError(f"run {self.args.run_name!r} was started with --{k} {old.get(k)!r}, not "
-                            f"{mine[k]!r}; use another --run_name")
+                            f"{mine[k]!r}{others}; use another --run_name")
 
     def shard(self, items: list[dict]) -> list[dict]:
         """This process's share: whole groups of items that share images (``shard_key``, e.g. the 5
