@@ -29,9 +29,9 @@ def another_value(opt: Option, current) -> list[str]:
     if opt.kind == "switch":
         return [opt.flag, "False" if current else "True"]
     if opt.kind == "choice":
-        return [opt.flag, str(next(c for c in opt.choices if c != current))]
+        return [opt.flag, str(next(c for c in opt.choice_values if c != current))]
     if opt.kind == "list":
-        return [opt.flag, next(c for c in opt.choices if c not in (current or []))]
+        return [opt.flag, next(c for c in opt.choice_values if c not in (current or []))]
     if opt.kind == "int":
         value = 1 if current is None else current + 1
         value = value if opt.high is None or value <= opt.high else current - 1

@@ -45,7 +45,8 @@ class OptionsParser(argparse.ArgumentParser):
 def _help(opt: Option) -> str:
     text = opt.help or ""
     if opt.kind == "list" and opt.choices:
-        text = f"{text} (from {', '.join(map(str, opt.choices))})" if text else f"from {', '.join(opt.choices)}"
+        names = ", ".join(map(str, opt.choice_values))
+        text = f"{text} (from {names})" if text else f"from {names}"
     shown = opt.default not in (None, False, [], ()) and "default" not in text.lower()
     if shown:
         value = ",".join(map(str, opt.default)) if isinstance(opt.default, (list, tuple)) else opt.default
@@ -65,7 +66,7 @@ def add_options(parser: argparse.ArgumentParser, options: Iterable[Option]) -> a
         if opt.kind == "flag":
             g.add_argument(*opt.flags, action="store_true", **common)
             continue
-        metavar = opt.metavar or ("{" + ",".join(map(str, opt.choices)) + "}" if opt.kind == "choice" else None)
+        metavar = opt.metavar or ("{" + ",".join(map(str, opt.choice_values)) + "}" if opt.kind == "choice" else None)
         if opt.kind == "switch":
             g.add_argument(*opt.flags, nargs="?", const=True, type=opt.parse_text, metavar="True|False", **common)
         elif opt.repeat:

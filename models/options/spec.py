@@ -48,7 +48,7 @@ class Option:
     low: float | None = None
     high: float | None = None
     low_open: bool = False
-    choices: tuple | None = None
+    choices: tuple | Callable[[], tuple] | None = None  # a callable: looked up when first needed (a registry)
     words: tuple[str, ...] = ()
     results: bool = False
     data: bool = False                # which examples are scored (runs compare only on the same data)
@@ -84,12 +84,17 @@ class Option:
         return dataclasses.replace(self, **changes)
 
     # ------------------------------------------------------------------ values
+    @property
+    def choice_values(self) -> tuple | None:
+        """The accepted values of a ``choice`` or ``list`` option (a registry's names are read when asked)."""
+        return tuple(self.choices()) if callable(self.choices) else self.choices
+
     def allowed(self) -> str:
         """What the option accepts, in words (for error messages and ``--help``)."""
         if self.kind in ("flag", "switch"):
             return "true or false"
         if self.kind == "choice" or (self.kind == "list" and self.choices):
-            items = ", ".join(map(str, self.choices or ()))
+            items = ", ".join(map(str, self.choice_values or ()))
             return f"one of {items}" if self.kind == "choice" else f"a comma-separated list of {items}"
         if self.kind == "list":
             return "a comma-separated list"
@@ -150,9 +155,10 @@ class Option:
         if k == "choice":
             if not isinstance(value, (str, int, float)) or isinstance(value, bool):
                 raise ValueError
-            if value not in self.choices and str(value) in map(str, self.choices):
-                value = next(c for c in self.choices if str(c) == str(value))
-            if value not in self.choices:
+            choices = self.choice_values
+            if value not in choices and str(value) in map(str, choices):
+                value = next(c for c in choices if str(c) == str(value))
+            if value not in choices:
                 raise ValueError
             return value
         if k == "list":
@@ -162,9 +168,10 @@ class Option:
             items = [str(v).strip() for v in items if str(v).strip()]
             if not items:
                 raise ValueError
-            bad = [v for v in items if self.choices and v not in self.choices]
+            choices = self.choice_values
+            bad = [v for v in items if choices and v not in choices]
             if bad:
-                raise OptionError(f"{bad[0]!r} is not one of {', '.join(map(str, self.choices))}")
+                raise OptionError(f"{bad[0]!r} is not one of {', '.join(map(str, choices))}")
             return items
         if not isinstance(value, str):
             if isinstance(value, (dict, list, tuple, bool)) or value is None:
