@@ -75,7 +75,7 @@ def require_causal_lm(args: argparse.Namespace, script: str) -> None:
     generates) is given a masked LM. A model whose config cannot be read is left to the runtime to report."""
     from transformers import AutoConfig
 
-    from models.fusion.causal import model_kind
+    from models.fusion.kinds import model_kind
 
     try:
         config = AutoConfig.from_pretrained(args.model_name)

@@ -16,7 +16,7 @@ import time
 import torch
 
 from eval_scripts.cli import EvalError, NonFiniteScores
-from models.fusion.causal import HiddenStateMemo
+from models.fusion.memo import HiddenStateMemo
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # the flags a Runtime is built from: tasks that share one must agree on them
@@ -108,7 +108,7 @@ class Runtime:
         from transformers import AutoTokenizer
 
         from models.checkpoints.weights import load_state, load_trainable
-        from models.fusion.causal import LateFusionLM
+        from models.fusion.factory import load_late_fusion_model
         from models.vision import DEFAULT_VISION_ENCODER
 
         if not sys.stderr.isatty():  # progress bars (model loading) only on a terminal
@@ -163,8 +163,8 @@ class Runtime:
                             f"{str(e).splitlines()[0]}") from None
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model = LateFusionLM.from_pretrained(args.model_name, vision_dim=vision_dim or 768,
-                                                  proj_hidden=proj_hidden, torch_dtype=self.dtype)
+        self.model = load_late_fusion_model(args.model_name, vision_dim=vision_dim or 768,
+                                            proj_hidden=proj_hidden, torch_dtype=self.dtype)
         if args.pretrained_model:
             load_trainable(self.model, args.pretrained_model, loaded=(ckpt_state, ckpt_cfg))
             del ckpt_state

@@ -341,7 +341,8 @@ def test_a_failed_start_never_locks_the_run_name(env, tmp_path, capsys):
 def test_models_late_fusion_cannot_wrap_are_refused(env):
     import transformers as tf
 
-    from models.fusion.causal import UnsupportedModelError, check_supported, load_lm
+    from models.fusion.kinds import UnsupportedModelError, check_supported
+    from models.fusion.loading import load_lm
 
     for config, why in ((tf.CLIPConfig(), "is not a causal LM \\(model_type 'clip'\\)"),
                         (tf.T5Config(), "'t5' is an encoder-decoder model"),

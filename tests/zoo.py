@@ -77,10 +77,10 @@ def boosted_checkpoint(root, lm_dir: str, clip_spec: str, seed: int = 0):
     """A tiny-Llama late-fusion model whose images matter, saved as trainable weights under ``root/ckpt``;
     returns ``(model, checkpoint dir)``."""
     from models.checkpoints.weights import save_trainable
-    from models.fusion.causal import LateFusionLM
+    from models.fusion.factory import load_late_fusion_model
 
     torch.manual_seed(seed)
-    model = boost_fusion(LateFusionLM.from_pretrained(lm_dir, vision_dim=48), seed=seed)
+    model = boost_fusion(load_late_fusion_model(lm_dir, vision_dim=48), seed=seed)
     return model, save_trainable(model, root / "ckpt", base_model=lm_dir, vision_encoder=clip_spec)
 
 
