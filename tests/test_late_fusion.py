@@ -8,7 +8,7 @@ from models.checkpoints.weights import CheckpointMismatchError, load_trainable, 
 from models.fusion.blocks import build_fusion_layer, positions_from_mask
 from models.fusion.factory import load_late_fusion_model
 from models.fusion.mixing import mix_logprobs
-from tests.zoo import ARCHS
+from models.tiny_models import ARCHS
 
 N_V, D_CLIP = 5, 48
 

@@ -14,8 +14,9 @@ from PIL import Image
 import train
 from models.checkpoints.weights import load_trainable, read_checkpoint_config
 from models.fusion.factory import load_late_fusion_model
+from models.tiny_models import TINY
 from tests.paths import EVAL_DATA, TEST_DATA
-from tests.zoo import TINY, reset_accelerate
+from tests.zoo import reset_accelerate
 
 REPO = Path(__file__).resolve().parents[1]
 VG_SAMPLE = TEST_DATA / "visual_genome" / "v1.2"
