@@ -15,7 +15,7 @@ The evaluator joins three parts, one concern each:
 Flags and one-line errors live in :mod:`eval_scripts.cli`.
 
 Importing this module imports no torch: ``--help`` stays instant. The runtime and the scorer (and torch
-with them) load when an :class:`Evaluator` is built; their names are still importable from here.
+with them) load when an :class:`Evaluator` is built.
 """
 from __future__ import annotations
 
@@ -24,22 +24,13 @@ import contextlib
 import datetime as _dt
 import gc
 import time
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-from eval_scripts.cli import EvalError, build_parser, parse_choices, run_main, true_or_false, validate_args  # noqa: F401
+from eval_scripts.cli import EvalError, build_parser, parse_choices, run_main, validate_args  # noqa: F401
 from eval_scripts.records import RunRecords
 
-_LAZY = {"DTYPES": "eval_scripts.runtime", "Runtime": "eval_scripts.runtime", "clear_memos": "eval_scripts.runtime",
-         "Scorer": "eval_scripts.scoring"}
-
-
-def __getattr__(name: str):
-    """``DTYPES``, ``Runtime``, ``clear_memos``, ``Scorer``: imported (with torch) when first asked for."""
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+if TYPE_CHECKING:
+    from eval_scripts.runtime import Runtime
 
 
 @contextlib.contextmanager
@@ -61,8 +52,6 @@ def first_token_ids(tokenizer, word: str) -> tuple[int, ...]:
 
     return memoised(tokenizer, word)
 
-_bool_word = true_or_false  # the former name
-validate_common_args = validate_args  # the former name
 # settings that must match for a re-run with the same --run_name to resume
 RESUME_KEYS = ("model_name", "pretrained_model", "vision_encoder", "generate_images", "k", "image_prompt",
                "image_generator", "image_size", "num_inference_steps", "guidance_scale", "mix",

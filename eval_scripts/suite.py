@@ -152,11 +152,11 @@ def finished(out_dir: Path, name: str, args: argparse.Namespace) -> dict | None:
 
 def run_tasks(own, parsed: dict[str, argparse.Namespace]) -> dict:
     """Run every task on one runtime (built at the first task that needs running)."""
-    from eval_scripts.core import validate_common_args
+    from eval_scripts.cli import validate_args
     from eval_scripts.runtime import Runtime
 
     for ns in parsed.values():
-        validate_common_args(ns)
+        validate_args(ns)
     first = next(iter(parsed.values()))
     out_dir = Path(first.output_dir) / first.run_name
     use_images = any(ns.generate_images and ns.k > 0 for ns in parsed.values())

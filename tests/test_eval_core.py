@@ -6,9 +6,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from eval_scripts import core
-from eval_scripts.core import EvalError, Evaluator, _bool_word, build_parser, run_main
+from eval_scripts.cli import true_or_false
+from eval_scripts.core import EvalError, Evaluator, build_parser, run_main
 from eval_scripts.imagenetVC import main, parse_args
+from eval_scripts.runtime import clear_memos
 from tests.zoo import boosted_checkpoint
 from tests.paths import EVAL_DATA
 
@@ -46,13 +47,13 @@ def samples(zoo, run_name):
 
 
 # ---------------------------------------------------------------------------------------------- flags
-def test_bool_word():
+def test_true_or_false():
     for word in ("True", "true", "1", "yes", "Y", "on"):
-        assert _bool_word(word) is True
+        assert true_or_false(word) is True
     for word in ("False", "false", "0", "no", "N", "off"):
-        assert _bool_word(word) is False
+        assert true_or_false(word) is False
     with pytest.raises(argparse.ArgumentTypeError):
-        _bool_word("maybe")
+        true_or_false("maybe")
 
 
 def test_generate_images_is_a_switch_and_takes_the_released_true_false():
@@ -124,7 +125,7 @@ def test_zero_temperature_gives_exactly_the_text_only_scores(zoo):
 # ---------------------------------------------------------------------------------------------- passes
 @pytest.mark.parametrize("k", [1, 3])
 def test_lm_passes_per_batch_whatever_k(zoo, k):
-    core.clear_memos()  # the LM's hidden states are memoised across runs in one process
+    clear_memos()  # the LM's hidden states are memoised across runs in one process
     result = main(args_for(zoo, f"passes_k{k}", k=k, batch_size=4))
     n_items = 5 * QUESTIONS
     batches = -(-n_items // 4)
@@ -135,7 +136,7 @@ def test_lm_passes_per_batch_whatever_k(zoo, k):
 
 
 def test_text_only_never_runs_the_fusion_layer(zoo):
-    core.clear_memos()
+    clear_memos()
     result = main(args_for(zoo, "passes_text", images=False, batch_size=4))
     assert result["counts"]["lm_passes"] == 3 and result["counts"]["fusion_passes"] == 0
     assert result["counts"]["images_generated"] == 0 and result["counts"]["pipeline_loads"] == 0

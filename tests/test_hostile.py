@@ -271,9 +271,10 @@ def test_a_non_finite_number_in_any_record_is_never_written(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- resume
 def _vc_run(env, out, data_dir, limit, run_name="r"):
-    from eval_scripts import core, imagenetVC
+    from eval_scripts import imagenetVC
+    from eval_scripts.runtime import clear_memos
 
-    core.clear_memos()
+    clear_memos()
     return imagenetVC.main(_base("imagenetVC", env, out) + ["--data_dir", data_dir, "--limit", str(limit),
                                                             "--run_name", run_name])
 

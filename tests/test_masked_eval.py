@@ -9,8 +9,9 @@ import pytest
 import torch
 from transformers import AutoModelForMaskedLM, AutoTokenizer, pipeline
 
-from eval_scripts import boolq, commonsenseQA, core, imagenetVC, object_commonsense, quac, squad
+from eval_scripts import boolq, commonsenseQA, imagenetVC, object_commonsense, quac, squad
 from eval_scripts.core import run_main
+from eval_scripts.runtime import clear_memos
 from models.checkpoints.weights import save_trainable
 from models.fusion.factory import load_late_fusion_model
 from tests.paths import EVAL_DATA, TEST_DATA
@@ -42,7 +43,7 @@ def run(script, zoo, run_name, data, *extra, lm="bert", images=False):
     if images:
         args += ["--pretrained_model", zoo["ckpt"], "--generate_images", "--k", str(K), "--image_generator",
                  "toyworld", "--image_size", "32", "--image_cache", zoo["cache"]]
-    core.clear_memos()
+    clear_memos()
     return script.main(args)
 
 
