@@ -265,7 +265,8 @@ def main(argv=None) -> dict:
 def run(args) -> dict:
     sys.path.insert(0, str(Path(__file__).resolve().parent))  # `import train` from the repository root
     from models.images.toyworld import EVAL_OBJECTS, write_eval_csvs
-    from models.offline import build_tiny_clip, smollm2_dir
+    from models.offline import smollm2_dir
+    from models.tiny_models import build_tiny_clip
 
     t0 = time.perf_counter()
     out = Path(args.output_dir)

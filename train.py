@@ -565,7 +565,7 @@ def prepare_data(args, accelerator):
     from transformers import AutoConfig, AutoTokenizer
 
     from data.captions import build_train_dataset, select_sources
-    from models.fusion.causal import model_kind
+    from models.fusion.kinds import model_kind
 
     def load(what: str):
         try:
@@ -640,15 +640,15 @@ def load_models(args, accelerator, lm_config, pretrained=None):
     ``pretrained``: what ``models.checkpoints.weights.load_state`` read from ``--pretrained_model`` (checked first,
     before the LM loads)."""
     from models.checkpoints.weights import load_trainable
-    from models.fusion.causal import LateFusionLM
+    from models.fusion.factory import load_late_fusion_model
     from models.vision import load_vision_encoder
 
     lm_dtype = resolve_lm_dtype(args.lm_dtype, accelerator.device)
     encoder = load_vision_encoder(args.vision_encoder, device=accelerator.device, dtype=lm_dtype)
     lm_kwargs = {"config": lm_config} if args.config_name else {}
-    model = LateFusionLM.from_pretrained(args.model_name_or_path, vision_dim=encoder.hidden_size,
-                                         proj_hidden=args.proj_hidden, torch_dtype=lm_dtype,
-                                         trust_remote_code=args.trust_remote_code, **lm_kwargs)
+    model = load_late_fusion_model(args.model_name_or_path, vision_dim=encoder.hidden_size,
+                                   proj_hidden=args.proj_hidden, torch_dtype=lm_dtype,
+                                   trust_remote_code=args.trust_remote_code, **lm_kwargs)
     model.mm_proj.float()
     model.fusion_layer.float()
     if pretrained is not None:
@@ -829,7 +829,7 @@ class _Run:
         from tqdm.auto import tqdm
 
         from data.masking import batch_seed
-        from models.fusion.causal import HiddenStateMemo
+        from models.fusion.memo import HiddenStateMemo
 
         args, accelerator, model, state = self.args, self.accelerator, self.model, self.state
         optimizer, lr_scheduler, train_dataloader = self.optimizer, self.lr_scheduler, self.train_dataloader

@@ -32,8 +32,8 @@ def build_tiny_zoo(root: str | os.PathLike, arch: str = "gemma") -> dict[str, st
     """Build (once) the test zoo's tiny models under ``root``; returns the flags that name them.
 
     ``{"model_name": LM dir, "vision_encoder": "local-dir:...", "image_generator": SDXL dir}``.
-    The builders are the test zoo's own (``tests/zoo.py``, ``tests/zoo_sdxl.py``), so benchmark and
-    tests run the same shapes. A second call with the same ``root`` reuses what is there.
+    The builders are the test zoo's own (:mod:`models.tiny_models`), so benchmark and tests run the
+    same shapes. A second call with the same ``root`` reuses what is there.
     """
     root = Path(root)
     done = root / "zoo.json"
@@ -45,9 +45,8 @@ def build_tiny_zoo(root: str | os.PathLike, arch: str = "gemma") -> dict[str, st
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from models.offline import build_tiny_clip, gpt2_tokenizer_dir
-    from tests.zoo import tiny_lm_config
-    from tests.zoo_sdxl import build_tiny_sdxl, write_clip_tokenizer_files
+    from models.offline import gpt2_tokenizer_dir, write_clip_tokenizer_files
+    from models.tiny_models import build_tiny_clip, build_tiny_sdxl, tiny_lm_config
 
     root.mkdir(parents=True, exist_ok=True)
     tok = AutoTokenizer.from_pretrained(gpt2_tokenizer_dir(root / "gpt2_tokenizer"))

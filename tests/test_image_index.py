@@ -292,7 +292,7 @@ def test_missing_or_corrupt_index_is_refused_on_opening(how, coco_index, tmp_pat
 
 
 def test_an_index_refuses_another_encoder_naming_its_own(coco_index, tmp_path):
-    from models.offline import build_tiny_clip
+    from models.tiny_models import build_tiny_clip
     from models.vision import load_vision_encoder
 
     other = load_vision_encoder(build_tiny_clip(tmp_path / "other-clip", seed=1))

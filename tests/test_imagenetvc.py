@@ -14,6 +14,7 @@ import torch
 from eval_scripts import core
 from eval_scripts.core import run_main
 from eval_scripts.imagenetVC import OPTIONS, main, make_compute, parse_args
+from eval_scripts.runtime import clear_memos
 from tests.zoo import boosted_checkpoint
 from tests.paths import EVAL_DATA
 
@@ -81,7 +82,7 @@ def text_args(zoo, run_name, limit=LIMIT, *extra):
 
 @pytest.fixture(scope="module")
 def released_run(zoo):
-    core.clear_memos()
+    clear_memos()
     result = main(image_args(zoo, "r"))
     return result, read_jsonl(Path(zoo["out"]) / "r" / "imagenetvc_samples.jsonl")
 

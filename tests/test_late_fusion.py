@@ -5,16 +5,17 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
 from models.checkpoints.weights import CheckpointMismatchError, load_trainable, save_trainable
-from models.fusion.causal import LateFusionLM, build_fusion_layer, positions_from_mask
+from models.fusion.blocks import build_fusion_layer, positions_from_mask
+from models.fusion.factory import load_late_fusion_model
 from models.fusion.mixing import mix_logprobs
-from tests.zoo import ARCHS
+from models.tiny_models import ARCHS
 
 N_V, D_CLIP = 5, 48
 
 
 def make_model(lm_dir, seed=0, scale=1.0):
     torch.manual_seed(seed)
-    model = LateFusionLM.from_pretrained(lm_dir, vision_dim=D_CLIP)
+    model = load_late_fusion_model(lm_dir, vision_dim=D_CLIP)
     with torch.no_grad():  # make the visual path matter: random fusion weights barely move the residual
         for p in model.mm_proj.parameters():
             p.mul_(scale)
@@ -270,7 +271,7 @@ def test_only_projector_and_fusion_train(arch, lm_dirs):
 def test_projector_width_follows_vlmig(lm_dirs):
     assert make_model(lm_dirs["gpt2"]).proj_hidden == 4 * 32
     assert make_model(lm_dirs["llama"]).proj_hidden == 32
-    m = LateFusionLM.from_pretrained(lm_dirs["gpt2"], vision_dim=D_CLIP, proj_hidden=7)
+    m = load_late_fusion_model(lm_dirs["gpt2"], vision_dim=D_CLIP, proj_hidden=7)
     assert m.mm_proj.linear1.out_features == 7
 
 
@@ -316,7 +317,7 @@ def test_positions_skip_padding():
 
 def test_real_smollm2_wraps(smollm2_path):
     from transformers import AutoTokenizer
-    model = LateFusionLM.from_pretrained(smollm2_path, vision_dim=D_CLIP)
+    model = load_late_fusion_model(smollm2_path, vision_dim=D_CLIP)
     tok = AutoTokenizer.from_pretrained(smollm2_path)
     assert model.model_type == "llama" and model.hidden_size == 576 and model.proj_hidden == 576
     enc = tok(["The sky is", "Grass is green and the sky is"], return_tensors="pt", padding=True)
@@ -331,12 +332,12 @@ def test_real_smollm2_wraps(smollm2_path):
 
 def test_missing_lm_dir_is_one_line_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="cannot load language model") as err:
-        LateFusionLM.from_pretrained(str(tmp_path / "nope"), vision_dim=D_CLIP)
+        load_late_fusion_model(str(tmp_path / "nope"), vision_dim=D_CLIP)
     assert "\n" not in str(err.value)
 
 
 def test_hidden_state_memo_runs_the_lm_once_per_distinct_row(lm_dirs):
-    from models.fusion.causal import HiddenStateMemo
+    from models.fusion.memo import HiddenStateMemo
     model = make_model(lm_dirs["llama"])
     memo = HiddenStateMemo()
     ids, mask = batch(b=2)

@@ -9,10 +9,11 @@ import pytest
 import torch
 from transformers import AutoModelForMaskedLM, AutoTokenizer, pipeline
 
-from eval_scripts import boolq, commonsenseQA, core, imagenetVC, object_commonsense, quac, squad
+from eval_scripts import boolq, commonsenseQA, imagenetVC, object_commonsense, quac, squad
 from eval_scripts.core import run_main
+from eval_scripts.runtime import clear_memos
 from models.checkpoints.weights import save_trainable
-from models.fusion.causal import LateFusionLM
+from models.fusion.factory import load_late_fusion_model
 from tests.paths import EVAL_DATA, TEST_DATA
 from tests.zoo import boost_fusion
 
@@ -30,7 +31,7 @@ def zoo(one_thread, tmp_path_factory, mlm_dirs, tiny_clip_spec):
     """A tiny BERT with trained-looking fusion weights (our checkpoint format) and shared paths."""
     root = tmp_path_factory.mktemp("masked-eval")
     torch.manual_seed(0)
-    model = boost_fusion(LateFusionLM.from_pretrained(mlm_dirs["bert"], vision_dim=48))
+    model = boost_fusion(load_late_fusion_model(mlm_dirs["bert"], vision_dim=48))
     ckpt = save_trainable(model, root / "ckpt", base_model=mlm_dirs["bert"], vision_encoder=tiny_clip_spec)
     return {"bert": mlm_dirs["bert"], "roberta": mlm_dirs["roberta"], "clip": tiny_clip_spec, "ckpt": str(ckpt),
             "cache": str(root / "cache"), "out": root / "out"}
@@ -42,7 +43,7 @@ def run(script, zoo, run_name, data, *extra, lm="bert", images=False):
     if images:
         args += ["--pretrained_model", zoo["ckpt"], "--generate_images", "--k", str(K), "--image_generator",
                  "toyworld", "--image_size", "32", "--image_cache", zoo["cache"]]
-    core.clear_memos()
+    clear_memos()
     return script.main(args)
 
 

@@ -7,7 +7,8 @@ from transformers import AutoModelForMaskedLM, AutoTokenizer
 
 from data.masking import MLMMasker, batch_seed
 from models.checkpoints.weights import CheckpointMismatchError, load_trainable
-from models.fusion.causal import LateFusionLM, model_kind
+from models.fusion.factory import load_late_fusion_model
+from models.fusion.kinds import model_kind
 from models.fusion.masked import MaskedLateFusionLM
 from models.fusion.mixing import mix_logprobs
 from tests.zoo import boost_fusion
@@ -20,7 +21,7 @@ TEXTS = ["Q: What is the color of a banana? A: It is [MASK].", "The [MASK] of th
 
 def make_model(path, seed=0, boost=False) -> MaskedLateFusionLM:
     torch.manual_seed(seed)
-    model = LateFusionLM.from_pretrained(path, vision_dim=D_CLIP)
+    model = load_late_fusion_model(path, vision_dim=D_CLIP)
     return (boost_fusion(model, seed) if boost else model).eval()
 
 
@@ -166,7 +167,7 @@ def test_released_bert_checkpoint_loads_strictly_and_reproduces(prefix, mlm_dirs
 
 def test_a_checkpoint_for_another_model_is_a_clear_error(mlm_dirs, lm_dirs, tmp_path):
     bert = make_model(mlm_dirs["bert"])
-    gpt2 = LateFusionLM.from_pretrained(lm_dirs["gpt2"], vision_dim=D_CLIP)
+    gpt2 = load_late_fusion_model(lm_dirs["gpt2"], vision_dim=D_CLIP)
     torch.save({f"module.{k}": v for k, v in gpt2.state_dict().items()}, tmp_path / "gpt2.bin")
     with pytest.raises(CheckpointMismatchError, match=r"does not match this bert model.*GPT-2"):
         load_trainable(bert, tmp_path / "gpt2.bin")
@@ -208,18 +209,18 @@ def test_unsupported_models_get_one_clear_error(tmp_path, wordpiece_dir):
     tf.BertModel(tf.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
                                intermediate_size=64)).save_pretrained(encoder)
     with pytest.raises(ValueError, match=r"'bert' \(BertModel\) is neither a causal LM nor a masked LM"):
-        LateFusionLM.from_pretrained(str(encoder), vision_dim=D_CLIP)
+        load_late_fusion_model(str(encoder), vision_dim=D_CLIP)
     t5 = tmp_path / "t5"
     tf.T5ForConditionalGeneration(tf.T5Config(vocab_size=64, d_model=32, d_ff=64, num_layers=1, num_heads=4,
                                               d_kv=8)).save_pretrained(t5)
     with pytest.raises(ValueError, match="encoder-decoder model"):
-        LateFusionLM.from_pretrained(str(t5), vision_dim=D_CLIP)
+        load_late_fusion_model(str(t5), vision_dim=D_CLIP)
     # an ELECTRA discriminator is a masked-LM type saved as ...ForPreTraining, but holds no MLM head
     electra = tmp_path / "electra-discriminator"
     tf.ElectraForPreTraining(tf.ElectraConfig(vocab_size=64, embedding_size=16, hidden_size=32, num_hidden_layers=1,
                                               num_attention_heads=4, intermediate_size=64)).save_pretrained(electra)
     with pytest.raises(ValueError, match="its checkpoint has no MLM head weights"):
-        LateFusionLM.from_pretrained(str(electra), vision_dim=D_CLIP)
+        load_late_fusion_model(str(electra), vision_dim=D_CLIP)
 
 
 def test_masked_lm_does_not_generate(mlm_dirs):

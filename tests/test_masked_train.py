@@ -4,7 +4,7 @@ import pytest
 
 import train
 from models.checkpoints.weights import load_trainable, read_checkpoint_config
-from models.fusion.causal import LateFusionLM
+from models.fusion.factory import load_late_fusion_model
 from tests.test_train import assert_same_weights, flags, make_vg_dir, trainable
 from tests.zoo import reset_accelerate
 from tests.zoo_masked import save_tiny_mlm
@@ -39,7 +39,7 @@ def test_mlm_overfits_a_few_captions_and_touches_no_frozen_weight(tmp_path, fit_
 
     model = result["model"]
     assert model.kind == "masked" and not model.lm.training and model.fusion_layer.training
-    fresh = LateFusionLM.from_pretrained(fit_bert, vision_dim=48)
+    fresh = load_late_fusion_model(fit_bert, vision_dim=48)
     assert_same_weights(fresh.lm.state_dict(), model.lm.state_dict())  # the frozen BERT and its head untouched
     load_trainable(fresh, out / "fit_119")
     assert_same_weights(trainable(fresh), trainable(model))

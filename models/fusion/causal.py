@@ -4,132 +4,35 @@ Parts:
 
 * ``lm``: the frozen causal LM (eval mode, no grads). Its final hidden states ``H`` (what the LM
   head reads) and its text-only logits ``L0 = lm_head(H)`` come from ONE pass per text.
-* ``mm_proj``: ``Linear(d_clip -> m) -> GELU -> Linear(m -> d)``, trained.
+* ``mm_proj``: ``Linear(d_clip -> m) -> GELU -> Linear(m -> d)``, trained (:mod:`models.fusion.projector`).
 * ``fusion_layer``: one new decoder block of the LM's own architecture -- the LM's *base model*
-  class built from its config with one layer and no token embedding -- trained. It runs over the
-  sequence ``[V ; H]`` (visual prefix first, causal) and the LM's frozen head reads its outputs at
-  the text positions: the fused logits ``L_img``.
+  class built from its config with one layer and no token embedding -- trained
+  (:mod:`models.fusion.blocks`). It runs over the sequence ``[V ; H]`` (visual prefix first, causal)
+  and the LM's frozen head reads its outputs at the text positions: the fused logits ``L_img``.
 
 The vision encoder is NOT part of this module: callers pass CLIP patch tokens in. Checkpoints hold
 only ``mm_proj`` and ``fusion_layer``.
 
 Masked LMs (BERT, RoBERTa, ...) get the same model around an encoder: :mod:`models.fusion.masked`.
-:func:`model_kind` tells the two apart, and :meth:`LateFusionLM.from_pretrained` builds the right one.
+:func:`models.fusion.factory.load_late_fusion_model` loads an LM and wraps it in the class of its kind.
 """
 from __future__ import annotations
 
-import copy
 import inspect
-from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from models.fusion.blocks import build_fusion_layer, hidden_size, positions_from_mask
 from models.fusion.mixing import mix_logprobs
-
-# vLMIG used a 4d-wide projector for GPT-2 (and BERT) and a d-wide one for the rest.
-_WIDE_PROJECTOR_TYPES = {"gpt2", "bert"}
-
-
-def default_proj_hidden(model_type: str, hidden_size: int) -> int:
-    """Projector width that matches the released vLMIG checkpoints."""
-    return 4 * hidden_size if model_type in _WIDE_PROJECTOR_TYPES else hidden_size
-
-
-class VisualProjector(nn.Module):
-    def __init__(self, in_dim: int, hidden: int, out_dim: int):
-        super().__init__()
-        self.linear1 = nn.Linear(in_dim, hidden)
-        self.act = nn.GELU()
-        self.linear2 = nn.Linear(hidden, out_dim)
-
-    def forward(self, x):
-        return self.linear2(self.act(self.linear1(x)))
+from models.fusion.projector import VisualProjector, default_proj_hidden
 
 
 @dataclass
 class FusionOutput:
     loss: torch.Tensor | None
     logits: torch.Tensor | None  # fused logits at the text positions [B, T, V], when asked for
-
-
-def _hidden_size(config) -> int:
-    for name in ("hidden_size", "n_embd", "d_model"):
-        if getattr(config, name, None):
-            return getattr(config, name)
-    raise ValueError(f"cannot tell the hidden size of a {config.model_type!r} config")
-
-
-SUPPORTED_MODELS = ("a causal LM (AutoModelForCausalLM: GPT-2, Llama, Gemma, OPT, Qwen2, ...) or a masked LM "
-                    "with its MLM head (AutoModelForMaskedLM: BERT, RoBERTa, DistilBERT, ALBERT, ...)")
-
-
-def model_kind(config) -> str:
-    """``"causal"`` or ``"masked"``: which kind of LM a config describes, i.e. which wrapper it gets.
-
-    Decided by ``config.architectures`` (the head class the checkpoint was saved with) when it names a
-    causal-LM or masked-LM class (or a masked-LM type's ``...ForPreTraining``, which holds an MLM head),
-    else by ``config.model_type``: a type the masked Auto class does not know is causal (the causal Auto
-    class then loads it or says why not); a type both know (BERT's ``BertLMHeadModel``) is causal only
-    with ``is_decoder``. An encoder-decoder model, or a masked-LM type saved without its MLM head
-    (``BertModel``, ``...ForSequenceClassification``), is a ValueError naming what is supported.
-    """
-    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
-                                                        MODEL_FOR_MASKED_LM_MAPPING_NAMES)
-
-    mtype = getattr(config, "model_type", None)
-    if getattr(config, "is_encoder_decoder", False):
-        raise ValueError(f"{mtype!r} is an encoder-decoder model, which late fusion does not support; "
-                         f"use {SUPPORTED_MODELS}")
-    causal, masked = mtype in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, mtype in MODEL_FOR_MASKED_LM_MAPPING_NAMES
-    archs = list(getattr(config, "architectures", None) or [])
-    for arch in archs:
-        if arch in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values() or arch.endswith(("ForCausalLM", "LMHeadModel")):
-            return "causal"
-        if (arch in MODEL_FOR_MASKED_LM_MAPPING_NAMES.values() or arch.endswith("ForMaskedLM")
-                or (masked and arch.endswith("ForPreTraining"))):
-            return "masked"
-    if not masked:
-        return "causal"
-    if not archs:
-        return "causal" if causal and getattr(config, "is_decoder", False) else "masked"
-    what = f"{mtype!r} ({', '.join(archs)})" if archs else repr(mtype)
-    raise ValueError(f"{what} is neither a causal LM nor a masked LM with its MLM head (an encoder without "
-                     f"an MLM head?); late fusion supports {SUPPORTED_MODELS}")
-
-
-def build_fusion_layer(lm_config, keep_pad_id: bool = False) -> tuple[nn.Module, float]:
-    """The LM's base-model class with one layer and no token embedding.
-
-    Returns the module and the scale the architecture applies to its input embeddings (Gemma
-    multiplies them by sqrt(d); the released Gemma fusion layer does too), which the caller applies.
-    ``keep_pad_id``: keep the config's pad id, for architectures that number positions after it
-    (RoBERTa); otherwise the block is built without one.
-    """
-    from transformers import AutoModel
-
-    cfg = copy.deepcopy(lm_config.get_text_config() if hasattr(lm_config, "get_text_config") else lm_config)
-    for name in ("num_hidden_layers", "n_layer", "num_layers"):
-        if hasattr(cfg, name):
-            setattr(cfg, name, 1)
-    if isinstance(getattr(cfg, "layer_types", None), (list, tuple)):
-        cfg.layer_types = list(cfg.layer_types[:1])
-    # A one-row embedding (then removed) instead of a vocabulary-sized one: no 525M-parameter
-    # allocation for Llama-3. The pad id must fit in it.
-    pad = cfg.pad_token_id if keep_pad_id else None
-    cfg.vocab_size = 1 if pad is None else pad + 1
-    cfg.pad_token_id = pad
-    if getattr(cfg, "use_cache", None) is None:
-        cfg.use_cache = True
-    layer = AutoModel.from_config(cfg)
-    emb = layer.get_input_embeddings()
-    scale = float(getattr(emb, "scalar_embed_scale", 1.0))
-    for parent in layer.modules():
-        for child_name, child in list(parent.named_children()):
-            if child is emb:
-                setattr(parent, child_name, None)
-    return layer, scale
 
 
 def _cache_kwarg(module: nn.Module) -> str:
@@ -142,102 +45,11 @@ def _output_cache(out):
     return out.get(name)
 
 
-def positions_from_mask(mask: torch.Tensor, offset: torch.Tensor | int = 0) -> torch.Tensor:
-    """Position ids that skip padding (left or right): valid tokens count 0, 1, 2, ..."""
-    pos = mask.long().cumsum(-1) - 1
-    return (pos + offset).clamp(min=0)
-
-
-class UnsupportedModelError(ValueError):
-    """The model given as the frozen LM is neither a causal LM nor a masked LM with its MLM head."""
-
-
-NotACausalLMError = UnsupportedModelError  # the earlier name
-
-# kwargs of AutoModelFor*.from_pretrained that AutoConfig.from_pretrained needs as well
-_CONFIG_KWARGS = ("trust_remote_code", "revision", "subfolder", "token", "cache_dir", "gguf_file")
-
-
-def check_supported(config, name: str = "the model") -> str:
-    """The kind of LM a config describes (:func:`model_kind`), or one line saying why late fusion cannot
-    wrap it, before any weight is read. This and :func:`model_kind` are the one place that decides what
-    the wrapper accepts: a causal LM needs a causal-LM class for its ``model_type`` (or remote code that
-    declares one); a masked LM needs its MLM head."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-    model_type = getattr(config, "model_type", None) or "unknown"
-    try:
-        kind = model_kind(config)
-    except ValueError as e:
-        raise UnsupportedModelError(f"{name}: {e}") from None
-    remote = "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {})
-    if kind == "causal" and model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not remote:
-        raise UnsupportedModelError(f"{name} is not a causal LM (model_type {model_type!r}); late fusion "
-                                    f"supports {SUPPORTED_MODELS}")
-    return kind
-
-
-def _first_line(error: BaseException) -> str:
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return lines[0] if lines else type(error).__name__
-
-
-def _weights_named(path: str, suffix: str) -> str:
-    """The weight files of a local model folder with ``suffix``, for error messages."""
-    import os
-
-    names = sorted(f for f in os.listdir(path) if f.endswith(suffix)) if os.path.isdir(path) else []
-    return ", ".join(names[:3]) + (", ..." if len(names) > 3 else "") if names else f"a {suffix} file"
-
-
-def load_lm(model_name_or_path: str, torch_dtype=None, **lm_kwargs):
-    """The frozen LM: ``AutoModelForCausalLM`` or ``AutoModelForMaskedLM`` by :func:`check_supported`, with
-    every failure one line (ValueError, or FileNotFoundError when nothing loadable is there): an
-    unsupported model, an unreadable weights file, or weights missing from the checkpoint (they would be
-    random; a missing head means the checkpoint is not the LM it claims to be)."""
-    from pickle import UnpicklingError
-
-    from safetensors import SafetensorError
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM
-
-    what = f"language model {model_name_or_path!r}"
-    config = lm_kwargs.pop("config", None)
-    try:
-        if config is None:
-            config = AutoConfig.from_pretrained(model_name_or_path,
-                                                **{k: lm_kwargs[k] for k in _CONFIG_KWARGS if k in lm_kwargs})
-        kind = check_supported(config, what)
-        auto = AutoModelForCausalLM if kind == "causal" else AutoModelForMaskedLM
-        lm, info = auto.from_pretrained(model_name_or_path, config=config, dtype=torch_dtype,
-                                        output_loading_info=True, **lm_kwargs)
-    except OSError as e:
-        raise FileNotFoundError(f"cannot load {what}: {_first_line(e)}") from None
-    except UnsupportedModelError:
-        raise
-    except SafetensorError as e:
-        raise ValueError(f"cannot load {what}: {_weights_named(model_name_or_path, '.safetensors')} is not a "
-                         f"valid safetensors file ({_first_line(e)})") from None
-    except (UnpicklingError, EOFError):  # never suggest weights_only=False: the file is not a checkpoint
-        raise ValueError(f"cannot load {what}: {_weights_named(model_name_or_path, '.bin')} is not a PyTorch "
-                         "checkpoint") from None
-    except ValueError as e:
-        raise ValueError(f"cannot load {what}: {_first_line(e)}") from None
-    missing = sorted(info.get("missing_keys") or ())
-    if missing:
-        head = next((n for n, m in lm.named_modules() if m is lm.get_output_embeddings()), None)
-        head_missing = [k for k in missing if head and k.startswith(head + ".")]
-        if head_missing:
-            raise UnsupportedModelError(
-                f"{what}: its checkpoint has no {'LM' if kind == 'causal' else 'MLM'} head weights "
-                f"({', '.join(head_missing[:3])}; model_type {config.model_type!r}); late fusion supports "
-                f"{SUPPORTED_MODELS}")
-        raise ValueError(f"{what}: {len(missing)} weights are missing from its checkpoint and would be random "
-                         f"(e.g. {', '.join(missing[:3])})")
-    return lm
-
-
 class LateFusionLM(nn.Module):
-    """A frozen causal LM plus a trained projector and one fusion block."""
+    """A frozen causal LM plus a trained projector and one fusion block.
+
+    Built around an LM already loaded; :func:`models.fusion.factory.load_late_fusion_model` loads one and
+    picks this class or :class:`models.fusion.masked.MaskedLateFusionLM` by its kind."""
 
     kind = "causal"
     label_shift = 1  # the loss predicts the token after each position
@@ -250,7 +62,7 @@ class LateFusionLM(nn.Module):
         self.lm.eval()
         cfg = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
         self.model_type = cfg.model_type
-        self.hidden_size = _hidden_size(cfg)
+        self.hidden_size = hidden_size(cfg)
         self.vision_dim = int(vision_dim)
         self.proj_hidden = int(proj_hidden or default_proj_hidden(self.model_type, self.hidden_size))
         self.mm_proj = VisualProjector(self.vision_dim, self.proj_hidden, self.hidden_size)
@@ -264,24 +76,7 @@ class LateFusionLM(nn.Module):
         self._fusion_cache_kw = _cache_kwarg(self.fusion_layer)
         self.calls = {"lm": 0, "fusion": 0}  # pass counters, for tests and benchmarks
 
-    # ------------------------------------------------------------------ construction
-    @classmethod
-    def from_pretrained(cls, model_name_or_path: str, vision_dim: int, proj_hidden: int | None = None,
-                        torch_dtype=None, device=None, **lm_kwargs) -> "LateFusionLM":
-        """The frozen LM from the hub or a directory (:func:`load_lm`), with a new projector and fusion
-        block. A masked LM (:func:`model_kind`) gives a :class:`models.fusion.masked.MaskedLateFusionLM`."""
-        lm = load_lm(model_name_or_path, torch_dtype=torch_dtype, **lm_kwargs)
-        kind = model_kind(lm.config)
-        if kind != cls.kind:
-            if cls is not LateFusionLM:
-                raise UnsupportedModelError(f"{model_name_or_path!r} is a {kind} LM, not a {cls.kind} one")
-            from models.fusion.masked import MaskedLateFusionLM
-            cls = MaskedLateFusionLM
-        model = cls(lm, vision_dim=vision_dim, proj_hidden=proj_hidden)
-        model.name_or_path = model_name_or_path
-        model.eval()  # like HF from_pretrained; train.py calls model.train()
-        return model.to(device) if device is not None else model
-
+    # ------------------------------------------------------------------ training mode and weights
     def train(self, mode: bool = True):
         super().train(mode)
         self.lm.eval()  # the frozen LM never drops out
@@ -495,47 +290,3 @@ class LateFusionLM(nn.Module):
             mask = torch.cat([mask, step_mask], 1)
         return torch.stack(out_tokens, 1)
 
-
-class HiddenStateMemo:
-    """The frozen LM's final hidden states per token sequence, computed once and reused.
-
-    Training and evaluation often run the frozen LM over the same texts again (repeated captions,
-    the same prompts at several k). ``memo(model, input_ids, attention_mask)`` returns the hidden
-    states of a RIGHT-padded batch, running the LM only on the rows it has not seen (as one
-    sub-batch). Entries are evicted oldest-first beyond ``limit_bytes``. ``key`` separates models.
-    """
-
-    def __init__(self, limit_bytes: int = 512 * 2**20):
-        self.limit_bytes = limit_bytes
-        self.rows: OrderedDict[tuple, torch.Tensor] = OrderedDict()
-        self.bytes = 0
-
-    def clear(self) -> None:
-        self.rows.clear()
-        self.bytes = 0
-
-    @torch.no_grad()
-    def __call__(self, model: "LateFusionLM", input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                 key=None) -> torch.Tensor:
-        lengths = attention_mask.sum(-1).tolist()
-        keys = [(key, tuple(row[:n].tolist())) for row, n in zip(input_ids, lengths)]
-        missing = list(OrderedDict.fromkeys(k for k in keys if k not in self.rows))
-        if missing:
-            width = max(len(k[1]) for k in missing)
-            ids = input_ids.new_zeros(len(missing), width)
-            mask = attention_mask.new_zeros(len(missing), width)
-            for i, k in enumerate(missing):
-                ids[i, :len(k[1])] = torch.tensor(k[1], dtype=ids.dtype)
-                mask[i, :len(k[1])] = 1
-            hidden, _ = model.text_hidden(ids, mask)
-            for row, k in zip(hidden, missing):
-                self.rows[k] = row[:len(k[1])].clone()
-                self.bytes += self.rows[k].numel() * self.rows[k].element_size()
-        out = self.rows[keys[0]].new_zeros(*input_ids.shape, self.rows[keys[0]].shape[-1])
-        for i, k in enumerate(keys):
-            self.rows.move_to_end(k)
-            out[i, :len(k[1])] = self.rows[k]
-        while self.bytes > self.limit_bytes and len(self.rows) > len(keys):
-            _, old = self.rows.popitem(last=False)
-            self.bytes -= old.numel() * old.element_size()
-        return out

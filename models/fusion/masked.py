@@ -1,20 +1,21 @@
 """Late multi-image fusion around any HuggingFace masked LM (BERT, RoBERTa, DistilBERT, ALBERT, ...).
 
 The same model as :class:`models.fusion.causal.LateFusionLM`, with an encoder where the causal side has a
-decoder (chosen by :func:`models.fusion.causal.model_kind`; ``LateFusionLM.from_pretrained`` builds this
-class for a masked LM):
+decoder (chosen by :func:`models.fusion.kinds.model_kind`; :func:`models.fusion.factory.load_late_fusion_model`
+builds this class for a masked LM):
 
 * ``lm``: the frozen ``AutoModelForMaskedLM``. Its encoder (the base model) gives the final hidden
   states ``H``, the input of its MLM head; ``L0 = head(H)`` is exactly the model's fill-mask logits.
 * ``mm_proj``: as on the causal side (4d wide for BERT by default, like the first release).
 * ``fusion_layer``: the encoder's own base-model class with one layer, no token embedding and no
-  pooler. It attends bidirectionally over ``[V ; H]`` (visual prefix first, padded text masked) and
-  numbers the positions itself from the first visual token, as its architecture does (BERT: 0, 1, ...
-  with token type 0; RoBERTa: from its pad id + 1). For BERT its keys are the first release's:
-  ``embeddings.position_embeddings``, ``embeddings.token_type_embeddings``, ``embeddings.LayerNorm``
-  and ``encoder.layer.0.*``. Architectures whose token embeddings are narrower than the encoder
-  (ALBERT, ELECTRA's ``embedding_size``) get a block whose embedding width is the encoder's, since
-  ``[V ; H]`` enters at that width.
+  pooler (:func:`models.fusion.blocks.build_encoder_fusion_layer`). It attends bidirectionally over
+  ``[V ; H]`` (visual prefix first, padded text masked) and numbers the positions itself from the first
+  visual token, as its architecture does (BERT: 0, 1, ... with token type 0; RoBERTa: from its
+  pad id + 1). For BERT its keys are the first release's: ``embeddings.position_embeddings``,
+  ``embeddings.token_type_embeddings``, ``embeddings.LayerNorm`` and ``encoder.layer.0.*``.
+  Architectures whose token embeddings are narrower than the encoder (ALBERT, ELECTRA's
+  ``embedding_size``) get a block whose embedding width is the encoder's, since ``[V ; H]`` enters at
+  that width.
 * The frozen MLM head (whatever the architecture calls it: ``cls``, ``lm_head``, ``predictions``, or
   DistilBERT's four modules) reads the fused states at the text positions.
 
@@ -23,23 +24,11 @@ Inference: :meth:`mixed_logprobs` as on the causal side, at the mask positions; 
 """
 from __future__ import annotations
 
-import copy
-
 import torch
 from torch import nn
 
-from models.fusion.causal import LateFusionLM, _hidden_size, build_fusion_layer
-
-
-def build_encoder_fusion_layer(lm_config) -> tuple[nn.Module, float]:
-    """The encoder's base-model class with one layer, no token embedding and no pooler."""
-    cfg = copy.deepcopy(lm_config.get_text_config() if hasattr(lm_config, "get_text_config") else lm_config)
-    if getattr(cfg, "embedding_size", None) is not None:
-        cfg.embedding_size = _hidden_size(cfg)
-    layer, scale = build_fusion_layer(cfg, keep_pad_id=True)
-    if getattr(layer, "pooler", None) is not None:
-        layer.pooler = None
-    return layer, scale
+from models.fusion.blocks import build_encoder_fusion_layer
+from models.fusion.causal import LateFusionLM
 
 
 class _GivenStates(nn.Module):
