@@ -152,8 +152,7 @@ def true_or_false(value: str) -> bool:
 def build_parser(description: str, *, image_prompt_choices=("sentences", "full", "question"),
                  default_image_prompt: str = "sentences", default_k: int = 10) -> argparse.ArgumentParser:
     """The flags every eval script shares (released spellings kept as aliases)."""
-    from models.images.generation import add_generation_args
-    from models.images.sources import add_retrieval_args
+    from models.images.flags import add_generation_args, add_retrieval_args
     from models.fusion.mixing import MIX_MODES
 
     p = EvalArgumentParser(description=description)

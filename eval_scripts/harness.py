@@ -311,20 +311,14 @@ class LateFusionHarnessLM(TemplateLM):
 
     # ------------------------------------------------------------------ images
     def _prompts(self, texts: list[str | None]) -> list[list[str]]:
-        """Image prompts of each request's context; every distinct list is generated now, once
-        (lm-eval hands all requests at once), so scoring batches find them in the cache."""
+        """Image prompts of each request's context; the image source prefetches every distinct list now,
+        once (lm-eval hands all requests at once: missing images are generated, prompts ranked), so
+        scoring batches find them ready."""
         if not self.use_images:
             return [[] for _ in texts]
-        from models.images.generation import occurrence_indices
-
         by_text = {t: image_prompts(t, self.args.k, self.args.image_prompt) for t in dict.fromkeys(texts)}
-        provider = self.runtime.provider
-        missing = [list(p) for p in dict.fromkeys(tuple(p) for p in by_text.values() if p)
-                   if not all(provider.cache.path(provider.key(q, i)).is_file()
-                              for q, i in zip(p, occurrence_indices(list(p))))]
         with self.runtime.watch.phase("generation"):
-            for start in range(0, len(missing), 256):
-                provider.get(missing[start:start + 256])
+            self.runtime.source.prefetch([list(p) for p in dict.fromkeys(tuple(p) for p in by_text.values() if p)])
         return [by_text[t] for t in texts]
 
     # ------------------------------------------------------------------ loglikelihood
@@ -457,8 +451,8 @@ class LateFusionHarnessLM(TemplateLM):
                 "image_size", "num_inference_steps", "guidance_scale", "seed")})
         if self._runtime is not None:
             stats = self._runtime.image_stats()
-            # images are generated up front (_prompts), through the provider, and read back for scoring
-            ahead = self._runtime.provider.stats() if self._runtime.provider is not None else {}
+            # images are generated up front (_prompts), through the image source, and read back for scoring
+            ahead = self._runtime.source.stats() if self._runtime.source is not None else {}
             info.update(images_generated=stats["generated"] + ahead.get("generated", 0),
                         vision_features_computed=stats["features_computed"],
                         vision_features_read=stats["features_read"])

@@ -418,7 +418,7 @@ def build(args, batch_callback=None, state=None) -> dict | None:
     from accelerate import PartialState
     from tqdm.auto import tqdm
 
-    from models.images.generation import resolve_dtype
+    from models.images.generators import resolve_dtype
     from models.vision import load_vision_encoder
 
     if args.batch_size < 1:
