@@ -240,10 +240,10 @@ class ImageIndex:
         if verify and sha256_file(self.dir / EMBEDDINGS) != manifest.get("embeddings_sha256"):
             raise ImageIndexError(f"{where}: {EMBEDDINGS} does not match its manifest checksum (corrupt or "
                                   "changed); rebuild the index")
-        from data.captions import _Strings
+        from data.packed_strings import PackedStrings
 
         paths = self._lines(PATHS)
-        self.paths = _Strings(paths)
+        self.paths = PackedStrings(paths)
         self.captions = None
         if manifest.get("captioned"):
             try:
