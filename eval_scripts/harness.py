@@ -33,8 +33,10 @@ document) under ``image_prompt``: ``question`` (default: the context without a t
 such as ``Answer:``, k times), ``full`` (the context, k times) or ``sentences`` (the released
 protocol: its sentences backwards from the last, then its last 70 words). Requests that share a
 context share their images: all distinct prompt lists are generated up front, once, through the
-disk cache. A context with no text (an empty context) is scored text-only. With few-shot contexts
-the prompt is derived from the whole context, demonstrations included.
+disk cache; with ``image_source=retrieve`` (and ``image_index=INDEX_DIR``, ``retrieve_by``,
+``dedup_threshold``) they are the best images of an image index instead, ranked up front. A context
+with no text (an empty context) is scored text-only. With few-shot contexts the prompt is derived from
+the whole context, demonstrations included.
 
 Not supported (one clear error before any model loads): sampling or beam search in generation
 kwargs, tasks that feed images or audio, chat templates, ``batch_size=auto``.
@@ -66,6 +68,8 @@ MODEL_ARGS = {
     # the project's other image-generation and model flags
     "image_size": "int", "num_inference_steps": "int", "guidance_scale": "float", "seed": "int",
     "gen_batch_size": "int", "proj_hidden": "int", "toyworld_noise": "float",
+    # retrieved instead of generated images (image_source=retrieve)
+    "image_source": "choice", "image_index": "str", "retrieve_by": "choice", "dedup_threshold": "float",
 }
 IGNORED_ARGS = ("max_batch_size",)  # lm-eval passes it for batch_size=auto, which is not supported
 IMAGE_PROMPTS = ("question", "full", "sentences")
@@ -100,8 +104,11 @@ def image_prompts(text: str | None, k: int, strategy: str) -> list[str]:
 
 def _choices(key: str) -> tuple[str, ...]:
     from models.fusion.mixing import MIX_MODES
+    from models.images.flags import RETRIEVE_BY
+    from models.images.sources import image_source_names
 
-    return {"mix": MIX_MODES, "image_prompt": IMAGE_PROMPTS, "dtype": ("auto", *DTYPE_NAMES)}[key]
+    return {"mix": MIX_MODES, "image_prompt": IMAGE_PROMPTS, "dtype": ("auto", *DTYPE_NAMES),
+            "image_source": image_source_names(), "retrieve_by": RETRIEVE_BY}[key]
 
 
 def _convert(key: str, kind: str, value):
@@ -147,6 +154,13 @@ def parse_model_args(kwargs: dict) -> tuple[argparse.Namespace, bool]:
     for key in ("image_size", "gen_batch_size", "num_inference_steps"):
         if getattr(args, key) < 1:
             raise EvalError(f"late_fusion model_args: {key} must be >= 1, got {getattr(args, key)}")
+    if use_images:
+        from models.images.retrieval import check_retrieval_args
+
+        try:
+            check_retrieval_args(args)  # e.g. image_source=retrieve without image_index
+        except ValueError as e:
+            raise EvalError(f"late_fusion model_args: {e}") from None
     args.generate_images = use_images
     return args, use_images
 
@@ -447,8 +461,10 @@ class LateFusionHarnessLM(TemplateLM):
         info["k"] = self.args.k if self.use_images else 0
         if self.use_images:
             info.update({key: getattr(self.args, key) for key in (
-                "vision_encoder", "mix", "clip_temperature", "uniform_weights", "image_prompt", "image_generator",
-                "image_size", "num_inference_steps", "guidance_scale", "seed")})
+                "vision_encoder", "mix", "clip_temperature", "uniform_weights", "image_prompt", "image_source")})
+            info.update({key: getattr(self.args, key) for key in (
+                ("image_index", "retrieve_by", "dedup_threshold") if self.args.image_source == "retrieve" else
+                ("image_generator", "image_size", "num_inference_steps", "guidance_scale", "seed"))})
         if self._runtime is not None:
             stats = self._runtime.image_stats()
             # images are generated up front (_prompts), through the image source, and read back for scoring
