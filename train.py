@@ -38,7 +38,7 @@ rank 0 prints it and every rank exits with it (a failure on one rank is shared w
 Wiki images: each WikiText chunk's image is generated from one of its sentences and stored in the
 content-addressed ``--image_cache``. Fill the cache first (sharded over processes, then exit) with the
 training command plus ``--pregenerate_images``; images still missing are generated inline by the
-DataLoader workers. ``python -m models.images.generation --prompts_file P --image_prompt full --k 1
+DataLoader workers. ``python -m models.images.pregenerate --prompts_file P --image_prompt full --k 1
 --seed S`` fills the same cache entries for a file P of prompts.
 """
 from __future__ import annotations
@@ -94,8 +94,7 @@ def _checkpointing_steps(text: str) -> int | str:
 
 
 def build_parser():
-    from models.images.generation import add_generation_args
-    from models.images.sources import add_retrieval_args
+    from models.images.flags import add_generation_args, add_retrieval_args
 
     p = OneLineArgumentParser(description="Train the late-fusion projector and fusion block (LM and CLIP frozen).")
     g = p.add_argument_group("run")
@@ -196,7 +195,7 @@ def build_parser():
 
 def parse_args(argv=None):
     """Parse and check every flag: whatever can be known before reading data is an error here."""
-    from models.images.generation import check_generation_args
+    from models.images.flags import check_generation_args
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -449,7 +448,9 @@ def _pretrained_exists(path: str) -> bool:
 def build_image_provider(args, device):
     """The wiki images' source: the generator with its cache, or (``--image_source retrieve``) a retriever
     over ``--image_index``, whose vision encoder is bound once loaded (:func:`prefetch_wiki_images`)."""
-    from models.images.generation import ImageCache, ImageProvider, build_generator
+    from models.images.cache import ImageCache
+    from models.images.generators import build_generator
+    from models.images.provider import ImageProvider
 
     if args.image_source == "retrieve":
         from models.images.retrieval import build_retriever

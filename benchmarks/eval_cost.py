@@ -141,14 +141,14 @@ def _generator(fast: Fast512 | None):
     if fast is None:
         yield
         return
-    from models.images import generation as image_generation
+    from models.images import generators
 
-    original = image_generation.build_generator
-    image_generation.build_generator = lambda spec, **kw: fast
+    original = generators.build_generator
+    generators.build_generator = lambda spec, **kw: fast
     try:
         yield
     finally:
-        image_generation.build_generator = original
+        generators.build_generator = original
 
 
 def distinct_image_prompts(args) -> int:
@@ -181,11 +181,11 @@ def _argv(args, *, images: bool, cache: Path, out_dir: Path, run_name: str, limi
 # Cache and feature writes run in the background writer's threads: their seconds are busy time there,
 # not time on the critical path (which "flush_wait_s", the wait at the end, shows).
 _TIMED = (("eval_scripts.core", "Evaluator", "__init__", "setup_s"),
-          ("models.images.generation", None, "_load_pipeline", "pipeline_s"),
-          ("models.images.generation", "DiffusersGenerator", "generate", "generator_s"),
+          ("models.images.generators", None, "_load_pipeline", "pipeline_s"),
+          ("models.images.generators", "DiffusersGenerator", "generate", "generator_s"),
           ("models.images.toyworld", "ToyWorldGenerator", "generate", "generator_s"),
-          ("models.images.generation", "ImageCache", "write", "cache_write_s"),
-          ("models.images.generation", "ImageCache", "read", "cache_read_s"),
+          ("models.images.cache", "ImageCache", "write", "cache_write_s"),
+          ("models.images.cache", "ImageCache", "read", "cache_read_s"),
           ("models.images.features", "FeatureStore", "write", "feature_write_s"),
           ("models.images.features", "FeatureStore", "read", "feature_read_s"),
           ("eval_scripts.runtime", "Runtime", "flush", "flush_wait_s"),
@@ -258,11 +258,11 @@ def _clean_state(device):
     import torch
 
     from eval_scripts.runtime import clear_memos
-    from models.images import generation as image_generation
+    from models import write_behind
+    from models.images import generators
 
-    if hasattr(image_generation, "write_behind"):  # (an older checkout writes synchronously)
-        image_generation.write_behind.flush()
-    image_generation._PIPELINES.clear()
+    write_behind.flush()
+    generators._PIPELINES.clear()
     clear_memos()
     gc.collect()
     if str(device).startswith("cuda") and torch.cuda.is_available():
@@ -275,14 +275,12 @@ COUNTERS = ("image_slots", "images_generated", "images_from_cache", "images_reus
 
 def run_way(args, way: str, cache: Path, out_dir: Path, device: str, limit: int | None = None) -> dict:
     from eval_scripts import imagenetVC
-    from models.images import generation as image_generation
 
     _clean_state(device)
     memory = PeakMemory(device)
     record: dict = {}
     argv = _argv(args, images=way != "text", cache=cache, out_dir=out_dir,
                  run_name=f"{way}-{uuid.uuid4().hex[:8]}", limit=limit or args.questions)
-    loads_before = image_generation.PIPELINE_LOADS
     memory.reset()
     t = time.perf_counter()
     with _generator(args.fast512), _instrumented(record, device), _quiet(not args.progress):
@@ -306,7 +304,7 @@ def run_way(args, way: str, cache: Path, out_dir: Path, device: str, limit: int 
         # what a long run amortises to: the one-off pipeline construction left out
         "ms_per_question_no_construction": round(1000 * (loop - record["pipeline_s"]) / questions, 2),
         **{name: counts.get(name) for name in COUNTERS},  # None: not counted by the checkout measured
-        "pipeline_constructions": image_generation.PIPELINE_LOADS - loads_before,
+        "pipeline_constructions": counts["pipeline_loads"],
         "pipeline_construction_s": round(record["pipeline_s"], 4),
         "lm_passes": counts["lm_passes"],
         "fusion_passes": counts["fusion_passes"],

@@ -35,6 +35,8 @@ import torch
 from PIL import Image
 from torch.utils.data import ConcatDataset, Dataset
 
+from data.packed_strings import PackedStrings
+
 logger = logging.getLogger(__name__)
 
 LAION_HUB_ID = "laion/220k-GPT4Vision-captions-from-LIVIS"
@@ -113,21 +115,6 @@ def _read_json(path: Path):
         raise _not_utf8(path, err) from None
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}: invalid JSON ({err.msg} at line {err.lineno})") from None
-
-
-class _Strings:
-    """An immutable list of strings stored as one UTF-8 blob plus offsets."""
-
-    def __init__(self, strings):
-        encoded = [s.encode("utf-8") for s in strings]
-        self._blob = b"".join(encoded)
-        self._offsets = np.cumsum([0] + [len(b) for b in encoded], dtype=np.int64)
-
-    def __len__(self) -> int:
-        return len(self._offsets) - 1
-
-    def __getitem__(self, i: int) -> str:
-        return self._blob[self._offsets[i]:self._offsets[i + 1]].decode("utf-8")
 
 
 _HINTS = {
@@ -228,10 +215,10 @@ class VGRegions(Dataset):
         if not owners:
             raise ValueError(f"Visual Genome {vg_dir}: no usable region (missing images: {missing}, "
                              f"boxes outside: {invalid})")
-        self._paths = _Strings(paths)
+        self._paths = PackedStrings(paths)
         self._owner = np.asarray(owners, dtype=np.int32)
         self._boxes = np.asarray(boxes, dtype=np.float64)
-        self._phrases = _Strings(phrases)
+        self._phrases = PackedStrings(phrases)
 
     @staticmethod
     def _read_images(images_file: Path, vg_dir: Path) -> dict:
@@ -353,7 +340,7 @@ class LaionCaptions(Dataset):
                            source, no_image, image_root, no_caption, caption_column)
         if not paths:
             raise ValueError(f"LAION-220 {source}: no row has both a {caption_column} and an image under {image_root}")
-        self._paths, self._captions = _Strings(paths), _Strings(captions)
+        self._paths, self._captions = PackedStrings(paths), PackedStrings(captions)
 
     def __len__(self) -> int:
         return len(self._paths)
@@ -431,8 +418,8 @@ class CaptionFile(Dataset):
             where.append(here)
         if not images:
             raise ValueError(f"--train_file {path} holds no rows")
-        self._images, self._captions, self._where = _Strings(images), _Strings(captions), _Strings(where)
-        self._prompts = _Strings(prompts) if any(prompts) else None
+        self._images, self._captions, self._where = PackedStrings(images), PackedStrings(captions), PackedStrings(where)
+        self._prompts = PackedStrings(prompts) if any(prompts) else None
         self._crops = np.asarray(crops, dtype=np.float64)
 
     def __len__(self) -> int:

@@ -7,7 +7,7 @@ each item), and calls :meth:`Evaluator.run` then :meth:`Evaluator.finish`.
 The evaluator joins three parts, one concern each:
 
 * :mod:`eval_scripts.runtime`: what is loaded once from the flags (model, tokenizer, vision encoder,
-  image provider, memos); several evaluators can share one runtime (the suite does);
+  image source, memos); several evaluators can share one runtime (the suite does);
 * :mod:`eval_scripts.scoring`: the scoring primitives with this task's mixing settings
   (:mod:`eval_scripts.masked_scoring` for a masked LM: fill-mask candidate scoring only);
 * :mod:`eval_scripts.records`: the run directory: resuming, sharding, samples and result files.
@@ -107,15 +107,17 @@ class Evaluator:
         self._stats0 = self._runtime_stats()
 
     def _check_index(self, runtime: "Runtime") -> None:
-        if self.use_images and runtime.retriever is not None and self.args.k > len(runtime.retriever):
-            raise EvalError(f"--k {self.args.k} is larger than the image index {self.args.image_index} "
-                            f"({len(runtime.retriever)} images)")
+        if self.use_images:
+            try:
+                runtime.source.check_k(self.args.k)  # e.g. no more images per prompt than an index holds
+            except ValueError as e:
+                raise EvalError(str(e)) from None
 
     # ------------------------------------------------------------------ views of the parts
     model = property(lambda self: self.runtime.model)
     tokenizer = property(lambda self: self.runtime.tokenizer)
     vision = property(lambda self: self.runtime.vision)
-    provider = property(lambda self: self.runtime.provider)
+    source = property(lambda self: self.runtime.source)
     device = property(lambda self: self.runtime.device)
     dtype = property(lambda self: self.runtime.dtype)
     state = property(lambda self: self.runtime.state)
@@ -156,7 +158,7 @@ class Evaluator:
     # ------------------------------------------------------------------ running
     def run(self, items: list[dict], compute: Callable[[list[dict]], list[dict]], desc: str = "") -> list[dict]:
         """Score ``items`` (see :meth:`eval_scripts.records.RunRecords.run`)."""
-        postfix = (lambda: {"img": self.provider.generated}) if self.provider is not None else None
+        postfix = (lambda: {"img": self.runtime.image_stats()["generated"]}) if self.source is not None else None
         return self.records.run(items, compute, desc, postfix)
 
     def _runtime_stats(self) -> dict:

@@ -33,8 +33,10 @@ document) under ``image_prompt``: ``question`` (default: the context without a t
 such as ``Answer:``, k times), ``full`` (the context, k times) or ``sentences`` (the released
 protocol: its sentences backwards from the last, then its last 70 words). Requests that share a
 context share their images: all distinct prompt lists are generated up front, once, through the
-disk cache. A context with no text (an empty context) is scored text-only. With few-shot contexts
-the prompt is derived from the whole context, demonstrations included.
+disk cache; with ``image_source=retrieve`` (and ``image_index=INDEX_DIR``, ``retrieve_by``,
+``dedup_threshold``) they are the best images of an image index instead, ranked up front. A context
+with no text (an empty context) is scored text-only. With few-shot contexts the prompt is derived from
+the whole context, demonstrations included.
 
 Not supported (one clear error before any model loads): sampling or beam search in generation
 kwargs, tasks that feed images or audio, chat templates, ``batch_size=auto``.
@@ -120,6 +122,13 @@ def parse_model_args(kwargs: dict):
         raise EvalError(f"{WHERE}: k must be >= 1, got {values['k']} (leave k out for no images)")
     settings = Settings(**{**{o.name: o.default for o in HARNESS_OPTIONS}, **values}, generate_images=use_images,
                         config=config)
+    if use_images:
+        from models.images.retrieval import check_retrieval_args
+
+        try:
+            check_retrieval_args(settings)  # e.g. image_source=retrieve without image_index
+        except ValueError as e:
+            raise EvalError(f"{WHERE}: {e}") from None
     return resolve_args(settings), use_images
 
 
@@ -284,20 +293,14 @@ class LateFusionHarnessLM(TemplateLM):
 
     # ------------------------------------------------------------------ images
     def _prompts(self, texts: list[str | None]) -> list[list[str]]:
-        """Image prompts of each request's context; every distinct list is generated now, once
-        (lm-eval hands all requests at once), so scoring batches find them in the cache."""
+        """Image prompts of each request's context; the image source prefetches every distinct list now,
+        once (lm-eval hands all requests at once: missing images are generated, prompts ranked), so
+        scoring batches find them ready."""
         if not self.use_images:
             return [[] for _ in texts]
-        from models.images.generation import occurrence_indices
-
         by_text = {t: image_prompts(t, self.args.k, self.args.image_prompt) for t in dict.fromkeys(texts)}
-        provider = self.runtime.provider
-        missing = [list(p) for p in dict.fromkeys(tuple(p) for p in by_text.values() if p)
-                   if not all(provider.cache.path(provider.key(q, i)).is_file()
-                              for q, i in zip(p, occurrence_indices(list(p))))]
         with self.runtime.watch.phase("generation"):
-            for start in range(0, len(missing), 256):
-                provider.get(missing[start:start + 256])
+            self.runtime.source.prefetch([list(p) for p in dict.fromkeys(tuple(p) for p in by_text.values() if p)])
         return [by_text[t] for t in texts]
 
     # ------------------------------------------------------------------ loglikelihood
@@ -426,12 +429,14 @@ class LateFusionHarnessLM(TemplateLM):
         info["k"] = self.args.k if self.use_images else 0
         if self.use_images:
             info.update({key: getattr(self.args, key) for key in (
-                "vision_encoder", "mix", "clip_temperature", "uniform_weights", "image_prompt", "image_generator",
-                "image_size", "num_inference_steps", "guidance_scale", "seed")})
+                "vision_encoder", "mix", "clip_temperature", "uniform_weights", "image_prompt", "image_source")})
+            info.update({key: getattr(self.args, key) for key in (
+                ("image_index", "retrieve_by", "dedup_threshold") if self.args.image_source == "retrieve" else
+                ("image_generator", "image_size", "num_inference_steps", "guidance_scale", "seed"))})
         if self._runtime is not None:
             stats = self._runtime.image_stats()
-            # images are generated up front (_prompts), through the provider, and read back for scoring
-            ahead = self._runtime.provider.stats() if self._runtime.provider is not None else {}
+            # images are generated up front (_prompts), through the image source, and read back for scoring
+            ahead = self._runtime.source.stats() if self._runtime.source is not None else {}
             info.update(images_generated=stats["generated"] + ahead.get("generated", 0),
                         vision_features_computed=stats["features_computed"],
                         vision_features_read=stats["features_read"])

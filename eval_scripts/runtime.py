@@ -1,5 +1,5 @@
 """What an evaluation loads once from its flags: device and dtype, tokenizer, the late-fusion model with
-its trained weights, and, when images are requested, the vision encoder and the image provider.
+its trained weights, and, when images are requested, the vision encoder and the image source.
 
 A :class:`Runtime` serves any number of tasks in one process (each :class:`eval_scripts.core.Evaluator`
 takes one); nothing in it depends on a task. It also keeps the two memos that make repeated scoring
@@ -96,9 +96,10 @@ class Stopwatch:
 class Runtime:
     """Models and helpers built once from the flags (see the module docstring).
 
-    ``use_images``: load the vision encoder and the image provider. ``before_load(runtime)`` runs after the
-    trained weights have been read (and ``args.vision_encoder`` resolved from them) but before any model
-    is loaded, so a caller can refuse a run cheaply.
+    ``use_images``: load the vision encoder and build the image source (``source``, a
+    :class:`models.images.source.ImageSource`). ``before_load(runtime)`` runs after the trained weights
+    have been read (and ``args.vision_encoder`` resolved from them) and the image source built (an index
+    opened and checked), but before any model is loaded, so a caller can refuse a run cheaply.
     """
 
     def __init__(self, args: argparse.Namespace, use_images: bool, before_load=None):
@@ -128,13 +129,12 @@ class Runtime:
             proj_hidden = ckpt_state["mm_proj.linear1.weight"].shape[0]
         else:
             vision_dim, proj_hidden = ckpt_cfg.get("vision_dim"), args.proj_hidden
-        self.retriever = None  # retrieved images: the index is opened (and checked) before any model loads
-        if use_images and getattr(args, "image_source", "generate") == "retrieve":
-            from models.images.index import ImageIndexError
-            from models.images.retrieval import build_retriever
+        self.source = None  # built before any model loads: bad image flags or a bad index fail fast
+        if use_images:
+            from models.images.sources import build_image_source
             try:
-                self.retriever = build_retriever(args, device=self.device)
-            except ImageIndexError as e:
+                self.source = build_image_source(args, self.device, dtype=args.dtype)
+            except ValueError as e:
                 raise EvalError(str(e)) from None
         if before_load is not None:
             before_load(self)
@@ -146,11 +146,10 @@ class Runtime:
                 raise EvalError(f"--pretrained_model {args.pretrained_model!r} expects vision width {vision_dim}, "
                                 f"but {args.vision_encoder!r} gives {self.vision.hidden_size}")
             vision_dim = self.vision.hidden_size
-            if self.retriever is not None:
-                try:
-                    self.retriever.bind(self.vision)
-                except ValueError as e:
-                    raise EvalError(str(e)) from None
+            try:
+                self.source.bind(self.vision)  # a retriever checks that this encoder built its index
+            except ValueError as e:
+                raise EvalError(str(e)) from None
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(args.model_name)
         except (OSError, ValueError) as e:
@@ -170,27 +169,16 @@ class Runtime:
         # every logit the LM head produces (text-only and fused, every decoding step) is checked
         self._non_finite = None
         self.model.lm.get_output_embeddings().register_forward_hook(self._watch_logits)
-        self.provider = self.features = None
-        if use_images:
-            from models.images import generation as image_generation
-            from models.images.features import FeatureStore, VisionFeatures, encoder_identity
-            from models.images.generation import ImageCache, ImageProvider, build_generator, dtype_name
-            cache = ImageCache(args.image_cache)
-        if self.retriever is not None:
-            self.provider = self.retriever  # the same interface as the generator's provider
-        elif use_images:
-            generator = build_generator(args.image_generator, device=self.device, dtype=args.dtype,
-                                        noise=args.toyworld_noise)
-            self.provider = ImageProvider(generator, cache, image_size=args.image_size,
-                                          num_inference_steps=args.num_inference_steps,
-                                          guidance_scale=args.guidance_scale, seed=args.seed,
-                                          gen_batch_size=args.gen_batch_size)
+        self.features = None
         if use_images:  # the vision features of every image (generated or retrieved), cached on disk
-            features_root = cache.root / "features"
+            from pathlib import Path
+
+            from models.images.features import FeatureStore, VisionFeatures, encoder_identity
+            from models.images.generators import dtype_name
+            features_root = Path(args.image_cache).expanduser() / "features"
             store = FeatureStore(features_root, encoder_identity(
                 args.vision_encoder, dtype_name(self.dtype), memo_path=features_root / "file-hashes.json"))
-            self.features = VisionFeatures(self.vision, self.provider, store, watch=self.watch)
-            self._pipeline_loads0 = image_generation.PIPELINE_LOADS  # the counter is process-wide
+            self.features = VisionFeatures(self.vision, self.source, store, watch=self.watch)
         self._max_text: dict[int, int | None] = {}
         self.setup_seconds = time.perf_counter() - self.t0
 
@@ -227,14 +215,13 @@ class Runtime:
         """Cumulative image counters of this runtime (see :data:`IMAGE_COUNTERS`)."""
         s = dict.fromkeys(IMAGE_COUNTERS, 0)
         if self.features is not None:
-            from models.images import generation as image_generation
-            s.update(self.features.counts, pipeline_loads=image_generation.PIPELINE_LOADS - self._pipeline_loads0)
+            s.update(self.features.counts, pipeline_loads=self.source.stats()["pipeline_loads"])
         return s
 
     def flush(self) -> None:
         """Wait until every image and feature file handed to the background writer is on disk."""
-        if self.provider is not None:
-            self.provider.flush()
+        if self.source is not None:
+            self.source.flush()
 
     # ------------------------------------------------------------------ tokens
     def encode(self, text: str, special: bool = True) -> list[int]:

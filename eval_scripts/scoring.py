@@ -52,7 +52,7 @@ class Scorer:
         if not self.use_images:
             return None, None, [[] for _ in prompt_lists]
         from models.fusion.mixing import clip_weights
-        refs = self.rt.provider.refs(prompt_lists)
+        refs = self.rt.source.refs(prompt_lists)
         flat = [r for item in refs for r in item]
         patches, cos = self.rt.image_features(flat)
         k = len(refs[0]) if refs else 0

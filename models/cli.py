@@ -1,4 +1,4 @@
-"""Command-line pieces shared by train.py, demo.py and ``python -m models.images.generation``.
+"""Command-line pieces shared by train.py, demo.py and ``python -m models.images.pregenerate``.
 
 Bad input is one ``error: ...`` line on stderr and exit status 2, never a usage dump or a traceback.
 Under torchrun only rank 0 prints it; the other ranks exit with the same status, quietly.

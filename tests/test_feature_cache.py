@@ -22,7 +22,7 @@ from eval_scripts.imagenetVC import main
 from eval_scripts.runtime import clear_memos
 from models import write_behind
 from models.images.features import FORMAT, FeatureStore, VisionFeatures, encoder_identity
-from models.images.generation import ImageCache
+from models.images.cache import ImageCache
 from models.tiny_models import build_tiny_clip
 from models.vision import OpenClipEncoder, load_vision_encoder
 from tests.paths import EVAL_DATA

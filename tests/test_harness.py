@@ -297,7 +297,9 @@ def test_bad_model_args_fail_before_any_model_loads(lm_dirs):
              ({"mix": "mean"}, "mix: must be one of logits, probs, got 'mean'"), ({"batch_size": "auto"}, "auto"),
              ({"k": "two"}, "k: must be an integer >= 0, got 'two'"),
              ({"guidance_scale": -1}, "guidance_scale: must be a finite number >= 0, got -1"),
-             ({"image_prompt": "context"}, "image_prompt: must be one of question, full, sentences")]
+             ({"image_prompt": "context"}, "image_prompt: must be one of question, full, sentences"),
+             ({"image_source": "fetch"}, "image_source: must be one of generate, retrieve, got 'fetch'"),
+             ({"k": 2, "image_source": "retrieve"}, "retrieve needs --image_index")]
     for args, message in cases:
         with pytest.raises(EvalError, match=message):
             LateFusionHarnessLM.create_from_arg_obj({"model_name": "no/such-model", **args}, {"device": "cpu"})
@@ -404,6 +406,53 @@ def test_images_end_to_end_and_cached(lm_dirs, tiny_clip_spec, tiny_sdxl_dir, fu
     plain = [ll for s in base["samples"]["arc_easy"] for ll, _ in s["filtered_resps"]]
     assert max(abs(a - b) for a, b in zip(fused, plain)) > 1e-3
     assert all(math.isfinite(x) for x in fused)
+
+
+def test_retrieved_images_through_model_args(lm_dirs, tiny_clip_spec, fusion_checkpoint, data_dir, task_manager,
+                                            tmp_path, monkeypatch):
+    """image_source=retrieve: each request's k slots are its prompt's k best images of the index, nothing is
+    generated, and the images move the scores."""
+    from eval_scripts import harness
+    from models.images import index as image_index
+    from models.images.index import ImageIndex
+    from models.images.retrieval import ImageRetriever
+    from tests.test_image_index import draw_stand_ins
+
+    photos = draw_stand_ins(tmp_path / "photos", [f"photo{i:02d}.png" for i in range(12)])
+    image_index.main(["build", "--images", str(photos), "--out", str(tmp_path / "index"), "--vision_encoder",
+                      tiny_clip_spec, "--num_workers", "0", "--device", "cpu"])
+    served = []  # every image slot the scorer asked the source for
+    refs = ImageRetriever.refs
+
+    def spy(self, prompt_lists):
+        out = refs(self, prompt_lists)
+        served.extend(out)
+        return out
+
+    monkeypatch.setattr(ImageRetriever, "refs", spy)
+    model_args = {"model_name": lm_dirs["llama"], "pretrained_model": fusion_checkpoint, "k": 2,
+                  "vision_encoder": tiny_clip_spec, "image_source": "retrieve", "image_index": str(tmp_path / "index"),
+                  "dedup_threshold": 1.0, "image_cache": str(tmp_path / "cache"), "uniform_weights": False,
+                  "device": "cpu", "batch_size": 2}
+    lm = harness.LateFusionHarnessLM(**model_args)
+    fused = evaluate(data_dir, task_manager, lm, tasks=("arc_easy",), limit=3)
+    info = lm.get_model_info()["late_fusion"]
+    assert (info["image_source"], info["image_index"], info["images_generated"]) == ("retrieve",
+                                                                                     str(tmp_path / "index"), 0)
+    assert isinstance(lm.runtime.source, ImageRetriever) and not list((tmp_path / "cache").rglob("*.png"))
+    index = ImageIndex(tmp_path / "index")
+    assert served and all(len(item) == 2 for item in served)
+    for item in served:  # image_prompt question: k copies of the context's question, its two best images
+        assert item[0].prompt == item[1].prompt
+        assert [r.row for r in item] == [row for row, _ in lm.runtime.source.rank([item[0].prompt], 2)[0]]
+        assert [r.path for r in item] == [str(index.root / index.paths[r.row]) for r in item]
+    counts = lm.runtime.image_stats()
+    assert counts["generated"] == 0 and counts["slots"] == counts["from_cache"] + counts["reused"] > 0
+    base = evaluate(data_dir, task_manager, "late_fusion", {"model_name": lm_dirs["llama"]}, tasks=("arc_easy",),
+                    limit=3)
+    with_images = [ll for s in fused["samples"]["arc_easy"] for ll, _ in s["filtered_resps"]]
+    plain = [ll for s in base["samples"]["arc_easy"] for ll, _ in s["filtered_resps"]]
+    assert max(abs(a - b) for a, b in zip(with_images, plain)) > 1e-3
 
 
 # ------------------------------------------------------------------------------------- distributed

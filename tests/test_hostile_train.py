@@ -1,4 +1,4 @@
-"""Hostile input to the training side: train.py, its checkpoints, demo.py and ``python -m models.images.generation``.
+"""Hostile input to the training side: train.py, its checkpoints, demo.py and ``python -m models.images.pregenerate``.
 
 Every bad input is one ``error: ...`` line on stderr and exit status 2, with no traceback and nothing written.
 Nothing in a checkpoint folder runs code, nothing a user made is deleted, and nothing silently wrong is kept:
@@ -221,14 +221,14 @@ if not torch.cuda.is_available():
 
 @pytest.mark.parametrize("case", list(IG_CASES))
 def test_image_generation_bad_input(case, bad_files, tmp_path, capsys):
-    import models.images.generation as ig
+    from models.images import pregenerate
 
     argv, expected = IG_CASES[case]
     base = {"--prompts_file": str(bad_files / "prompts.txt"), "--image_generator": "toyworld",
             "--image_cache": str(tmp_path / "cache"), "--device": "cpu"}
     base.update(dict(zip(argv[::2], [a.format(tmp=bad_files) for a in argv[1::2]])))
     with pytest.raises(SystemExit) as exc:
-        ig.main([x for kv in base.items() for x in kv])
+        pregenerate.main([x for kv in base.items() for x in kv])
     line = one_error_line(capsys, 2, exc)
     assert expected in line, line
     assert not (tmp_path / "cache").exists()

@@ -10,18 +10,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import models.images.generation as ig
+import models.images.generators as generators
 from data.prompts import derive_prompts
-from models.images.generation import (
-    DiffusersGenerator,
-    ImageCache,
-    ImageGenerator,
-    ImageProvider,
-    build_generator,
-    check_k,
-    occurrence_indices,
-    seed_for,
-)
+from models.images import pregenerate
+from models.images.cache import ImageCache
+from models.images.generators import DiffusersGenerator, ImageGenerator, build_generator
+from models.images.provider import ImageProvider, occurrence_indices, seed_for
+from models.images.source import check_k
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = ["a red apple", "a blue car", "a red apple", "a yellow banana"]
@@ -104,7 +99,7 @@ def test_provider_dedups_across_items_and_batches_misses(tmp_path):
     provider = ImageProvider(gen, ImageCache(tmp_path), image_size=8, gen_batch_size=2)
     out = provider.get([["a", "a", "b"], ["b", "a"], []])
     # keys: item 0 -> a#0, a#1, b#0; item 1 -> b#0, a#0: three distinct images, in two batches of <= 2
-    assert provider.stats() == {"slots": 5, "generated": 3, "from_cache": 0, "reused": 2}
+    assert provider.stats() == {"slots": 5, "generated": 3, "from_cache": 0, "reused": 2, "pipeline_loads": 0}
     provider.flush()  # PNGs are written behind the work
 
     def key(prompt, index):
@@ -120,10 +115,10 @@ def test_provider_dedups_across_items_and_batches_misses(tmp_path):
     )  # three PNGs, no temporary or probe files left behind
 
     again = provider.get([["b", "a", "a"]])  # the same run: reused, though read back from the disk
-    assert provider.stats() == {"slots": 8, "generated": 3, "from_cache": 0, "reused": 5}
+    assert provider.stats() == {"slots": 8, "generated": 3, "from_cache": 0, "reused": 5, "pipeline_loads": 0}
     fresh = ImageProvider(gen, ImageCache(tmp_path), image_size=8, gen_batch_size=2)
     fresh.get([["b", "a", "a"], ["a"]])  # another run: from the cache
-    assert fresh.stats() == {"slots": 4, "generated": 0, "from_cache": 3, "reused": 1}
+    assert fresh.stats() == {"slots": 4, "generated": 0, "from_cache": 3, "reused": 1, "pipeline_loads": 0}
     assert fresh.counts["pngs_decoded"] == 3 and len(gen.calls) == 2
     assert pixels(again[0][0].image).tolist() == pixels(out[0][2].image).tolist()
 
@@ -132,9 +127,9 @@ def test_full_k10_after_k6_generates_only_4(tmp_path):
     provider = ImageProvider(FakeGenerator(), ImageCache(tmp_path), image_size=8)
     text = "What color is a banana? Answer:"
     provider.get([derive_prompts(text, 6, "full")])
-    assert provider.stats() == {"slots": 6, "generated": 6, "from_cache": 0, "reused": 0}
+    assert provider.stats() == {"slots": 6, "generated": 6, "from_cache": 0, "reused": 0, "pipeline_loads": 0}
     provider.get([derive_prompts(text, 10, "full")])  # written or not yet: the first 6 are this run's
-    assert provider.stats() == {"slots": 16, "generated": 10, "from_cache": 0, "reused": 6}
+    assert provider.stats() == {"slots": 16, "generated": 10, "from_cache": 0, "reused": 6, "pipeline_loads": 0}
 
 
 def test_empty_requests_and_k_check(tmp_path):
@@ -158,10 +153,10 @@ def test_valid_but_wrong_cached_png_is_regenerated(tmp_path, caplog):
     Image.new("RGB", (1, 1), (255, 0, 0)).save(tiny)  # the 1x1 PNG of the bug report
     Image.new("L", (8, 8), 128).save(grey)  # right size, wrong mode
     fresh = ImageProvider(gen, ImageCache(tmp_path), image_size=8)
-    with caplog.at_level(logging.WARNING, logger="models.images.generation"):
+    with caplog.at_level(logging.WARNING, logger="models.images.cache"):
         again = fresh.get([["a", "b", "c"]])[0]
     fresh.flush()
-    assert fresh.stats() == {"slots": 3, "generated": 2, "from_cache": 1, "reused": 0}
+    assert fresh.stats() == {"slots": 3, "generated": 2, "from_cache": 1, "reused": 0, "pipeline_loads": 0}
     messages = [r.getMessage() for r in caplog.records]
     assert any(f"{tiny} is RGB 1x1, not RGB 8x8" in m for m in messages)
     assert any(f"{grey} is L 8x8, not RGB 8x8" in m for m in messages)
@@ -180,7 +175,9 @@ def test_same_key_byte_identical_png_across_processes(sdxl, tmp_path):
     provider.flush()
     script = (
         "import sys\n"
-        "from models.images.generation import DiffusersGenerator, ImageCache, ImageProvider\n"
+        "from models.images.cache import ImageCache\n"
+        "from models.images.generators import DiffusersGenerator\n"
+        "from models.images.provider import ImageProvider\n"
         "gen = DiffusersGenerator(sys.argv[1], device='cpu', dtype='fp32')\n"
         "p = ImageProvider(gen, ImageCache(sys.argv[2]), image_size=64, num_inference_steps=2, gen_batch_size=4)\n"
         f"p.get([{PROMPTS!r}])\n"
@@ -211,18 +208,18 @@ def test_batch_equals_one_by_one(sdxl):
 
 
 def test_warm_cache_never_loads_the_pipeline(tiny_sdxl_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(generators, "_PIPELINES", {})  # as in a fresh process
     cold = sdxl_provider(DiffusersGenerator(tiny_sdxl_dir, device="cpu", dtype="fp32"), tmp_path)
     first = cold.get([PROMPTS, PROMPTS[:2]])
-    assert cold.stats() == {"slots": 6, "generated": 4, "from_cache": 0, "reused": 2}
+    assert cold.stats() == {"slots": 6, "generated": 4, "from_cache": 0, "reused": 2, "pipeline_loads": 1}
     cold.flush()
 
-    monkeypatch.setattr(ig, "_PIPELINES", {})  # as in a fresh process
-    loads = ig.PIPELINE_LOADS
+    monkeypatch.setattr(generators, "_PIPELINES", {})  # again a fresh process
     gen = DiffusersGenerator(tiny_sdxl_dir, device="cpu", dtype="fp32")
     warm = sdxl_provider(gen, tmp_path)
     second = warm.get([PROMPTS, PROMPTS[:2]])
-    assert warm.stats() == {"slots": 6, "generated": 0, "from_cache": 4, "reused": 2}
-    assert ig.PIPELINE_LOADS == loads and gen._pipe is None
+    assert warm.stats() == {"slots": 6, "generated": 0, "from_cache": 4, "reused": 2, "pipeline_loads": 0}
+    assert gen.pipeline_loads == 0 and gen._pipe is None
     for a, b in zip(first[0] + first[1], second[0] + second[1]):
         assert a.path == b.path and np.array_equal(pixels(a.image), pixels(b.image))
 
@@ -234,10 +231,11 @@ def test_corrupt_or_truncated_png_is_regenerated(sdxl, tmp_path, caplog):
     truncated, garbage = (Path(g.path) for g in original)
     truncated.write_bytes(truncated.read_bytes()[:200])
     garbage.write_bytes(b"not a png at all")
-    with caplog.at_level(logging.WARNING, logger="models.images.generation"):
+    with caplog.at_level(logging.WARNING, logger="models.images.cache"):
         again = provider.get([PROMPTS[:2]])[0]
     provider.flush()
-    assert provider.stats() == {"slots": 4, "generated": 4, "from_cache": 0, "reused": 0}
+    assert provider.stats() == {"slots": 4, "generated": 4, "from_cache": 0, "reused": 0,
+                                "pipeline_loads": sdxl.pipeline_loads}  # 0 if this process had loaded it
     assert sum("cannot read" in r.message for r in caplog.records) == 2
     for old, new in zip(original, again):
         assert np.array_equal(pixels(old.image), pixels(new.image))
@@ -245,7 +243,8 @@ def test_corrupt_or_truncated_png_is_regenerated(sdxl, tmp_path, caplog):
             assert np.array_equal(pixels(im.convert("RGB")), pixels(old.image))
 
 
-def test_main_fills_the_cache(tiny_sdxl_dir, tmp_path):
+def test_main_fills_the_cache(tiny_sdxl_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(generators, "_PIPELINES", {})  # as in a fresh process
     texts = ["The sky is blue. Grass is green.", "A red apple sits on a table."]
     prompts_file = tmp_path / "texts.txt"
     prompts_file.write_text(f"{texts[0]}\n\n{texts[1]}\n")
@@ -255,7 +254,7 @@ def test_main_fills_the_cache(tiny_sdxl_dir, tmp_path):
             "--num_inference_steps", "1", "--gen_batch_size", "2", "--device", "cpu", "--dtype", "fp32"]
     # text 0 -> [Grass is green., The sky is blue., <whole text>]; text 1 -> [its sentence]*2 + [whole text]
     # which is the same string three times: indices 0, 1, 2. Six distinct keys.
-    assert ig.main(argv) == {"slots": 6, "generated": 6, "from_cache": 0, "reused": 0}
+    assert pregenerate.main(argv) == {"slots": 6, "generated": 6, "from_cache": 0, "reused": 0, "pipeline_loads": 1}
     gen_id = str(Path(tiny_sdxl_dir).resolve())
     expected = {
         ImageCache.key(gen_id, p, i, 64, 1, 0.0, 0, dtype="fp32")
@@ -263,22 +262,21 @@ def test_main_fills_the_cache(tiny_sdxl_dir, tmp_path):
         for p, i in zip(derive_prompts(t, 3, "sentences"), occurrence_indices(derive_prompts(t, 3, "sentences")))
     }
     assert {p.stem for p in cache.rglob("*.png")} == expected
-    assert ig.main(argv) == {"slots": 6, "generated": 0, "from_cache": 6, "reused": 0}
+    assert pregenerate.main(argv) == {"slots": 6, "generated": 0, "from_cache": 6, "reused": 0, "pipeline_loads": 0}
 
 
 # ---------------------------------------------------------------- construction and bad input
 
 
 def test_build_generator_loads_nothing(tiny_sdxl_dir, monkeypatch):
-    monkeypatch.setattr(ig, "_PIPELINES", {})
-    loads = ig.PIPELINE_LOADS
+    monkeypatch.setattr(generators, "_PIPELINES", {})
     gen = build_generator(str(tiny_sdxl_dir), device="cpu")
-    assert isinstance(gen, DiffusersGenerator) and gen._pipe is None and ig.PIPELINE_LOADS == loads
+    assert isinstance(gen, DiffusersGenerator) and gen._pipe is None and gen.pipeline_loads == 0
     assert gen.generator_id == str(Path(tiny_sdxl_dir).resolve()) and str(gen.dtype) == "torch.float32"
     assert build_generator("stabilityai/sdxl-turbo", device="cpu").generator_id == "stabilityai/sdxl-turbo"
     toy = build_generator("toyworld", noise=0.0)
     assert type(toy).__name__ == "ToyWorldGenerator" and "toyworld" in toy.generator_id
-    assert ig.PIPELINE_LOADS == loads
+    assert generators._PIPELINES == {}
 
 
 def test_unknown_or_missing_pipeline(tmp_path):
@@ -317,6 +315,6 @@ def test_main_bad_input(tmp_path, capsys):
                            "prompts file .*nope.txt not found"),
                           (["--prompts_file", str(tmp_path / "nope.txt"), "--k", "0"], "k must be >= 1")):
         with pytest.raises(SystemExit) as exc:
-            ig.main(argv)
+            pregenerate.main(argv)
         err = capsys.readouterr().err.strip().splitlines()
         assert exc.value.code == 2 and len(err) == 1 and re.match(f"error: {message}", err[0]), err

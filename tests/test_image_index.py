@@ -376,7 +376,12 @@ def test_get_serves_k_slots_like_the_generator(coco_index, coco_images, encoder)
     im = items[0][0]
     assert im.path == str(coco_images / ImageIndex(coco_index).paths[im.row]) and im.prompt == "a red circle"
     assert im.image.size == (32, 32) and im.provenance == {"row": im.row, "similarity": round(best[0][0][1], 6)}
-    assert retriever.stats() == {"hits": 5, "misses": 0, "generated": 0}
+    # three distinct images: the dogs' best is one of the red circle's three, and item 1 repeats the red
+    # circle's best; each image counts once from the disk, its other slots as reused
+    assert len({im.row for item in items for im in item}) == 3 and items[1][0].row in [im.row for im in items[0]]
+    assert retriever.stats() == {"slots": 5, "generated": 0, "from_cache": 3, "reused": 2, "pipeline_loads": 0}
+    retriever.get([["two dogs on a couch"]])  # served before: reused
+    assert retriever.stats() == {"slots": 6, "generated": 0, "from_cache": 3, "reused": 3, "pipeline_loads": 0}
     with pytest.raises(ImageIndexError, match="--k 80 is larger than the image index"):
         retriever.get([["x"] * 80])
 

@@ -1,6 +1,6 @@
 """Start-up cost: what each entry point imports, checked in fresh processes through ``sys.modules``.
 
-* ``--help`` of every eval script, ``train.py`` and ``python -m models.images.generation`` imports no torch;
+* ``--help`` of every eval script, ``train.py`` and ``python -m models.images.pregenerate`` imports no torch;
 * a text-only run imports no diffusers, open_clip, timm, wandb or matplotlib;
 * an image run with an HF CLIP never imports open_clip (nor timm, which open_clip pulls in).
 """
@@ -55,7 +55,7 @@ def probe(runs: list[tuple[str, list[str]]]) -> dict:
 
 
 def test_help_imports_no_torch():
-    runs = [(script, ["--help"]) for script in SCRIPTS] + [("models.images.generation", ["--help"])]
+    runs = [(script, ["--help"]) for script in SCRIPTS] + [("models.images.pregenerate", ["--help"])]
     assert len(runs) >= 8  # six eval scripts, train.py, the image pre-generation module
     result = probe(runs)
     assert result["codes"] == [0] * len(runs)

@@ -186,7 +186,7 @@ class FeatureStore:
                 raise ValueError("checksum mismatch")
             from safetensors.torch import load
 
-            from models.images.generation import dtype_name
+            from models.images.generators import dtype_name
 
             tensors = load(data)
             if set(tensors) != set(ranks) or any(t.dim() != ranks[name] or dtype_name(t.dtype) != self.dtype
@@ -218,17 +218,17 @@ class VisionFeatures:
     """Patch tokens and image-prompt cosines of image slots, each image encoded at most once.
 
     Per distinct image (by key): the in-memory memo of this run, else the disk store, else the image
-    itself (given by the slot, or from the provider: memory, cached PNG or generated now) through the
-    vision tower; new features go to the memo at once and to the store in the background.
+    itself (given by the slot, or from the image source: memory, file on disk or generated now) through
+    the vision tower; new features go to the memo at once and to the store in the background.
 
     ``counts`` (cumulative): ``slots``; ``generated`` / ``from_cache`` / ``reused`` (each slot counted once,
-    see :data:`models.images.generation.SLOT_ORIGINS`); ``pngs_decoded``; ``features_computed`` and
+    see :data:`models.images.source.SLOT_ORIGINS`); ``pngs_decoded``; ``features_computed`` and
     ``features_read`` (distinct images run through the tower / read from the store).
     """
 
-    def __init__(self, encoder, provider=None, store: FeatureStore | None = None, watch=None,
+    def __init__(self, encoder, source=None, store: FeatureStore | None = None, watch=None,
                  memo_bytes: int = 256 * 2**20, text_memo: int = 16384, chunk: int = 64):
-        self.encoder, self.provider, self.store, self.watch = encoder, provider, store, watch
+        self.encoder, self.source, self.store, self.watch = encoder, source, store, watch
         self.memo: OrderedDict[str, tuple] = OrderedDict()  # image key -> (patches, embedding)
         self.memo_bytes, self._bytes = memo_bytes, 0
         self.text: OrderedDict[str, "torch.Tensor"] = OrderedDict()  # prompt -> text embedding
@@ -256,7 +256,7 @@ class VisionFeatures:
         ``prompt``, ``path``, and optionally ``image``, a PIL image given by the caller)."""
         import torch
 
-        from models.images.generation import tally
+        from models.images.source import tally
 
         images = list(images)
         keys = [_store_key(getattr(im, "key", "") or im.path) for im in images]
@@ -324,9 +324,9 @@ class VisionFeatures:
         """Features of images not in the memo or the store: get each image, run the tower, store."""
         given = {key: im.image for key, im in todo if getattr(im, "image", None) is not None}
         with self._phase("generation"):
-            from models.images.generation import ImageRef
+            from models.images.source import ImageRef
 
-            found = self.provider.images([ImageRef(key, im.prompt, im.path) for key, im in todo
+            found = self.source.images([ImageRef(key, im.prompt, im.path) for key, im in todo
                                           if key not in given], write=False) if len(given) < len(todo) else {}
         pil = []
         for key, im in todo:
@@ -353,7 +353,7 @@ class VisionFeatures:
         store, feats = self.store, self.memo[key]
         if found is not None and found[1] == "generated":
             then = (lambda stat: store.write(key, *feats, stat)) if store is not None else None
-            self.provider.write_later(key, found[0], then=then)
+            self.source.write_later(key, found[0], then=then)
         elif store is None:
             return
         elif found is not None and found[1] == "disk":

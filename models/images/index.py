@@ -240,10 +240,10 @@ class ImageIndex:
         if verify and sha256_file(self.dir / EMBEDDINGS) != manifest.get("embeddings_sha256"):
             raise ImageIndexError(f"{where}: {EMBEDDINGS} does not match its manifest checksum (corrupt or "
                                   "changed); rebuild the index")
-        from data.captions import _Strings
+        from data.packed_strings import PackedStrings
 
         paths = self._lines(PATHS)
-        self.paths = _Strings(paths)
+        self.paths = PackedStrings(paths)
         self.captions = None
         if manifest.get("captioned"):
             try:
@@ -418,7 +418,7 @@ def build(args, batch_callback=None, state=None) -> dict | None:
     from accelerate import PartialState
     from tqdm.auto import tqdm
 
-    from models.images.generation import resolve_dtype
+    from models.images.generators import resolve_dtype
     from models.vision import load_vision_encoder
 
     if args.batch_size < 1:

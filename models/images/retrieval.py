@@ -1,6 +1,6 @@
 """Retrieved images: a drop-in alternative to the image generator, over an index of ``models.images.index``.
 
-:class:`ImageRetriever` has the interface of :class:`models.images.generation.ImageProvider`: ``get(prompt
+:class:`ImageRetriever` is the ``retrieve`` :class:`models.images.source.ImageSource`: ``get(prompt
 lists)`` returns, for each item, one image object per prompt with ``path``, ``prompt`` and ``image`` (so
 CLIP weights, mixing, the samples file and the report work unchanged), plus ``row`` (the index row) and
 ``similarity`` (the ranking score), which the samples file records.
@@ -28,10 +28,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from models.images.generation import GeneratedImage, ImageRef
+from models import write_behind
+from models.images.flags import DEFAULT_DEDUP, DEFAULT_FAISS_THRESHOLD, RETRIEVE_BY
 from models.images.index import ImageIndex, ImageIndexError, unreadable_reason
-from models.images.sources import DEFAULT_DEDUP, DEFAULT_FAISS_THRESHOLD, RETRIEVE_BY
-
+from models.images.source import ImageRef, ServedImage, check_k, tally
 
 
 class _Provenance:
@@ -42,14 +42,14 @@ class _Provenance:
 
 
 @dataclass
-class RetrievedImage(_Provenance, GeneratedImage):
+class RetrievedImage(_Provenance, ServedImage):
     row: int = -1
     similarity: float = 0.0
 
 
 @dataclass(frozen=True)
 class RetrievedRef(_Provenance, ImageRef):
-    """One retrieved image slot before its file is read (the provider interface's ``refs``): its key is the
+    """One retrieved image slot before its file is read (the source interface's ``refs``): its key is the
     image's path, so the feature cache (which checks the file's size and time) serves it on a warm run."""
     row: int = -1
     similarity: float = 0.0
@@ -131,8 +131,9 @@ class ImageRetriever:
     prompts at once, so that copies of the retriever in DataLoader workers (which drop the encoder and the
     index matrix) serve them.
 
-    Counters, as the generator's provider has them: ``hits`` counts image slots served, ``misses`` and
-    ``generated`` stay 0.
+    Counters (:meth:`stats`, those of every :class:`models.images.source.ImageSource`): the slots :meth:`get`
+    served, each ``from_cache`` (the first time this retriever served its image) or ``reused``;
+    ``generated`` and ``pipeline_loads`` stay 0.
     """
 
     def __init__(self, index: ImageIndex, encoder=None, *, retrieve_by: str = "clip",
@@ -150,7 +151,8 @@ class ImageRetriever:
         self.encoder = None
         self.rankings: dict[str, list[tuple[int, float]]] = {}
         self._matrix = self._faiss = self._bm25 = None
-        self.hits = self.misses = self.generated = 0
+        self.counts = {"slots": 0, "generated": 0, "from_cache": 0, "reused": 0}
+        self._seen: set[str] = set()  # keys (image paths) this retriever has served
         if encoder is not None:
             self.bind(encoder)
 
@@ -169,7 +171,12 @@ class ImageRetriever:
         return len(self.index)
 
     def stats(self) -> dict:
-        return {"hits": self.hits, "misses": self.misses, "generated": self.generated}
+        return {**self.counts, "pipeline_loads": 0}
+
+    def check_k(self, k: int) -> None:
+        """k images per prompt list need k >= 1 and at most the index's images (one-line ValueError)."""
+        check_k(k)
+        self.index.check_k(k)
 
     # ------------------------------------------------------------------ ranking
     def _use_faiss(self) -> bool:
@@ -256,7 +263,7 @@ class ImageRetriever:
                 for p, ranking in zip(chunk, self.rank(chunk, depth)):
                     self.rankings[p] = ranking
 
-    # ------------------------------------------------------------------ the provider interface
+    # ------------------------------------------------------------------ the source interface
     def _open(self, row: int, path=None):
         from PIL import Image
 
@@ -282,12 +289,11 @@ class ImageRetriever:
                 path = str(self.index.path(row))
                 item.append(RetrievedRef(path, p, path, row=row, similarity=score))
             out.append(item)
-            self.hits += len(item)
         return out
 
-    def images(self, refs, write: bool = False) -> dict:
-        """``{key: (image, "disk", file stat)}`` for the distinct keys of ``refs`` (the provider interface;
-        nothing is generated or written)."""
+    def images(self, refs, write: bool = True) -> dict:
+        """``{key: (image, "disk", file stat)}`` for the distinct keys of ``refs`` (nothing is generated,
+        so nothing is written whatever ``write`` says)."""
         import os
 
         out = {}
@@ -296,15 +302,24 @@ class ImageRetriever:
                 out[ref.key] = (self._open(getattr(ref, "row", "?"), ref.path), "disk", os.stat(ref.path))
         return out
 
+    def write_later(self, key: str, image, then=None):
+        """The image's file is the index's own, on disk already: only ``then(its stat)`` runs, in the
+        background (never called by the feature cache, since :meth:`images` generates nothing)."""
+        import os
+
+        return write_behind.submit(then, os.stat(key)) if then is not None else None
+
     def flush(self) -> None:
-        """Nothing is written behind the work (the provider interface)."""
+        """Nothing is written behind the work."""
 
     def get(self, prompt_lists: list[list[str]]) -> list[list[RetrievedImage]]:
         """For each item, one retrieved image per prompt (:meth:`refs`), each file read once."""
         refs = self.refs(prompt_lists)
-        found = self.images([r for item in refs for r in item])
-        return [[RetrievedImage(r.path, r.prompt, found[r.key][0], row=r.row, similarity=r.similarity) for r in item]
-                for item in refs]
+        flat = [r for item in refs for r in item]
+        found = self.images(flat)
+        tally(self.counts, (r.key for r in flat), dict.fromkeys(found, "from_cache"), self._seen)
+        return [[RetrievedImage(r.path, r.prompt, found[r.key][0], r.key, row=r.row, similarity=r.similarity)
+                 for r in item] for item in refs]
 
 
 def build_retriever(args, encoder=None, device=None) -> ImageRetriever:

@@ -1,0 +1,169 @@
+"""Text-to-image generators: the interface, the diffusers pipeline wrapper, and the generation dtype.
+
+A generator turns (prompt, seed) pairs into images; each image depends only on its own prompt and seed,
+so images can be cached by key (:mod:`models.images.cache`) and a batch gives the same images as one by
+one. ``toyworld`` (:mod:`models.images.toyworld`) is the embedded offline world's generator; anything
+else names a diffusers pipeline (a hub id or a local folder).
+
+The generation dtype matters because fp16 and fp32 pipelines draw different images: a generator says
+which one its images depend on (``key_dtype``), and the cache key holds it.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # torch and PIL load on first use: ``--help`` and text-only runs never need them
+    import torch
+    from PIL import Image
+
+DEFAULT_GENERATOR = "stabilityai/sdxl-turbo"
+DTYPE_NAMES = ("fp16", "bf16", "fp32")
+
+_PIPELINES: dict[tuple, object] = {}  # (generator id, device, dtype) -> loaded pipeline, shared process-wide
+
+
+def default_device() -> "torch.device":
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_dtype(dtype: "str | torch.dtype | None", device: "str | torch.device") -> "torch.dtype":
+    """'auto'/None -> fp16 on CUDA, fp32 elsewhere; 'fp16', 'bf16', 'fp32' or a torch.dtype as given."""
+    import torch
+
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        return torch.float16 if torch.device(device).type == "cuda" else torch.float32
+    if dtype not in DTYPE_NAMES:
+        raise ValueError(f"unknown dtype {dtype!r}; expected auto, {', '.join(DTYPE_NAMES)}")
+    return getattr(torch, {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}[dtype])
+
+
+def dtype_name(dtype: "torch.dtype") -> str:
+    """torch.float16 -> 'fp16' (the names of ``--dtype``)."""
+    return {"torch.float16": "fp16", "torch.bfloat16": "bf16", "torch.float32": "fp32"}.get(str(dtype), str(dtype))
+
+
+class ImageGenerator:
+    """Interface of a text-to-image generator.
+
+    ``generator_id`` is a stable string that names the generator in cache keys; ``key_dtype`` the
+    dtype its images depend on ('fp16', 'bf16', 'fp32'), or None when they depend on none;
+    ``pipeline_loads`` how many pipelines this generator has loaded (0 for one that loads none).
+    ``generate`` returns one RGB ``image_size`` x ``image_size`` image per (prompt, seed);
+    each image depends only on its own prompt and seed, never on the rest of the batch.
+    """
+
+    generator_id: str
+    key_dtype: "str | None" = None
+    pipeline_loads: int = 0
+
+    def generate(
+        self,
+        prompts: list[str],
+        seeds: list[int],
+        *,
+        image_size: int,
+        num_inference_steps: int,
+        guidance_scale: float,
+    ) -> "list[Image.Image]":
+        raise NotImplementedError
+
+
+class DiffusersGenerator(ImageGenerator):
+    """A diffusers text-to-image pipeline (SDXL-Turbo by default), from a hub id or a local directory.
+
+    The pipeline is loaded on the first ``generate`` call and then shared by every
+    generator of this process with the same id, device and dtype (only the generator that loads it
+    counts the load in ``pipeline_loads``).
+    """
+
+    def __init__(self, model_id: str = DEFAULT_GENERATOR, device=None, dtype=None):
+        import torch
+
+        self.model_id = str(model_id)
+        path = Path(self.model_id).expanduser()
+        if path.is_dir():
+            if not (path / "model_index.json").is_file():
+                raise ValueError(f"image generator {self.model_id!r}: directory has no model_index.json")
+            self.generator_id = str(path.resolve())
+        else:
+            from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+            try:
+                validate_repo_id(self.model_id)
+            except HFValidationError:
+                raise ValueError(
+                    f"image generator {self.model_id!r}: no such directory, and not a hub model id"
+                ) from None
+            self.generator_id = self.model_id
+        self.device = torch.device(device) if device is not None else default_device()
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.key_dtype = dtype_name(self.dtype)
+        self.pipeline_loads = 0
+        self._pipe = None
+
+    def _pipeline(self):
+        if self._pipe is None:
+            key = (self.generator_id, str(self.device), self.dtype)
+            if key not in _PIPELINES:
+                self.pipeline_loads += 1
+                _PIPELINES[key] = _load_pipeline(self.model_id, self.device, self.dtype)
+            self._pipe = _PIPELINES[key]
+        return self._pipe
+
+    def generate(self, prompts, seeds, *, image_size, num_inference_steps, guidance_scale):
+        import torch
+
+        if len(prompts) != len(seeds):
+            raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds")
+        if not prompts:
+            return []
+        # CPU generators: the initial noise is the same on every device and for every batch layout.
+        generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
+        output = self._pipeline()(
+            prompt=list(prompts),
+            height=image_size,
+            width=image_size,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            generator=generators,
+        )
+        return [image.convert("RGB") for image in output.images]
+
+
+def _load_pipeline(model_id: str, device: "torch.device", dtype: "torch.dtype"):
+    with warnings.catch_warnings():
+        # importing the auto pipelines imports every pipeline module; one of them (Kolors) calls the
+        # deprecated torch.jit.script at import time. Not ours to fix, and not worth a line in every log.
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
+        from diffusers import AutoPipelineForText2Image
+        from diffusers.utils import logging as diffusers_logging
+
+    if not sys.stderr.isatty():  # progress bars only on a terminal
+        diffusers_logging.disable_progress_bar()
+    try:
+        pipe = AutoPipelineForText2Image.from_pretrained(model_id, dtype=dtype)
+    except (OSError, ValueError, KeyError, AttributeError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"cannot load text-to-image pipeline {model_id!r}: {reason}") from err
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def build_generator(spec: str, *, device=None, dtype=None, noise: float = 0.3) -> ImageGenerator:
+    """'toyworld' -> the embedded offline world's generator; anything else -> a diffusers pipeline id or dir.
+
+    Nothing heavy is loaded here: a diffusers pipeline loads on its first ``generate``.
+    """
+    if spec == "toyworld":
+        from models.images.toyworld import ToyWorldGenerator
+
+        return ToyWorldGenerator(noise=noise)
+    return DiffusersGenerator(spec, device=device, dtype=dtype)

@@ -1,0 +1,102 @@
+"""Pre-generate the images of a prompts file (one text per line) into the image cache::
+
+    python -m models.images.pregenerate --prompts_file texts.txt --image_prompt sentences --k 6
+    accelerate launch -m models.images.pregenerate --prompts_file texts.txt ...   # sharded over GPUs
+
+Each text's k image prompts are derived as the evaluation derives them (``--image_prompt``), so a later
+run with the same generation flags finds every image in the cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from models.images.flags import add_generation_args, check_device, check_generation_args
+from models.images.generators import DTYPE_NAMES
+
+
+def read_texts(path: "str | os.PathLike") -> list[str]:
+    """Non-empty lines of a UTF-8 text file, stripped; one-line errors naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompts file {path} not found")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"prompts file {path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from data.prompts import STRATEGIES
+    from models.cli import OneLineArgumentParser, positive_int
+
+    parser = OneLineArgumentParser(description="Pre-generate the images of a prompts file into the image cache.")
+    parser.add_argument("--prompts_file", required=True, help="one text per line")
+    parser.add_argument("--image_prompt", choices=STRATEGIES, default="sentences")
+    parser.add_argument("--k", type=int, default=6, help="images per text")
+    parser.add_argument("--last_n_words", type=positive_int, default=70,
+                        help="length of the last prompt of 'sentences'")
+    add_generation_args(parser)
+    parser.add_argument("--seed", type=int, default=0, help="base seed, part of every image key")
+    parser.add_argument("--device", default=None, help="default: this process's accelerator device")
+    parser.add_argument("--dtype", choices=("auto", *DTYPE_NAMES), default="auto")
+    return parser
+
+
+def main(argv: "list[str] | None" = None) -> dict:
+    """Pre-generate; bad input is one ``error:`` line and exit status 2, with nothing generated."""
+    from models.cli import report_error
+
+    args = build_parser().parse_args(argv)
+    try:
+        return pregenerate(args)
+    except (ValueError, OSError) as err:
+        report_error(str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__)
+        raise SystemExit(2) from None
+
+
+def pregenerate(args: argparse.Namespace) -> dict:
+    """Fill the cache with the images of every text of ``args.prompts_file``, each process taking its share."""
+    from accelerate import PartialState
+    from tqdm.auto import tqdm
+
+    from data.prompts import derive_prompts
+    from models.images.source import check_k
+    from models.images.sources import build_image_source
+
+    check_k(args.k)
+    check_generation_args(args)
+    device = check_device(args.device)
+    texts = read_texts(args.prompts_file)
+    if not texts:
+        raise ValueError(f"prompts file {args.prompts_file} holds no text")
+    state = PartialState()
+    # the cache is created only once every input is known to be good
+    provider = build_image_source(args, device or state.device, name="generate", dtype=args.dtype)
+    shard = texts[state.process_index :: state.num_processes]
+    chunk = 8 * args.gen_batch_size  # texts per call, so that only one chunk of images is held in memory
+    # progress bars only on a terminal (disable=None), and only on the first process of each machine
+    with tqdm(total=len(shard), unit="text", disable=None if state.is_local_main_process else True) as bar:
+        for start in range(0, len(shard), chunk):
+            texts_chunk = shard[start : start + chunk]
+            provider.get(
+                [derive_prompts(t, args.k, args.image_prompt, last_n_words=args.last_n_words, question=t) for t in texts_chunk]
+            )
+            bar.update(len(texts_chunk))
+            bar.set_postfix(provider.stats())
+    provider.flush()
+    where = f"process {state.process_index}/{state.num_processes}: " if state.num_processes > 1 else ""
+    stats = provider.stats()
+    print(
+        f"{where}{len(shard)} texts, {stats['slots']} image slots: {stats['generated']} generated, "
+        f"{stats['from_cache']} from the cache, {stats['reused']} reused -> {provider.cache.root}"
+    )
+    state.wait_for_everyone()
+    return stats
+
+
+if __name__ == "__main__":
+    main()
