@@ -1,7 +1,6 @@
 """The image-source interface (models/images/source.py) and its registry (models/images/sources/): both sources
 implement the protocol, their counters add up, build_image_source chooses from the flags, and a source is
 registered by the one file that declares it."""
-import argparse
 import inspect
 import json
 import os
@@ -11,7 +10,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from models.images.flags import add_generation_args, add_retrieval_args
+from models.options import catalog, parse
 from models.images.provider import ImageProvider
 from models.images.retrieval import ImageRetriever
 from models.images.source import SLOT_ORIGINS, SOURCE_COUNTERS, ImageSource
@@ -25,12 +24,8 @@ CAPTIONS = ["a red circle", "a blue square", "a green triangle", "a red square",
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def flags(*argv: str) -> argparse.Namespace:
-    parser = argparse.ArgumentParser()
-    add_generation_args(parser)
-    add_retrieval_args(parser)
-    parser.add_argument("--seed", type=int, default=0)
-    return parser.parse_args(list(argv))
+def flags(*argv: str):
+    return parse((*catalog.GENERATION, *catalog.RETRIEVAL, catalog.SEED), list(argv), raise_errors=True)
 
 
 @pytest.fixture(scope="module")

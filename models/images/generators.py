@@ -20,8 +20,7 @@ if TYPE_CHECKING:  # torch and PIL load on first use: ``--help`` and text-only r
     import torch
     from PIL import Image
 
-DEFAULT_GENERATOR = "stabilityai/sdxl-turbo"
-DTYPE_NAMES = ("fp16", "bf16", "fp32")
+from models.options.catalog import DEFAULT_GENERATOR  # noqa: F401  (declared with the options)
 
 _PIPELINES: dict[tuple, object] = {}  # (generator id, device, dtype) -> loaded pipeline, shared process-wide
 
@@ -33,21 +32,25 @@ def default_device() -> "torch.device":
 
 
 def resolve_dtype(dtype: "str | torch.dtype | None", device: "str | torch.device") -> "torch.dtype":
-    """'auto'/None -> fp16 on CUDA, fp32 elsewhere; 'fp16', 'bf16', 'fp32' or a torch.dtype as given."""
+    """A pipeline's dtype: a torch.dtype as given, else a name of the dtype table, ``auto``/None by its
+    ``AUTO_HALF`` rule (fp16 on CUDA, fp32 elsewhere; :mod:`models.options.dtypes`)."""
     import torch
+
+    from models.options.dtypes import AUTO_HALF, resolve, torch_dtype
 
     if isinstance(dtype, torch.dtype):
         return dtype
-    if dtype in (None, "auto"):
-        return torch.float16 if torch.device(device).type == "cuda" else torch.float32
-    if dtype not in DTYPE_NAMES:
-        raise ValueError(f"unknown dtype {dtype!r}; expected auto, {', '.join(DTYPE_NAMES)}")
-    return getattr(torch, {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}[dtype])
+    return torch_dtype(resolve(dtype or "auto", device, AUTO_HALF))
 
 
 def dtype_name(dtype: "torch.dtype") -> str:
-    """torch.float16 -> 'fp16' (the names of ``--dtype``)."""
-    return {"torch.float16": "fp16", "torch.bfloat16": "bf16", "torch.float32": "fp32"}.get(str(dtype), str(dtype))
+    """torch.float16 -> 'fp16' (the names of ``--dtype``; other dtypes as torch prints them)."""
+    from models.options.dtypes import name_of
+
+    try:
+        return name_of(dtype)
+    except ValueError:
+        return str(dtype)
 
 
 class ImageGenerator:

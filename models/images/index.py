@@ -42,6 +42,8 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
+from models.options import Option, catalog
+from models.options.dtypes import AUTO_HALF, AUTO_RULES
 from models.write_behind import sha256_file, write_atomic
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
@@ -418,7 +420,7 @@ def build(args, batch_callback=None, state=None) -> dict | None:
     from accelerate import PartialState
     from tqdm.auto import tqdm
 
-    from models.images.generators import resolve_dtype
+    from models.images.generators import resolve_dtype  # the AUTO_HALF rule
     from models.vision import load_vision_encoder
 
     if args.batch_size < 1:
@@ -499,31 +501,39 @@ def _merge(out: Path, partial: Path, collection: Collection, plan: dict, n_batch
 
 
 # ---------------------------------------------------------------------------------------------- command line
-def build_parser() -> argparse.ArgumentParser:
-    from models.vision import DEFAULT_VISION_ENCODER
+BUILD_OPTIONS = (
+    Option("images", required=True, path=True, group="build",
+           help="a folder (searched recursively) or a COCO-style captions JSON"),
+    Option("image_root", path=True, group="build", help="the folder of the images a captions JSON names"),
+    Option("out", required=True, path=True, group="build", help="the index folder to write"),
+    catalog.VISION_ENCODER.replace(default=catalog.DEFAULT_VISION_ENCODER, group="build",
+                                   help="CLIP spec, as for the eval scripts"),
+    catalog.BATCH_SIZE.replace(default=256, group="build", help="images per forward pass (fixed for a resume)"),
+    catalog.NUM_WORKERS.replace(group="build", help="DataLoader workers decoding images"),
+    catalog.DEVICE.replace(group="build", help="default: this process's accelerator device"),
+    catalog.DTYPE.replace(group="build", help=f"encoder dtype ({AUTO_RULES[AUTO_HALF]}); embeddings are stored "
+                                              "as float32"),
+    Option("overwrite", kind="flag", default=False, record=False, group="build",
+           help="replace a finished index in --out (and an unfinished build made with other settings)"),
+)
 
-    p = argparse.ArgumentParser(prog="python -m models.images.index",
-                                description="Build a CLIP index over a local image collection.")
+
+def build_parser() -> argparse.ArgumentParser:
+    from models.options import OptionsParser, build_parser as add_to
+
+    p = OptionsParser(prog="python -m models.images.index", description="Build a CLIP index over a local image "
+                                                                         "collection.")
     sub = p.add_subparsers(dest="command", required=True)
-    b = sub.add_parser("build", help="embed every image of a folder or captions JSON")
-    b.add_argument("--images", required=True, help="a folder (searched recursively) or a COCO-style captions JSON")
-    b.add_argument("--image_root", default=None, help="the folder of the images a captions JSON names")
-    b.add_argument("--out", required=True, help="the index folder to write")
-    b.add_argument("--vision_encoder", default=DEFAULT_VISION_ENCODER, help="CLIP spec, as for the eval scripts")
-    b.add_argument("--batch_size", type=int, default=256, help="images per forward pass (fixed for a resume)")
-    b.add_argument("--num_workers", type=int, default=4, help="DataLoader workers decoding images")
-    b.add_argument("--device", default=None, help="default: this process's accelerator device")
-    b.add_argument("--dtype", choices=("auto", "fp16", "bf16", "fp32"), default="auto",
-                   help="encoder dtype (auto: fp16 on CUDA, fp32 elsewhere); embeddings are stored as float32")
-    b.add_argument("--overwrite", action="store_true",
-                   help="replace a finished index in --out (and an unfinished build made with other settings)")
+    add_to(BUILD_OPTIONS, parser=sub.add_parser("build", help="embed every image of a folder or captions JSON"))
     return p
 
 
 def main(argv=None, *, batch_callback=None, state=None) -> dict | None:
     """``batch_callback(batch_number)`` runs after each batch is saved (tests use it to simulate a kill);
     ``state``: see :func:`build`."""
-    args = build_parser().parse_args(argv)
+    from models.options import parse
+
+    args = parse(BUILD_OPTIONS, argv, parser=build_parser())
     try:
         return build(args, batch_callback, state)
     except (ImageIndexError, FileNotFoundError) as err:

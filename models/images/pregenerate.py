@@ -13,8 +13,11 @@ import argparse
 import os
 from pathlib import Path
 
-from models.images.flags import add_generation_args, check_device, check_generation_args
-from models.images.generators import DTYPE_NAMES
+from data.prompts import STRATEGIES
+from models.images.device import check_device
+from models.options import Option, catalog, parse
+from models.options import build_parser as build_option_parser
+from models.options.dtypes import AUTO_HALF, AUTO_RULES
 
 
 def read_texts(path: "str | os.PathLike") -> list[str]:
@@ -29,28 +32,29 @@ def read_texts(path: "str | os.PathLike") -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from data.prompts import STRATEGIES
-    from models.cli import OneLineArgumentParser, positive_int
+OPTIONS = (
+    Option("prompts_file", required=True, path=True, group="prompts", help="one text per line"),
+    catalog.IMAGE_PROMPT.replace(choices=STRATEGIES, group="prompts"),
+    catalog.K.replace(default=6, group="prompts", help="images per text (at least 1)"),
+    Option("last_n_words", kind="int", low=1, default=70, group="prompts",
+           help="length of the last prompt of 'sentences'"),
+    *catalog.GENERATION,
+    catalog.SEED.replace(help="base seed, part of every image key"),
+    catalog.DEVICE.replace(help="default: this process's accelerator device"),
+    catalog.DTYPE.replace(help=f"pipeline dtype ({AUTO_RULES[AUTO_HALF]})"),
+)
+DESCRIPTION = "Pre-generate the images of a prompts file into the image cache."
 
-    parser = OneLineArgumentParser(description="Pre-generate the images of a prompts file into the image cache.")
-    parser.add_argument("--prompts_file", required=True, help="one text per line")
-    parser.add_argument("--image_prompt", choices=STRATEGIES, default="sentences")
-    parser.add_argument("--k", type=int, default=6, help="images per text")
-    parser.add_argument("--last_n_words", type=positive_int, default=70,
-                        help="length of the last prompt of 'sentences'")
-    add_generation_args(parser)
-    parser.add_argument("--seed", type=int, default=0, help="base seed, part of every image key")
-    parser.add_argument("--device", default=None, help="default: this process's accelerator device")
-    parser.add_argument("--dtype", choices=("auto", *DTYPE_NAMES), default="auto")
-    return parser
+
+def build_parser() -> argparse.ArgumentParser:
+    return build_option_parser(OPTIONS, DESCRIPTION)
 
 
 def main(argv: "list[str] | None" = None) -> dict:
     """Pre-generate; bad input is one ``error:`` line and exit status 2, with nothing generated."""
     from models.cli import report_error
 
-    args = build_parser().parse_args(argv)
+    args = parse(OPTIONS, argv, description=DESCRIPTION)
     try:
         return pregenerate(args)
     except (ValueError, OSError) as err:
@@ -68,7 +72,6 @@ def pregenerate(args: argparse.Namespace) -> dict:
     from models.images.sources import build_image_source
 
     check_k(args.k)
-    check_generation_args(args)
     device = check_device(args.device)
     texts = read_texts(args.prompts_file)
     if not texts:

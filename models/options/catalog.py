@@ -19,16 +19,25 @@ import os
 import re
 from pathlib import Path
 
+from models.fusion.mixing import MIX_MODES  # a mixing rule is added in mixing.py alone
 from models.options.dtypes import AUTO_LM, AUTO_RULES, DTYPE_CHOICES
 from models.options.spec import Option
 
 DEFAULT_VISION_ENCODER = "ViT-B-32-quickgelu/openai"
 DEFAULT_GENERATOR = "stabilityai/sdxl-turbo"
 SEED_MAX = 2**32 - 1  # what numpy accepts
-MIX_MODES = ("logits", "probs")
-IMAGE_SOURCES = ("generate", "retrieve")
 RETRIEVE_BY = ("clip", "caption")
+DEFAULT_DEDUP = 0.95
+DEFAULT_FAISS_THRESHOLD = 1_000_000
 _DEVICE = re.compile(r"^(cpu|mps|(cuda|xpu)(:\d+)?)$")
+
+
+def image_source_names() -> tuple[str, ...]:
+    """The image sources of ``models/images/sources/`` (a registry: a new source is one new module there), looked
+    up when ``--image_source`` is first checked or shown."""
+    import importlib
+
+    return importlib.import_module("models.images.sources").image_source_names()
 
 
 def _device_syntax(value: str) -> str | None:
@@ -94,7 +103,7 @@ GENERATION = (IMAGE_GENERATOR, IMAGE_CACHE, IMAGE_SIZE, NUM_INFERENCE_STEPS, GUI
               TOYWORLD_NOISE)
 
 # ---------------------------------------------------------------------------------------------- retrieval
-IMAGE_SOURCE = Option("image_source", kind="choice", choices=IMAGE_SOURCES, default="generate", results=True,
+IMAGE_SOURCE = Option("image_source", kind="choice", choices=image_source_names, default="generate", results=True,
                       images_only=True, runtime=True, group="image retrieval",
                       help="generate images with --image_generator, or retrieve them from --image_index")
 IMAGE_INDEX = Option("image_index", results=True, images_only=True, runtime=True, path=True, group="image retrieval",
@@ -102,11 +111,11 @@ IMAGE_INDEX = Option("image_index", results=True, images_only=True, runtime=True
 RETRIEVE_BY = Option("retrieve_by", kind="choice", choices=RETRIEVE_BY, default="clip", results=True,
                      images_only=True, runtime=True, group="image retrieval",
                      help="clip: CLIP text-image cosine; caption: BM25 between the prompt and the captions")
-DEDUP_THRESHOLD = Option("dedup_threshold", kind="float", low=-1.0, high=1.0, default=0.95, results=True,
+DEDUP_THRESHOLD = Option("dedup_threshold", kind="float", low=-1.0, high=1.0, default=DEFAULT_DEDUP, results=True,
                          images_only=True, runtime=True, group="image retrieval",
                          help="pass over images whose CLIP cosine with an image already taken exceeds this "
                               "(1: off)")
-FAISS_THRESHOLD = Option("faiss_threshold", kind="int", low=0, default=1_000_000, runtime=True,
+FAISS_THRESHOLD = Option("faiss_threshold", kind="int", low=0, default=DEFAULT_FAISS_THRESHOLD, runtime=True,
                          group="image retrieval", help="use faiss (when installed) for indexes of more images "
                                                        "than this")
 RETRIEVAL = (IMAGE_SOURCE, IMAGE_INDEX, RETRIEVE_BY, DEDUP_THRESHOLD, FAISS_THRESHOLD)
@@ -133,6 +142,8 @@ SEED = Option("seed", kind="int", low=0, high=SEED_MAX, default=0, results=True,
 LIMIT = Option("limit", kind="int", low=1, data=True, group="run",
                help="evaluate only the first N examples (per subset)")
 BATCH_SIZE = Option("batch_size", kind="int", low=1, default=8, group="run", help="texts per forward pass")
+NUM_WORKERS = Option("num_workers", kind="int", low=0, default=4, group="run",
+                     help="DataLoader workers (decoding, cropping, generation)")
 DATA_DIR = Option("data_dir", path=True, data=True, group="run",
                   help="folder of the benchmark's original files (default: the shipped files, else the hub)")
 DATA_FILE = Option("data_file", path=True, data=True, group="run",

@@ -89,8 +89,7 @@ DATA = (
                 "min(training set size, 1000) images)"),
     Option("max_length", kind="int", low=1, default=512, spellings=("--max_seq_length",), results=True,
            group="data", help="tokens per text, EOS included (WikiText chunks need wiki_chunk_tokens + 2)"),
-    Option("num_workers", kind="int", low=0, default=4, group="data",
-           help="DataLoader workers (decoding, cropping, generation)"),
+    catalog.NUM_WORKERS.replace(group="data"),
     Option("mlm_probability", kind="float", low=0.0, high=1.0, low_open=True, default=0.15, results=True,
            check=lambda v: None if v < 1.0 else f"must lie strictly between 0 and 1, got {v}", group="data",
            help="masked LMs: the share of caption tokens masked for the MLM loss (BERT's 0.15; the first release "
