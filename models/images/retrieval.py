@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from models import write_behind
-from models.options.catalog import DEFAULT_DEDUP, DEFAULT_FAISS_THRESHOLD, RETRIEVE_BY
+from models.options.catalog import DEFAULT_DEDUP, DEFAULT_FAISS_THRESHOLD, RETRIEVE_BY_CHOICES as RETRIEVE_BY
 from models.images.index import ImageIndex, ImageIndexError, unreadable_reason
 from models.images.source import ImageRef, ServedImage, check_k, tally
 

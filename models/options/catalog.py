@@ -26,7 +26,7 @@ from models.options.spec import Option
 DEFAULT_VISION_ENCODER = "ViT-B-32-quickgelu/openai"
 DEFAULT_GENERATOR = "stabilityai/sdxl-turbo"
 SEED_MAX = 2**32 - 1  # what numpy accepts
-RETRIEVE_BY = ("clip", "caption")
+RETRIEVE_BY_CHOICES = ("clip", "caption")
 DEFAULT_DEDUP = 0.95
 DEFAULT_FAISS_THRESHOLD = 1_000_000
 _DEVICE = re.compile(r"^(cpu|mps|(cuda|xpu)(:\d+)?)$")
@@ -108,7 +108,7 @@ IMAGE_SOURCE = Option("image_source", kind="choice", choices=image_source_names,
                       help="generate images with --image_generator, or retrieve them from --image_index")
 IMAGE_INDEX = Option("image_index", results=True, images_only=True, runtime=True, path=True, group="image retrieval",
                      help="an index folder (python -m models.images.index build)")
-RETRIEVE_BY = Option("retrieve_by", kind="choice", choices=RETRIEVE_BY, default="clip", results=True,
+RETRIEVE_BY = Option("retrieve_by", kind="choice", choices=RETRIEVE_BY_CHOICES, default="clip", results=True,
                      images_only=True, runtime=True, group="image retrieval",
                      help="clip: CLIP text-image cosine; caption: BM25 between the prompt and the captions")
 DEDUP_THRESHOLD = Option("dedup_threshold", kind="float", low=-1.0, high=1.0, default=DEFAULT_DEDUP, results=True,
