@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 import train
+from models.training.run_folder import check_output_dir, list_checkpoints, resolve_resume
 from tests.test_train import REPO, flags, make_vg_dir
 from tests.zoo import reset_accelerate
 
@@ -372,7 +373,7 @@ def test_new_run_into_a_used_output_dir_is_refused(trained, tmp_path, lm_dirs, t
     # another run name next to saved weights only is fine (stage 2 beside stage 1): nothing is at risk
     weights_only = tmp_path / "weights_only"
     shutil.copytree(out / "test_0", weights_only / "test_0")
-    train.check_output_dir(train.parse_args(flags(weights_only, "lm", "clip", run_name="stage2")), None)
+    check_output_dir(train.parse_args(flags(weights_only, "lm", "clip", run_name="stage2")), None)
 
     reset_accelerate()
     result = train.main(flags(out, lm_dirs["gpt2"], tiny_clip_spec, vg_dir, overwrite_output_dir=True,
@@ -404,11 +405,11 @@ def test_kill_mid_save_keeps_the_last_complete_checkpoint(trained, tmp_path, lm_
     (out / "checkpoint-3").mkdir()
     (out / "checkpoint-3" / "optimizer.bin").write_bytes(b"")
     with caplog.at_level("WARNING"):
-        assert train.resolve_resume("latest", out) == out / "checkpoint-1"
+        assert resolve_resume("latest", out) == out / "checkpoint-1"
     warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert any("checkpoint-2.tmp" in w and "interrupted" in w for w in warned), warned
     assert any("checkpoint-3" in w for w in warned), warned
-    assert train.list_checkpoints(out) == [out / "checkpoint-1"]
+    assert list_checkpoints(out) == [out / "checkpoint-1"]
 
     reset_accelerate()
     result = train.main(flags(out, lm_dirs["gpt2"], tiny_clip_spec, vg_dir, checkpoints_total_limit=1,

@@ -15,6 +15,8 @@ import train
 from models.checkpoints.weights import load_trainable, read_checkpoint_config
 from models.fusion.factory import load_late_fusion_model
 from models.tiny_models import TINY
+from models.training.run_config import TRACKER_PROJECT
+from models.training.run_folder import list_checkpoints
 from tests.paths import EVAL_DATA, TEST_DATA
 from tests.zoo import reset_accelerate
 
@@ -175,7 +177,7 @@ def test_resume_after_interruption_is_exact(tmp_path, lm_dirs, tiny_clip_spec, v
     out = tmp_path / "resumed"
     with pytest.raises(Crash):
         train.main(flags(out, lm_dirs["gpt2"], tiny_clip_spec, vg_dir, **common), step_callback=crash_at_12)
-    assert sorted(p.name for p in train.list_checkpoints(out)) == ["checkpoint-10", "checkpoint-5"]
+    assert sorted(p.name for p in list_checkpoints(out)) == ["checkpoint-10", "checkpoint-5"]
     from safetensors import safe_open
 
     with safe_open(out / "checkpoint-10" / "model.safetensors", "pt") as f:  # no frozen LM in checkpoints
@@ -187,7 +189,7 @@ def test_resume_after_interruption_is_exact(tmp_path, lm_dirs, tiny_clip_spec, v
     assert resumed["completed_steps"] == 20
     assert resumed["losses"] == full["losses"][10:]  # same batches, same dropout masks
     assert_same_weights(trainable(resumed["model"]), full_weights)
-    assert [p.name for p in train.list_checkpoints(out)] == ["checkpoint-15", "checkpoint-20"]
+    assert [p.name for p in list_checkpoints(out)] == ["checkpoint-15", "checkpoint-20"]
 
 
 def test_lr_schedule_length_under_accumulation(tmp_path, lm_dirs, tiny_clip_spec, vg_dir):
@@ -199,7 +201,7 @@ def test_lr_schedule_length_under_accumulation(tmp_path, lm_dirs, tiny_clip_spec
     assert result["completed_steps"] == 6
     assert result["lrs"] == pytest.approx([1e-3 * f for f in (0.5, 1, 0.75, 0.5, 0.25, 0)])
     assert [p.name for p in result["saved"]] == ["test_0", "test_1"]
-    assert [p.name for p in train.list_checkpoints(tmp_path / "out")] == ["checkpoint-3", "checkpoint-6"]
+    assert [p.name for p in list_checkpoints(tmp_path / "out")] == ["checkpoint-3", "checkpoint-6"]
 
 
 def test_workers_give_the_same_run(tmp_path, lm_dirs, tiny_clip_spec, vg_dir):
@@ -223,7 +225,7 @@ def test_tensorboard_tracking_writes_events(tmp_path, lm_dirs, tiny_clip_spec, v
                               with_tracking=True, report_to="tensorboard", logging_steps=1,
                               resume_from_checkpoint="latest"))  # no checkpoint yet: a fresh run
     assert result["completed_steps"] == 2 and len(result["losses"]) == 2
-    runs = out / train.TRACKER_PROJECT  # the scalars; hparams go to a subfolder
+    runs = out / TRACKER_PROJECT  # the scalars; hparams go to a subfolder
     assert len(list(runs.glob("events.out.tfevents*"))) == 1
     acc = EventAccumulator(str(runs))
     acc.Reload()

@@ -33,8 +33,9 @@ class CheckpointMismatchError(CheckpointError):
 
 
 def save_trainable(model, out_dir: str | os.PathLike, *, base_model: str, vision_encoder: str,
-                   extra: dict | None = None) -> Path:
-    """Write ``model.safetensors`` + ``config.json`` + ``README.md`` atomically into ``out_dir``."""
+                   extra: dict | None = None, files: dict[str, str] | None = None) -> Path:
+    """Write ``model.safetensors`` + ``config.json`` + ``README.md`` (and the text ``files``, by name)
+    atomically into ``out_dir``."""
     from safetensors.torch import save_file
 
     out = Path(out_dir)
@@ -46,6 +47,8 @@ def save_trainable(model, out_dir: str | os.PathLike, *, base_model: str, vision
               "vision_encoder": vision_encoder, "vision_dim": model.vision_dim,
               "proj_hidden": model.proj_hidden, "hidden_size": model.hidden_size, **(extra or {})}
     (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+    for name, text in (files or {}).items():
+        (tmp / name).write_text(text, encoding="utf-8")
     n = sum(v.numel() for v in state.values())
     (tmp / "README.md").write_text(
         f"# Late-fusion weights for `{base_model}`\n\n"

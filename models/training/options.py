@@ -149,3 +149,40 @@ def resolve(args):
     if args.overwrite_output_dir and args.resume_from_checkpoint:
         raise ValueError("--overwrite_output_dir and --resume_from_checkpoint exclude each other")
     return args.replace(**changes) if changes else args
+
+
+def check_environment(args) -> None:
+    """What only this machine can say (a ``ValueError`` line each): CUDA asked for but absent, trackers
+    unknown or not installed."""
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError("--device cuda: no CUDA device is available")
+    from accelerate.tracking import get_available_trackers
+    from accelerate.utils import LoggerType
+
+    names = [r.strip() for r in args.report_to.split(",") if r.strip()]
+    unknown = [n for n in names if n not in LoggerType.list()]
+    if unknown or not names:
+        raise ValueError(f"--report_to {args.report_to!r}: choose from {', '.join(LoggerType.list())}")
+    available = {str(t) for t in get_available_trackers()}
+    missing = [n for n in names if n != "all" and n not in available]
+    if args.with_tracking and missing:
+        raise ValueError(f"--report_to {missing[0]}: the package is not installed (installed trackers: "
+                         f"{', '.join(sorted(available)) or 'none'})")
+
+
+def parse_args(argv=None):
+    """train.py's settings: parsed (command line over ``--config`` over defaults), resolved and checked before
+    anything is read or written; bad input is one ``error: ...`` line and exit status 2 (rank 0 prints it)."""
+    from models.options import OptionsParser, build_parser, parse
+
+    parser = build_parser(OPTIONS, DESCRIPTION)
+    args = parse(OPTIONS, argv, parser=parser)
+    try:
+        args = resolve(args)
+        check_environment(args)
+    except ValueError as err:
+        OptionsParser.error(parser, str(err))
+    return args

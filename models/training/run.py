@@ -1,0 +1,104 @@
+"""One training run, in order: set up from the parsed flags, resume, run :class:`TrainingLoop`, end.
+
+Bad input found on the way is an InputError on every process (``train.main`` prints it as one line);
+nothing is written under ``--output_dir`` before every check has passed.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+from models.training.errors import InputError
+from models.training.loop import TrainingLoop
+from models.training.ranks import agreed
+from models.training.run_config import TRACKER_PROJECT, run_config, tracker_config
+from models.training.run_folder import (check_output_dir, check_resume_config, clear_previous_run,
+                                        read_resume_checkpoint, resolve_resume)
+from models.training.setup import (build_dataloader, build_optimizer, load_models, load_pretrained, make_accelerator,
+                                   masked_lm_setup, prepare_data)
+from models.training.state import TrainState
+from models.training.wiki_images import prefetch_wiki_images, pregenerate_wiki_images
+
+logger = logging.getLogger("train")  # one logger for the whole run: its lines read "train: ..."
+
+
+def run_training(args, step_callback=None) -> dict:
+    """Train with the parsed ``args``; returns what ``train.main`` returns (``{"pregenerated": stats}`` for
+    ``--pregenerate_images``). ``step_callback(completed_steps)`` runs after each optimizer step."""
+    from accelerate.utils import set_seed
+    from transformers.utils import logging as hf_logging
+
+    from data.captions import BadImageBudget, NoReadableImage
+    from models.checkpoints.training_state import restore_training_checkpoint
+
+    accelerator = make_accelerator(args)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logger.setLevel(logging.INFO if accelerator.is_local_main_process else logging.ERROR)
+    hf_logging.set_verbosity_error()
+    set_seed(args.seed)
+    output_dir = Path(args.output_dir)
+    resume_path = None
+    if not args.pregenerate_images:  # which writes to the image cache only
+        resume_path = agreed(accelerator, resolve_resume, args.resume_from_checkpoint, output_dir)
+        agreed(accelerator, check_output_dir, args, resume_path)
+    ckpt = None if resume_path is None else agreed(accelerator, read_resume_checkpoint, accelerator, resume_path)
+    early = None
+    if ckpt is not None:  # the flags first: a resume with other settings fails before any data or model loads
+        early = run_config(args, accelerator, ckpt["trainer_state"]["config"].get("training_set_size"))
+        agreed(accelerator, check_resume_config, args, ckpt, early)
+    pretrained = None if args.pretrained_model is None else agreed(accelerator, load_pretrained, args.pretrained_model)
+    lm_config, tokenizer, dataset, provider = prepare_data(args, accelerator)
+    if args.pregenerate_images:
+        stats = pregenerate_wiki_images(accelerator, dataset, provider)
+        logger.info("image cache %s: %s", provider.cache.root, stats)
+        return {"pregenerated": stats}
+    config = run_config(args, accelerator, len(dataset))
+    if ckpt is not None and config != early:  # the data read is another size than the checkpoint's
+        agreed(accelerator, check_resume_config, args, ckpt, config)
+    encoder, model = agreed(accelerator, load_models, args, accelerator, lm_config, pretrained)
+    del pretrained
+    if provider is not None and args.image_source == "retrieve":
+        logger.info("retrieved the images of %d wiki prompts from %s",
+                    prefetch_wiki_images(accelerator, dataset, provider, encoder), args.image_index)
+    masker, args = masked_lm_setup(args, accelerator.unwrap_model(model), encoder, tokenizer)
+
+    train_dataloader = build_dataloader(args, accelerator, dataset, tokenizer, encoder, provider, masker)
+    optimizer, lr_scheduler, max_train_steps = build_optimizer(args, accelerator, model, train_dataloader)
+    model, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
+        model, optimizer, train_dataloader, lr_scheduler)
+    steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
+    num_epochs = math.ceil(max_train_steps / steps_per_epoch)
+
+    state = TrainState()
+    budget = BadImageBudget(args.max_bad_images, len(dataset))
+    if ckpt is not None:
+        logger.info("resuming from %s", resume_path)
+        agreed(accelerator, restore_training_checkpoint, ckpt, accelerator, model, optimizer, lr_scheduler)
+        state.load_state_dict(ckpt["trainer_state"])
+        budget.add(ckpt["trainer_state"]["images_seen"], ckpt["trainer_state"]["bad_images"])
+        del ckpt
+
+    if accelerator.is_main_process:
+        if args.overwrite_output_dir:
+            clear_previous_run(args)
+        output_dir.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    if args.with_tracking:
+        accelerator.init_trackers(TRACKER_PROJECT, tracker_config(args), init_kwargs={
+            "wandb": {"name": args.run_name, "dir": str(output_dir)}})
+    total_batch = args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    logger.info("%d epochs, %d optimizer steps of %d samples (%d per device x %d processes x %d accumulation)",
+                num_epochs, max_train_steps, total_batch, args.per_device_train_batch_size,
+                accelerator.num_processes, args.gradient_accumulation_steps)
+    loop = TrainingLoop(args, accelerator, model, encoder, optimizer, train_dataloader, lr_scheduler, state, budget,
+                        config, resume_path, output_dir, masker)
+    try:
+        result = loop.train(max_train_steps, num_epochs, total_batch, step_callback)
+    except NoReadableImage as err:
+        raise InputError(NoReadableImage.message_of(err)) from None
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    result["model"] = accelerator.unwrap_model(model)
+    result["bad_images"] = budget.bad
+    return result
