@@ -11,5 +11,5 @@
 * ``features.py``: the vision-feature cache (patch tokens and CLIP embeddings per image, on disk);
 * ``toyworld.py``: the embedded offline world of ``make demo`` (its generator and data files);
 * ``pregenerate.py``: ``python -m models.images.pregenerate``, the images of a prompts file into the cache;
-* ``flags.py``: the generation and retrieval command-line flags.
+* ``device.py``: the image tools' ``--device`` check (their options are declared in :mod:`models.options.catalog`).
 """
