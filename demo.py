@@ -26,7 +26,6 @@ Every flag is checked before anything is written. The demo marks ``--output_dir`
 """
 from __future__ import annotations
 
-import argparse
 import base64
 import html
 import json
@@ -35,6 +34,8 @@ import shutil
 import sys
 import time
 from pathlib import Path
+
+from models.options import Option, catalog  # noqa: E402  (torch-free: --help stays instant)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -53,45 +54,49 @@ class DemoError(Exception):
     """Bad input: one ``error:`` line, exit status 2."""
 
 
-def _ks(text: str) -> list[int]:
-    """argparse type: a comma-separated list of distinct positive numbers of images."""
+def _distinct_positive(ks: list[str]) -> str | None:
     try:
-        ks = [int(k) for k in text.split(",") if k.strip()]
+        values = [int(k) for k in ks]
     except ValueError:
-        ks = []
-    if not ks or min(ks) < 1 or len(set(ks)) != len(ks):
-        raise argparse.ArgumentTypeError(f"must be distinct positive integers separated by commas, got {text!r}")
-    return ks
+        values = []
+    if not values or min(values) < 1 or len(set(values)) != len(values):
+        return f"must be distinct positive integers separated by commas, got {','.join(ks)!r}"
+    return None
+
+
+OPTIONS = (
+    Option("output_dir", default="output/demo", path=True, group="demo"),
+    Option("steps", kind="int", low=1, default=150, group="demo", help="training steps"),
+    Option("batch_size", kind="int", low=1, default=16, group="demo"),
+    Option("learning_rate", kind="float", low=0.0, low_open=True, default=1e-3, group="demo"),
+    Option("n_train", kind="int", low=1, default=2400, group="demo", help="rendered training examples"),
+    Option("noise", kind="float", low=0.0, high=1.0, default=0.3, group="demo",
+           help="how often the generator draws a wrong colour or shape"),
+    Option("ks", kind="list", default=["1", "3", "6"], check=_distinct_positive, group="demo",
+           help="numbers of images to evaluate"),
+    Option("objects", kind="int", low=1, group="demo", help="evaluate on the first N invented objects (default all)"),
+    Option("image_size", kind="int", low=1, default=64, group="demo"),
+    catalog.SEED.replace(group="demo", help="seeds training and the images"),
+    Option("cache_dir", path=True, group="demo", help="where the converted SmolLM2 is kept"),
+    catalog.IMAGE_SOURCE.replace(group="demo", help="retrieve: also evaluate with images retrieved from a captioned "
+                                                    "collection"),
+)
 
 
 def parse_args(argv=None):
     """Parse and check every flag (nothing is written here)."""
     from models.images.toyworld import EVAL_OBJECTS
-    from models.cli import OneLineArgumentParser, finite_float, positive_int, seed
+    from models.options import OptionsParser, build_parser, parse
 
-    p = OneLineArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--output_dir", default="output/demo")
-    p.add_argument("--steps", type=positive_int, default=150, help="training steps")
-    p.add_argument("--batch_size", type=positive_int, default=16)
-    p.add_argument("--learning_rate", type=finite_float(0.0, low_open=True), default=1e-3)
-    p.add_argument("--n_train", type=positive_int, default=2400, help="rendered training examples")
-    p.add_argument("--noise", type=finite_float(0.0, 1.0), default=0.3,
-                   help="how often the generator draws a wrong colour or shape")
-    p.add_argument("--ks", type=_ks, default=[1, 3, 6], help="numbers of images to evaluate (default 1,3,6)")
-    p.add_argument("--objects", type=positive_int, default=None,
-                   help=f"evaluate on the first N invented objects (default all {len(EVAL_OBJECTS)})")
-    p.add_argument("--image_size", type=positive_int, default=64)
-    p.add_argument("--seed", type=seed, default=0)
-    p.add_argument("--cache_dir", default=None, help="where the converted SmolLM2 is kept")
-    p.add_argument("--image_source", choices=("generate", "retrieve"), default="generate",
-                   help="retrieve: also evaluate with images retrieved from a captioned collection")
-    args = p.parse_args(argv)
+    parser = build_parser(OPTIONS, __doc__.split("\n")[0])
+    args = parse(OPTIONS, argv, parser=parser)
+    args = args.replace(ks=[int(k) for k in args.ks])
     if args.objects is not None and args.objects > len(EVAL_OBJECTS):
-        p.error(f"--objects {args.objects}: there are {len(EVAL_OBJECTS)} invented objects")
+        OptionsParser.error(parser, f"--objects {args.objects}: there are {len(EVAL_OBJECTS)} invented objects")
     for flag in ("output_dir", "cache_dir"):
         path = getattr(args, flag)
         if path is not None and Path(path).exists() and not Path(path).is_dir():
-            p.error(f"--{flag} {path} exists and is not a directory")
+            OptionsParser.error(parser, f"--{flag} {path} exists and is not a directory")
     return args
 
 
