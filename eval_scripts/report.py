@@ -21,11 +21,11 @@ per task, flips first. ``report.md`` (beside ``--out``) holds the tables in Mark
 """
 from __future__ import annotations
 
-import argparse
 import html
 from pathlib import Path
 
 from eval_scripts.cli import EvalError, run_main
+from models.options import Option
 from eval_scripts.records import write_atomic
 from eval_scripts.report_media import k_plot, subset_chart, thumbnail
 from eval_scripts.results import FLIPS, Comparison, TaskRun, compare
@@ -40,18 +40,22 @@ DEFAULT_MAX_EXAMPLES = 200
 PAGE_SIZE = 50
 
 
+OPTIONS = (
+    Option("baseline", metavar="RUN_DIR", path=True, group="report", help="a text-only run of the same tasks"),
+    Option("out", path=True, group="report", help="HTML file to write (default: RUN_DIR/report.html of the first)"),
+    Option("max_examples", kind="int", low=0, default=DEFAULT_MAX_EXAMPLES, group="report",
+           help="examples shown per task, flips first (0: all)"),
+    Option("force", kind="flag", default=False, record=False, group="report",
+           help="overwrite --out even if this tool did not write it"),
+)
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    from models.options import OptionsParser, build_parser, parse
+
+    p = OptionsParser(description=__doc__.split("\n")[0])
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories (<output_dir>/<run_name>)")
-    p.add_argument("--baseline", default=None, metavar="RUN_DIR", help="a text-only run of the same tasks")
-    p.add_argument("--out", default=None, help="HTML file to write (default: RUN_DIR/report.html of the first)")
-    p.add_argument("--max_examples", type=int, default=DEFAULT_MAX_EXAMPLES,
-                   help="examples shown per task, flips first (0: all)")
-    p.add_argument("--force", action="store_true", help="overwrite --out even if this tool did not write it")
-    args = p.parse_args(argv)
-    if args.max_examples < 0:
-        raise EvalError(f"--max_examples must be >= 0, got {args.max_examples}")
-    return args
+    return parse(OPTIONS, argv, parser=build_parser(OPTIONS, parser=p), raise_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------- helpers

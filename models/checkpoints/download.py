@@ -10,9 +10,10 @@ loading nothing.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
+
+from models.options import Option
 
 RELEASED = {  # name -> (Google Drive file id, base LM the checkpoint was trained on)
     "gpt2": ("1ZvJTXiuXjcCCwcm_PeQ78hxZCEab4tID", "gpt2"),
@@ -48,11 +49,16 @@ def download(name: str, output_dir: str = "output") -> Path:
     return out
 
 
+OPTIONS = (Option("output_dir", default="output", path=True, group="download",
+                  help="each checkpoint goes to OUTPUT_DIR/<name>/"),)
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    from models.options import OptionsParser, build_parser, parse
+
+    p = OptionsParser(description=__doc__.split("\n")[0])
     p.add_argument("names", nargs="+", choices=sorted(RELEASED), help="checkpoints to fetch")
-    p.add_argument("--output_dir", default="output")
-    args = p.parse_args(argv)
+    args = parse(OPTIONS, argv, parser=build_parser(OPTIONS, parser=p, config=False))
     for name in args.names:
         try:
             path = download(name, args.output_dir)

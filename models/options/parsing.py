@@ -202,7 +202,9 @@ def parse(options: Iterable[Option], argv: list[str] | None = None, *, descripti
         if raise_errors:
             raise OptionError(message)
         parser.error(message)
-    settings = Settings(**values, config=config_file)
+    # what the parser holds besides options: positional arguments and sub-commands, as given
+    others = {k: v for k, v in vars(given).items() if k not in values and k != "config"}
+    settings = Settings(**values, **others, config=config_file)
     return (settings, extras) if known else settings
 
 
