@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from models.training.errors import InputError
 
+
 def share_error(accelerator, message: str | None) -> None:
     """Collective: when any process has an error ``message``, every process raises it as InputError.
 

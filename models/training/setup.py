@@ -1,8 +1,8 @@
 """Setting up a run from its flags: the accelerator, the training data, the models (frozen LM and vision
 encoder, trainable projector and fusion block), the masked-LM objective, the DataLoader and the optimiser.
 
-Every function here runs before the first step; bad input is an InputError (shared across ranks by
-:func:`models.training.ranks.agreed`), found before anything is written.
+Every function here runs before the first step and before anything is written; bad input is an InputError,
+and what may fail on one process only runs under :func:`models.training.ranks.agreed`.
 """
 from __future__ import annotations
 
