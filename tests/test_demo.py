@@ -9,6 +9,9 @@ from pathlib import Path
 
 import pytest
 
+# one worker runs the module: its fixture (the demo) is built once, not once per worker that takes a test
+pytestmark = pytest.mark.xdist_group("demo")
+
 
 @pytest.fixture(scope="module")
 def summary(tmp_path_factory, smollm2_path):
