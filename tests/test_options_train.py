@@ -12,28 +12,15 @@ import train
 from models.checkpoints.weights import read_safetensors
 from models.options import keys
 from models.training.options import OPTIONS
-from tests.test_hostile_train import TRAINED, one_error_line
+from tests.test_hostile_train import TRAINED, one_error_line, trained, vg_dir  # noqa: F401 (fixtures)
 from tests.test_options_eval import another_value
-from tests.test_train import flags, make_vg_dir
+from tests.test_train import flags
 from tests.zoo import reset_accelerate
 
 pytestmark = pytest.mark.usefixtures("one_thread", "fresh_accelerate_state")
 RESULTS = keys(OPTIONS, "results")
 # values whose parsed default differs from what the checkpoint records once resolved
 RESOLVED = {"mixed_precision": ["--mixed_precision", "bf16"], "lm_dtype": ["--lm_dtype", "bf16"]}
-
-
-@pytest.fixture(scope="module")
-def vg_dir(tmp_path_factory):
-    return make_vg_dir(tmp_path_factory.mktemp("vg") / "vg")
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, lm_dirs, tiny_clip_spec, vg_dir):
-    out = tmp_path_factory.mktemp("trained") / "out"
-    train.main(flags(out, lm_dirs["gpt2"], tiny_clip_spec, vg_dir, **TRAINED))
-    reset_accelerate()
-    return out
 
 
 def without(argv: list[str], flag: str) -> list[str]:
