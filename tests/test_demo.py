@@ -7,29 +7,27 @@ With --image_source retrieve (issue 17), images retrieved by caption: k = 6 beat
 import json
 from pathlib import Path
 
-import pytest
 
-# one worker runs the module: its fixture (the demo) is built once, not once per worker that takes a test
-pytestmark = pytest.mark.xdist_group("demo")
-
-
-@pytest.fixture(scope="module")
-def summary(tmp_path_factory, smollm2_path):
+def test_the_demo_works(tmp_path, smollm2_path):
+    """One test, so that one pytest-xdist worker runs the demo (a module fixture shared by several tests was
+    built once per worker that took one of them: the demo twice, side by side, on a 2-core machine)."""
     import demo
 
-    out = tmp_path_factory.mktemp("demo")
     # the demo's training, fewer evaluations; retrieved images evaluated too (one training for both)
-    return demo.main(["--output_dir", str(out), "--ks", "1,6", "--image_source", "retrieve"]), out
+    summary = demo.main(["--output_dir", str(tmp_path), "--ks", "1,6", "--image_source", "retrieve"]), tmp_path
+    fused_images_beat_text_only_and_more_images_help(summary)
+    demo_writes_summary_plot_and_page(summary)
+    retrieved_images_beat_text_only(summary)
 
 
-def test_fused_images_beat_text_only_and_more_images_help(summary):
+def fused_images_beat_text_only_and_more_images_help(summary):
     s, _ = summary
     assert s["k6"] - s["text_only"] >= 0.30, s
     assert s["k6"] - s["k1"] >= 0.05, s
     assert s["logits"]["text_only"] == s["text_only"]  # the same text-only run under both modes
 
 
-def test_demo_writes_summary_plot_and_page(summary):
+def demo_writes_summary_plot_and_page(summary):
     s, out = summary
     on_disk = json.loads((out / "summary.json").read_text())
     assert set(on_disk) >= {"text_only", "k1", "k6", "logits", "plot", "html"}
@@ -39,7 +37,7 @@ def test_demo_writes_summary_plot_and_page(summary):
     assert page.count("<img") == 8 * 6 and "text-only" in page and "fused" in page
 
 
-def test_retrieved_images_beat_text_only(summary):
+def retrieved_images_beat_text_only(summary):
     from models.images.toyworld import OBJECTS, find_object
 
     s, out = summary
