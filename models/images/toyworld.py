@@ -396,6 +396,15 @@ def _write_csv(path: Path, rows) -> None:
         writer.writerows(rows)
 
 
+def _known_objects(objects) -> list[str]:
+    """The objects named (default: every evaluation object), in order; a ValueError names any unknown one."""
+    names = list(OBJECTS) if objects is None else list(objects)
+    unknown = [name for name in names if name not in OBJECTS]
+    if unknown:
+        raise ValueError(f"unknown toy-world objects: {unknown}")
+    return names
+
+
 def write_eval_csvs(out_dir: str | Path, objects=None) -> dict[str, Path]:
     """Write ImageNetVC-format ``color.csv`` and ``shape.csv`` (one question per object each) and the
     demonstrations ``dev/color.csv`` and ``dev/shape.csv`` under ``out_dir``.
@@ -403,10 +412,7 @@ def write_eval_csvs(out_dir: str | Path, objects=None) -> dict[str, Path]:
     ``objects``: names to include, in order (default: every object). Returns ``{"color": path,
     "shape": path}``; read them back with the ImageNetVC loader and ``--subsets color,shape``.
     """
-    names = list(OBJECTS) if objects is None else list(objects)
-    unknown = [name for name in names if name not in OBJECTS]
-    if unknown:
-        raise ValueError(f"unknown toy-world objects: {unknown}")
+    names = _known_objects(objects)
     out_dir = Path(out_dir)
     (out_dir / "dev").mkdir(parents=True, exist_ok=True)
     questions = {"color": COLOR_QUESTIONS, "shape": SHAPE_QUESTIONS}
@@ -460,10 +466,7 @@ def write_captioned_collection(out_dir: str | Path, objects=None, *, per_object:
 
     Deterministic in ``seed``; returns the folder (give it to ``python -m models.images.index build --images``).
     """
-    names = list(OBJECTS) if objects is None else list(objects)
-    unknown = [name for name in names if name not in OBJECTS]
-    if unknown:
-        raise ValueError(f"unknown toy-world objects: {unknown}")
+    names = _known_objects(objects)
     out_dir = Path(out_dir)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
     generator = ToyWorldGenerator(noise=noise)
