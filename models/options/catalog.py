@@ -15,13 +15,12 @@ script; training's optimiser settings in :mod:`models.training.options`).
 """
 from __future__ import annotations
 
-import os
 import re
-from pathlib import Path
 
 from models.fusion.mixing import MIX_MODES  # a mixing rule is added in mixing.py alone
 from models.options.dtypes import AUTO_LM, AUTO_RULES, DTYPE_CHOICES
 from models.options.spec import Option
+from models.run_names import run_name_problem
 
 DEFAULT_VISION_ENCODER = "ViT-B-32-quickgelu/openai"
 DEFAULT_GENERATOR = "stabilityai/sdxl-turbo"
@@ -47,12 +46,8 @@ def _device_syntax(value: str) -> str | None:
 
 
 def plain_name_problem(name: str) -> str | None:
-    """Why ``name`` is not one plain folder name (no separator, no '..', not absolute), or None."""
-    seps = [sep for sep in ("/", "\\", os.sep, os.altsep) if sep]
-    if (not name.strip() or name in (".", "..") or any(sep in name for sep in seps) or "\0" in name
-            or Path(name).is_absolute() or Path(name).drive):
-        return f"must be a plain folder name (no path separator, no '..'), got {name!r}"
-    return None
+    """Why ``name`` is not one plain folder name, or None: the one run-name rule (:mod:`models.run_names`)."""
+    return run_name_problem(name)
 
 
 # ---------------------------------------------------------------------------------------------- model
@@ -149,7 +144,7 @@ DATA_DIR = Option("data_dir", path=True, data=True, group="run",
 DATA_FILE = Option("data_file", path=True, data=True, group="run",
                    help="one file of the benchmark in its original format")
 OUTPUT_DIR = Option("output_dir", default="output/results", path=True, group="run")
-RUN_NAME = Option("run_name", check=plain_name_problem, group="run",
+RUN_NAME = Option("run_name", check=run_name_problem, group="run",
                   help="results go to OUTPUT_DIR/RUN_NAME (default: a timestamp)")
 EVAL_RUN = (LIMIT, BATCH_SIZE, DEVICE, DTYPE, SEED, DATA_DIR, DATA_FILE, OUTPUT_DIR, RUN_NAME)
 

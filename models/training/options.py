@@ -22,8 +22,8 @@ def _checkpointing_problem(value) -> str | None:
 
 
 RUN = (
-    Option("run_name", default="test", check=catalog.plain_name_problem, group="run",
-           help="name of the saved weights: <output_dir>/<run_name>_<epoch> (a plain folder name)"),
+    catalog.RUN_NAME.replace(default="test", help="name of the saved weights: <output_dir>/<run_name>_<epoch> (a plain "
+                                                  "folder name)"),
     Option("output_dir", required=True, path=True, group="run"),
     Option("overwrite_output_dir", kind="flag", default=False, record=False, group="run",
            help="start a new run in an --output_dir that holds checkpoints or this run's weights, deleting them "
