@@ -21,6 +21,7 @@ from models.fusion.mixing import MIX_MODES  # a mixing rule is added in mixing.p
 from models.options.dtypes import AUTO_LM, AUTO_RULES, DTYPE_CHOICES
 from models.options.spec import Option
 from models.run_names import run_name_problem
+from models.workers import PREFERRED_WORKERS, default_workers
 
 DEFAULT_VISION_ENCODER = "ViT-B-32-quickgelu/openai"
 DEFAULT_GENERATOR = "stabilityai/sdxl-turbo"
@@ -137,8 +138,10 @@ SEED = Option("seed", kind="int", low=0, high=SEED_MAX, default=0, results=True,
 LIMIT = Option("limit", kind="int", low=1, data=True, group="run",
                help="evaluate only the first N examples (per subset)")
 BATCH_SIZE = Option("batch_size", kind="int", low=1, default=8, group="run", help="texts per forward pass")
-NUM_WORKERS = Option("num_workers", kind="int", low=0, default=4, group="run",
-                     help="DataLoader workers (decoding, cropping, generation)")
+NUM_WORKERS = Option("num_workers", kind="int", low=0, default=default_workers(), group="run",
+                     help=f"DataLoader workers (decoding, cropping, generation); at most the CPUs this process may "
+                          f"use, a larger value is lowered to that (default: min({PREFERRED_WORKERS}, CPUs), "
+                          f"{default_workers()} here)")
 DATA_DIR = Option("data_dir", path=True, data=True, group="run",
                   help="folder of the benchmark's original files (default: the shipped files, else the hub)")
 DATA_FILE = Option("data_file", path=True, data=True, group="run",

@@ -7,10 +7,13 @@ must share (the checkpoint records them, see :func:`models.training.run_config.r
 """
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
+from models.cli import is_rank0
 from models.options import Option, catalog
 from models.options.dtypes import AUTO_LM, AUTO_RULES, DTYPE_CHOICES
+from models.workers import capped_workers
 
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 MIXED_PRECISION = ("no", "bf16", "fp16")
@@ -132,8 +135,8 @@ OPTIONS = (*RUN, *MODELS, *DATA, *catalog.GENERATION, *catalog.RETRIEVAL, *OPTIM
 
 
 def resolve(args):
-    """The settings the run uses, from the parsed ones (a new object): the vision encoder's default, and
-    ``--run_bf16`` as ``--mixed_precision bf16``. Bad combinations are a ``ValueError`` (one line)."""
+    """The settings the run uses, from the parsed ones (a new object): the vision encoder's default,
+    ``--run_bf16`` as ``--mixed_precision bf16``, ``--num_workers`` at most the CPU count. Bad combinations are a ``ValueError`` (one line)."""
     changes = {}
     if args.vision_encoder is None:
         changes["vision_encoder"] = catalog.DEFAULT_VISION_ENCODER
@@ -148,6 +151,11 @@ def resolve(args):
         raise ValueError(f"--output_dir {output_dir} exists and is not a directory")
     if args.overwrite_output_dir and args.resume_from_checkpoint:
         raise ValueError("--overwrite_output_dir and --resume_from_checkpoint exclude each other")
+    workers, warning = capped_workers(args.num_workers)
+    if warning is not None:  # once, from rank 0: PyTorch would warn at every epoch's first batch instead
+        changes["num_workers"] = workers
+        if is_rank0():
+            print(f"warning: {warning}", file=sys.stderr, flush=True)
     return args.replace(**changes) if changes else args
 
 
