@@ -18,6 +18,7 @@ from models.training.run_folder import (check_output_dir, check_resume_config, c
 from models.training.setup import (build_dataloader, build_optimizer, load_models, load_pretrained, make_accelerator,
                                    masked_lm_setup, prepare_data)
 from models.training.state import TrainState
+from models.training.validation import Validator, split_validation
 from models.training.wiki_images import prefetch_wiki_images, pregenerate_wiki_images
 
 logger = logging.getLogger("train")  # one logger for the whole run: its lines read "train: ..."
@@ -53,6 +54,8 @@ def run_training(args, step_callback=None) -> dict:
         stats = pregenerate_wiki_images(accelerator, dataset, provider)
         logger.info("image cache %s: %s", provider.cache.root, stats)
         return {"pregenerated": stats}
+    # the validation captions are read (or held out) before any model loads: bad ones stop the run here
+    train_set, validation_set = agreed(accelerator, split_validation, args, dataset)
     config = run_config(args, accelerator, len(dataset))
     if ckpt is not None and config != early:  # the data read is another size than the checkpoint's
         agreed(accelerator, check_resume_config, args, ckpt, config)
@@ -63,7 +66,9 @@ def run_training(args, step_callback=None) -> dict:
                     prefetch_wiki_images(accelerator, dataset, provider, encoder), args.image_index)
     masker, args = masked_lm_setup(args, accelerator.unwrap_model(model), encoder, tokenizer)
 
-    train_dataloader = build_dataloader(args, accelerator, dataset, tokenizer, encoder, provider, masker)
+    train_dataloader = build_dataloader(args, accelerator, train_set, tokenizer, encoder, provider, masker)
+    validator = None if validation_set is None else Validator(args, accelerator, validation_set, tokenizer, encoder,
+                                                              provider, masker)
     optimizer, lr_scheduler, max_train_steps = build_optimizer(args, accelerator, model, train_dataloader)
     model, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
         model, optimizer, train_dataloader, lr_scheduler)
@@ -71,7 +76,7 @@ def run_training(args, step_callback=None) -> dict:
     num_epochs = math.ceil(max_train_steps / steps_per_epoch)
 
     state = TrainState()
-    budget = BadImageBudget(args.max_bad_images, len(dataset))
+    budget = BadImageBudget(args.max_bad_images, len(train_set))
     if ckpt is not None:
         logger.info("resuming from %s", resume_path)
         agreed(accelerator, restore_training_checkpoint, ckpt, accelerator, model, optimizer, lr_scheduler)
@@ -92,7 +97,7 @@ def run_training(args, step_callback=None) -> dict:
                 num_epochs, max_train_steps, total_batch, args.per_device_train_batch_size,
                 accelerator.num_processes, args.gradient_accumulation_steps)
     loop = TrainingLoop(args, accelerator, model, encoder, optimizer, train_dataloader, lr_scheduler, state, budget,
-                        config, resume_path, output_dir, masker)
+                        config, resume_path, output_dir, masker, validator)
     try:
         result = loop.train(max_train_steps, num_epochs, total_batch, step_callback)
     except NoReadableImage as err:
@@ -101,4 +106,5 @@ def run_training(args, step_callback=None) -> dict:
     accelerator.end_training()
     result["model"] = accelerator.unwrap_model(model)
     result["bad_images"] = budget.bad
+    result["validation"] = [] if validator is None else validator.history
     return result
