@@ -56,7 +56,7 @@ def _everywhere(value):
 
 # name: ([(component, change)], extra flags, what the line must say)
 FORGED_STATE = {
-    "optimizer lr 1000": ([("optimizer", _lr(1000.0))], {}, "optimizer.json: learning rate 1000.0 is not"),
+    "optimizer lr 1000": ([("optimizer", _lr(1000.0))], {}, "optimizer.json: its parameter groups hold learning rate '1000.0', not 0.0005"),
     "scheduler last lr 1000": ([("scheduler", lambda o: o.update(_last_lr=[1000.0]))], {},
                                "scheduler.json: _last_lr [1000.0] is not"),
     "lr 1000 everywhere": (_everywhere(1000.0), {}, "scheduler.json: base_lrs [1000.0] is not 0.001"),

@@ -482,8 +482,8 @@ def check_training_state(ckpt: dict, *, learning_rate: float, lr_scheduler_type:
         if not isinstance(group, dict) or not _close(group.get("lr"), expected) or \
                 not _close(group.get("initial_lr"), learning_rate):
             lr = group.get("lr") if isinstance(group, dict) else group
-            raise CheckpointError(f"{where}: learning rate {str(lr)[:30]} is not {expected:.6g}, the one this "
-                                  f"run's schedule gives at step {step}")
+            raise CheckpointError(f"{where}: its parameter groups hold learning rate {str(lr)[:30]!r}, not "
+                                  f"{expected:.6g}, the one this run's schedule gives at step {step}")
 
 
 # ----------------------------------------------------------------------------- run config
