@@ -165,3 +165,24 @@ def test_bad_validation_input_is_one_line_before_training(case, bad_validation, 
     line = one_error_line(capsys, 2, exc)
     assert expected.format(root=bad_validation) in line, line
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow  # about 100 s on 2 cores: two torchrun processes, each loading the models
+@pytest.mark.xdist_group("torchrun")  # one torchrun at a time: concurrent launches can meet on one port
+def test_two_processes_measure_every_caption_once(tmp_path, lm_dirs, tiny_clip_spec, vg_dir, validation_file):
+    """Under torchrun the 5 captions are split 3 + 2 and the sums added: both ranks get the losses of the
+    whole set, equal to the direct computation with the saved weights."""
+    from tests.test_train import torchrun
+
+    out = tmp_path / "out"
+    torchrun(flags(out, lm_dirs["gpt2"], tiny_clip_spec, vg_dir, validation_file=validation_file,
+                   max_train_samples=4, per_device_train_batch_size=1, max_train_steps=2, learning_rate=1e-2,
+                   eval_steps=1, per_device_eval_batch_size=2))
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["world_size"] == 2 and ranks[0]["validation"] == ranks[1]["validation"]
+    history = ranks[0]["validation"]
+    assert [h["step"] for h in history] == [1, 2]
+    fused, text = direct_losses(out / "test_0", lm_dirs["gpt2"], tiny_clip_spec, validation_file)
+    assert history[-1]["validation_loss"] == pytest.approx(fused, abs=1e-5)
+    assert history[-1]["validation_loss_text_only"] == pytest.approx(text, abs=1e-5)
+    assert json.loads((out / "test_0" / "config.json").read_text())["validation"] == history
