@@ -186,3 +186,44 @@ def test_two_processes_measure_every_caption_once(tmp_path, lm_dirs, tiny_clip_s
     assert history[-1]["validation_loss"] == pytest.approx(fused, abs=1e-5)
     assert history[-1]["validation_loss_text_only"] == pytest.approx(text, abs=1e-5)
     assert json.loads((out / "test_0" / "config.json").read_text())["validation"] == history
+
+
+def test_masked_lm_validation_uses_the_same_masks_each_time_and_equals_the_direct_loss(
+        tmp_path, wordpiece_dir, tiny_clip_spec, vg_dir, validation_file):
+    """A masked LM's validation captions are masked with seeds fixed for the run: the frozen LM's loss and the
+    token count are the same at every measurement, and the fused loss is the model's own MLM loss on them."""
+    from transformers import AutoTokenizer
+
+    from data.captions import CaptionCollator, CaptionFile
+    from data.masking import MLMMasker, batch_seed
+    from models.checkpoints.weights import load_trainable
+    from models.fusion.factory import load_late_fusion_model
+    from models.training.validation import VALIDATION_SEED
+    from models.vision import load_vision_encoder
+    from tests.zoo_masked import save_tiny_mlm
+
+    lm = save_tiny_mlm(tmp_path / "bert", "bert", wordpiece_dir)
+    out = tmp_path / "out"
+    result = train.main(flags(out, lm, tiny_clip_spec, vg_dir, validation_file=validation_file, max_train_samples=4,
+                              per_device_train_batch_size=2, max_train_steps=2, learning_rate=1e-2, eval_steps=1,
+                              per_device_eval_batch_size=len(CAPTIONS), mlm_probability=0.5))
+    first, last = result["validation"]
+    assert first["tokens"] == last["tokens"] > 0
+    assert first["validation_loss_text_only"] == pytest.approx(last["validation_loss_text_only"], abs=1e-6)
+
+    encoder = load_vision_encoder(tiny_clip_spec, device=torch.device("cpu"), dtype=torch.float32)
+    model = load_late_fusion_model(lm, vision_dim=encoder.hidden_size, torch_dtype=torch.float32)
+    load_trainable(model, Path(result["saved"][-1]))
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(lm)
+    items = CaptionFile(validation_file)
+    batch = CaptionCollator(tokenizer, encoder.preprocess, max_length=512, add_eos=False)(
+        [items[i] for i in range(len(items))])
+    ids, labels = MLMMasker(tokenizer, 0.5)(batch["input_ids"], batch["labels"], batch_seed(0, VALIDATION_SEED, 0, 0))
+    with torch.no_grad():
+        patches, _ = encoder.encode_images(batch["pixel_values"])
+        fused = model(input_ids=ids, attention_mask=batch["attention_mask"], image_patches=patches, labels=labels).loss
+        text = model.lm(input_ids=ids, attention_mask=batch["attention_mask"], labels=labels).loss
+    assert int((labels != -100).sum()) == last["tokens"]
+    assert last["validation_loss"] == pytest.approx(fused.item(), abs=1e-5)
+    assert last["validation_loss_text_only"] == pytest.approx(text.item(), abs=1e-5)
