@@ -11,13 +11,13 @@ from pathlib import Path
 
 from models.training.errors import InputError
 from models.training.loop import TrainingLoop
+from models.training.options import SCHEDULERS
 from models.training.ranks import agreed
 from models.training.run_config import TRACKER_PROJECT, run_config, tracker_config
 from models.training.run_folder import (check_output_dir, check_resume_config, clear_previous_run,
                                         read_resume_checkpoint, resolve_resume)
 from models.training.setup import (build_dataloader, build_optimizer, load_models, load_pretrained, make_accelerator,
                                    masked_lm_setup, prepare_data)
-from models.training.options import SCHEDULERS
 from models.training.state import TrainState
 from models.training.validation import Validator, split_validation
 from models.training.wiki_images import prefetch_wiki_images, pregenerate_wiki_images
