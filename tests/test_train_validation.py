@@ -227,3 +227,47 @@ def test_masked_lm_validation_uses_the_same_masks_each_time_and_equals_the_direc
     assert int((labels != -100).sum()) == last["tokens"]
     assert last["validation_loss"] == pytest.approx(fused.item(), abs=1e-5)
     assert last["validation_loss_text_only"] == pytest.approx(text.item(), abs=1e-5)
+
+
+def test_a_resumed_run_continues_the_validation_history(tmp_path, lm_dirs, tiny_clip_spec, vg_dir, validation_file,
+                                                        capsys):
+    """The measurements travel in the checkpoint: interrupted after step 2 and resumed, the run's weights
+    record the same history as an uninterrupted run's; a forged record is refused in one line."""
+    from tests.test_hostile_train import edit_component
+
+    settings = {**RUN, "eval_steps": 1}
+    full = train.main(flags(tmp_path / "full", lm_dirs["gpt2"], tiny_clip_spec, vg_dir,
+                            validation_file=validation_file, **settings))
+    reset_accelerate()
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_2(step):
+        if step == 2:
+            raise Stop
+
+    out = tmp_path / "resumed"
+    with pytest.raises(Stop):
+        train.main(flags(out, lm_dirs["gpt2"], tiny_clip_spec, vg_dir, validation_file=validation_file, **settings),
+                   step_callback=stop_at_2)
+    reset_accelerate()
+    forged = tmp_path / "forged"
+    import shutil
+
+    shutil.copytree(out, forged)
+    resumed = train.main(flags(out, lm_dirs["gpt2"], tiny_clip_spec, vg_dir, validation_file=validation_file,
+                               resume_from_checkpoint="latest", **settings))
+    assert [h["step"] for h in resumed["validation"]] == [1, 2, 3]
+    assert resumed["validation"] == full["validation"]  # the resume is exact: the same weights, the same losses
+    final = json.loads((Path(resumed["saved"][-1]) / "config.json").read_text())["validation"]
+    assert final == resumed["validation"]
+
+    reset_accelerate()
+    edit_component(forged / "checkpoint-2", "trainer_state",
+                   lambda o: o["validation"]["history"][0].update(step=7))
+    with pytest.raises(SystemExit) as exc:
+        train.main(flags(forged, lm_dirs["gpt2"], tiny_clip_spec, vg_dir, validation_file=validation_file,
+                         resume_from_checkpoint="latest", **settings))
+    line = one_error_line(capsys, 2, exc)
+    assert "trainer_state.json: validation record" in line and "up to 2" in line, line

@@ -32,6 +32,8 @@ class TrainingLoop:
 
         trainer_state = {**self.state.state_dict(), "accumulation_step": self.accelerator.step,
                          "images_seen": self.budget.seen, "bad_images": self.budget.bad, "config": self.config}
+        if self.validator is not None:  # the measurements so far: a resumed run's weights record them all
+            trainer_state["validation"] = self.validator.state_dict()
         path = save_training_checkpoint(self.accelerator, self.output_dir, self.state.completed_steps,
                                         model=self.model, optimizer=self.optimizer, scheduler=self.lr_scheduler,
                                         trainer_state=trainer_state, total_limit=self.args.checkpoints_total_limit)

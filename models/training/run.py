@@ -117,6 +117,9 @@ def run_training(args, step_callback=None) -> dict:
         logger.info("resuming from %s", resume_path)
         agreed(accelerator, restore_training_checkpoint, ckpt, accelerator, model, optimizer, lr_scheduler)
         state.load_state_dict(ckpt["trainer_state"])
+        if validator is not None:
+            agreed(accelerator, validator.load_state_dict, ckpt["trainer_state"].get("validation"),
+                   f"{resume_path}/trainer_state.json", state.completed_steps)
         budget.add(ckpt["trainer_state"]["images_seen"], ckpt["trainer_state"]["bad_images"])
         del ckpt
 

@@ -85,6 +85,46 @@ class Validator:
                                        masker)
         self.history: list[dict] = []
 
+    def source(self) -> dict:
+        """What the measurements are of (kept with them in checkpoints: a resume continues the history only
+        when it measures the same captions)."""
+        from pathlib import Path
+
+        file = self.args.validation_file
+        return {"validation_file": None if file is None else str(Path(file).resolve()),
+                "validation_split_percentage": self.args.validation_split_percentage, "captions": self.size}
+
+    def state_dict(self) -> dict:
+        return {"source": self.source(), "history": [dict(r) for r in self.history]}
+
+    def load_state_dict(self, state, where: str, completed_steps: int) -> None:
+        """Continue the history a checkpoint holds (``where`` names its file), each record checked; a history
+        of other captions is not continued (said in one log line)."""
+        if state is None:
+            return
+        if not isinstance(state, dict) or not isinstance(state.get("history"), list):
+            raise InputError(f"--resume_from_checkpoint: {where}: its validation history is not a list")
+        if state.get("source") != self.source():
+            logger.info("validation: the checkpoint's measurements are of other captions; starting a new history")
+            return
+        last = 0
+        for record in state["history"]:
+            if not self._plausible(record, last, completed_steps):
+                raise InputError(f"--resume_from_checkpoint: {where}: validation record {str(record)[:80]} is not "
+                                 f"a measurement at a step after {last} and up to {completed_steps}")
+            last = record["step"]
+        self.history = [dict(r) for r in state["history"]]
+
+    @staticmethod
+    def _plausible(record, after: int, completed_steps: int) -> bool:
+        keys = {"step", "validation_loss", "validation_loss_text_only", "tokens"}
+        if not isinstance(record, dict) or set(record) != keys:
+            return False
+        whole = all(isinstance(record[k], int) and not isinstance(record[k], bool) for k in ("step", "tokens"))
+        losses = all(isinstance(record[k], float) and math.isfinite(record[k]) and record[k] >= 0
+                     for k in ("validation_loss", "validation_loss_text_only"))
+        return whole and losses and after < record["step"] <= completed_steps and record["tokens"] >= 1
+
     @property
     def last_step(self) -> int | None:
         return self.history[-1]["step"] if self.history else None
