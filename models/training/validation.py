@@ -15,7 +15,9 @@ Both come from one pass of the LM per batch, in eval mode under ``torch.no_grad`
 afterwards), in the run's autocast. Each process measures its share of the captions (every
 ``num_processes``-th one) and the sums are added over processes, so every process gets the same numbers.
 Masked LMs mask each validation batch with seeds fixed for the run, so every measurement sees the same masks.
-Nothing here draws from a global RNG: a run with validation trains exactly as one without.
+Nothing here draws from a global RNG: a run with validation trains exactly as one without. The measurements
+so far are kept in every checkpoint (``trainer_state.json``, with what they are of); a resume on the same
+captions continues them, each record checked, so a resumed run's weights record the whole history.
 """
 from __future__ import annotations
 
