@@ -27,10 +27,17 @@ Outputs under ``--output_dir``:
   kept. ``--resume_from_checkpoint latest|PATH`` resumes exactly: the resumed run ends with the same weights
   as an uninterrupted one. A resume with settings that change the result is refused unless
   ``--ignore_config_mismatch``; a new run into a folder holding checkpoints or this run's weights is refused
-  unless ``--overwrite_output_dir``.
+  unless ``--overwrite_output_dir``. A checkpoint whose state (learning rate, step, epoch) is not what the
+  flags' schedule gives at its step is refused, even when the hashes of its files were recomputed.
 * ``<run_name>_<epoch>/``: the trainable weights (safetensors + config.json), written at each epoch's end
   and at the end of the run; ``eval_scripts/* --pretrained_model`` takes this path. Its ``config.json``
-  records the run's settings and how many training images were unreadable and skipped (``bad_images``).
+  records the run's settings, how many training images were unreadable and skipped (``bad_images``) and,
+  with validation captions, every validation measurement so far (``validation``).
+
+Validation: ``--validation_file F`` (``--train_file``'s format) or ``--validation_split_percentage P`` (P% of the
+training set held out, seeded), measured every ``--eval_steps`` optimizer steps and at the end: the fused
+model's mean loss over every caption token (``validation_loss``) and the frozen LM's on the same tokens
+(``validation_loss_text_only``), logged to the trackers.
 
 Bad input is one ``error: ...`` line (exit status 2), found before anything is written; under torchrun
 rank 0 prints it and every rank exits with it (a failure on one rank is shared with the others).
@@ -52,6 +59,7 @@ Where the code lives (``models/training/``):
 * ``state.py``: where training stands (:class:`TrainState`), saved in each checkpoint;
 * ``run_folder.py``: ``--output_dir`` policy: resuming, refusing or clearing a previous run;
 * ``run_config.py``: what a run records (checkpoint config, saved weights' run arguments, tracker config);
+* ``validation.py``: the validation captions and losses;
 * ``ranks.py`` and ``errors.py``: bad input as one ``InputError`` line, agreed across ranks.
 """
 from __future__ import annotations

@@ -389,13 +389,14 @@ class CaptionFile(Dataset):
     optional ``crop`` (``[x, y, w, h]`` or ``"x,y,w,h"``, clamped to the image) and optional ``prompt``
     (text put before the caption as context only: no loss on its tokens, as in prompt/completion
     fine-tuning). Every row is checked here: a missing column or image file raises an error naming the
-    file and line. ``max_samples`` keeps the first rows.
+    file and line. ``max_samples`` keeps the first rows. ``flag`` names the file in errors (train.py reads
+    its ``--validation_file`` with this class too).
     """
 
-    def __init__(self, train_file, *, max_samples: int | None = None):
+    def __init__(self, train_file, *, max_samples: int | None = None, flag: str = "--train_file"):
         path = Path(train_file)
         if not path.is_file():
-            raise FileNotFoundError(f"--train_file {path} not found")
+            raise FileNotFoundError(f"{flag} {path} not found")
         images, captions, crops, where, prompts = [], [], [], [], []
         for line_no, row in _caption_rows(path):
             if max_samples is not None and len(images) >= max_samples:
@@ -417,7 +418,7 @@ class CaptionFile(Dataset):
             crops.append((np.nan,) * 4 if crop is None else crop)
             where.append(here)
         if not images:
-            raise ValueError(f"--train_file {path} holds no rows")
+            raise ValueError(f"{flag} {path} holds no rows")
         self._images, self._captions, self._where = PackedStrings(images), PackedStrings(captions), PackedStrings(where)
         self._prompts = PackedStrings(prompts) if any(prompts) else None
         self._crops = np.asarray(crops, dtype=np.float64)

@@ -30,11 +30,10 @@ class NonFiniteScores(EvalError):
 
 def check_run_name(name: str | None) -> None:
     """A run name is one plain folder name inside --output_dir: no separators, no '.'/'..', not absolute."""
-    from models.options.catalog import plain_name_problem
+    from models.run_names import RULE, run_name_problem
 
-    if name is not None and plain_name_problem(name):
-        raise EvalError(f"--run_name {name!r} must be a plain folder name (no path separator, no '..'): "
-                        "results go to OUTPUT_DIR/RUN_NAME")
+    if name is not None and run_name_problem(name):
+        raise EvalError(f"--run_name {name!r} must be {RULE}: results go to OUTPUT_DIR/RUN_NAME")
 
 
 def check_device(spec: str | None) -> None:

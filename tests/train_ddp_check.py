@@ -3,7 +3,7 @@
     torchrun --nproc_per_node 2 -m tests.train_ddp_check <train.py flags>    # from the repo root
 
 Each rank writes ``<output_dir>/rank<RANK>.json``: the SHA-256 of its trainable weights, the world size,
-the completed steps and the learning rate after each step.
+the completed steps, the learning rate after each step and the validation losses.
 """
 import hashlib
 import json
@@ -29,4 +29,5 @@ if __name__ == "__main__":
     rank = int(os.environ.get("RANK", 0))
     (out / f"rank{rank}.json").write_text(json.dumps({
         "digest": weights_digest(result["model"]), "world_size": int(os.environ.get("WORLD_SIZE", 1)),
-        "completed_steps": result["completed_steps"], "lrs": result["lrs"]}))
+        "completed_steps": result["completed_steps"], "lrs": result["lrs"],
+        "validation": result.get("validation", [])}))

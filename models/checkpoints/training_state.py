@@ -417,6 +417,75 @@ def restore_training_checkpoint(ckpt: dict, accelerator, model, optimizer, sched
     set_rng_state(ckpt["rng"], ckpt["rng_where"])
 
 
+# ----------------------------------------------------------------------------- state against the schedule
+
+def expected_learning_rate(step: int, *, learning_rate: float, lr_scheduler_type: str, num_warmup_steps: int,
+                           max_train_steps: int, num_processes: int) -> float:
+    """The learning rate train.py's schedule gives after ``step`` optimizer steps (the prepared scheduler steps
+    ``num_processes`` times per optimizer step), from the schedule's own formula, without stepping through it."""
+    from transformers import get_scheduler
+
+    probe = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=learning_rate)
+    schedule = get_scheduler(lr_scheduler_type, optimizer=probe, num_warmup_steps=num_warmup_steps * num_processes,
+                             num_training_steps=max_train_steps * num_processes)
+    return learning_rate * schedule.lr_lambdas[0](step * num_processes)
+
+
+def _close(a, b) -> bool:
+    return (isinstance(a, (int, float)) and not isinstance(a, bool) and math.isfinite(a)
+            and math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-15))
+
+
+def check_training_state(ckpt: dict, *, learning_rate: float, lr_scheduler_type: str, num_warmup_steps: int,
+                         max_train_steps: int, num_processes: int, steps_per_epoch: int | None = None,
+                         gradient_accumulation_steps: int = 1) -> None:
+    """A CheckpointError (one line naming the file) unless the JSON state of a checkpoint read by
+    :func:`read_training_checkpoint` is what a run of these settings holds at its step: ``completed_steps``
+    within ``[0, max_train_steps]``; with ``steps_per_epoch``, the epoch and the position in it agree with the
+    step; the scheduler counted ``completed_steps * num_processes`` steps from ``learning_rate``; and the
+    learning rate in the scheduler and the optimizer is the one the schedule gives at that step. Hashes in
+    the marker prove a file is the one written with it, not that what was written is plausible: this does."""
+    path = Path(ckpt["path"])
+    state, scheduler, optimizer = ckpt["trainer_state"], ckpt["scheduler"], ckpt["optimizer"]
+    where = path / "trainer_state.json"
+    step = state["completed_steps"]
+    if step > max_train_steps:
+        raise CheckpointError(f"{where}: completed_steps {step} is past this run's {max_train_steps} optimizer steps")
+    if state["bad_images"] > state["images_seen"]:
+        raise CheckpointError(f"{where}: bad_images {state['bad_images']} exceeds images_seen {state['images_seen']}")
+    if steps_per_epoch is not None:  # a step ends after every accumulation's last batch, an epoch after its last
+        batches, epoch, ga = state["batches_in_epoch"], state["epoch"], gradient_accumulation_steps
+        if batches % ga or batches // ga >= steps_per_epoch or epoch * steps_per_epoch + batches // ga != step:
+            raise CheckpointError(f"{where}: epoch {epoch} and batches_in_epoch {batches} do not match "
+                                  f"completed_steps {step} at {steps_per_epoch} optimizer steps an epoch")
+        if state["accumulation_step"] != batches:  # Accelerate counts the epoch's batches too
+            raise CheckpointError(f"{where}: accumulation_step {state['accumulation_step']} is not "
+                                  f"batches_in_epoch {batches}")
+    expected = expected_learning_rate(step, learning_rate=learning_rate, lr_scheduler_type=lr_scheduler_type,
+                                      num_warmup_steps=num_warmup_steps, max_train_steps=max_train_steps,
+                                      num_processes=num_processes)
+    where = path / "scheduler.json"
+    counted = scheduler.get("last_epoch") if isinstance(scheduler, dict) else None
+    if counted != step * num_processes:
+        raise CheckpointError(f"{where}: the scheduler counted {counted!r} steps, but completed_steps {step} on "
+                              f"{num_processes} process(es) make {step * num_processes}")
+    for name, want in (("base_lrs", learning_rate), ("_last_lr", expected)):
+        values = scheduler.get(name)
+        if not isinstance(values, list) or not values or not all(_close(v, want) for v in values):
+            raise CheckpointError(f"{where}: {name} {str(values)[:60]} is not {want:.6g}, the learning rate this "
+                                  f"run's schedule ({lr_scheduler_type}, --learning_rate {learning_rate:g}, "
+                                  f"{num_warmup_steps} warmup, {max_train_steps} steps) gives at step {step}")
+    where = path / "optimizer.json"
+    if not isinstance(optimizer["param_groups"], list):
+        raise CheckpointError(f"{where}: its parameter groups are not a list")
+    for group in optimizer["param_groups"]:
+        if not isinstance(group, dict) or not _close(group.get("lr"), expected) or \
+                not _close(group.get("initial_lr"), learning_rate):
+            lr = group.get("lr") if isinstance(group, dict) else group
+            raise CheckpointError(f"{where}: its parameter groups hold learning rate {str(lr)[:30]!r}, not "
+                                  f"{expected:.6g}, the one this run's schedule gives at step {step}")
+
+
 # ----------------------------------------------------------------------------- run config
 
 def config_differences(saved: dict, current: dict) -> list[str]:

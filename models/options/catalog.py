@@ -15,13 +15,13 @@ script; training's optimiser settings in :mod:`models.training.options`).
 """
 from __future__ import annotations
 
-import os
 import re
-from pathlib import Path
 
 from models.fusion.mixing import MIX_MODES  # a mixing rule is added in mixing.py alone
 from models.options.dtypes import AUTO_LM, AUTO_RULES, DTYPE_CHOICES
 from models.options.spec import Option
+from models.run_names import run_name_problem
+from models.workers import PREFERRED_WORKERS, default_workers
 
 DEFAULT_VISION_ENCODER = "ViT-B-32-quickgelu/openai"
 DEFAULT_GENERATOR = "stabilityai/sdxl-turbo"
@@ -47,12 +47,8 @@ def _device_syntax(value: str) -> str | None:
 
 
 def plain_name_problem(name: str) -> str | None:
-    """Why ``name`` is not one plain folder name (no separator, no '..', not absolute), or None."""
-    seps = [sep for sep in ("/", "\\", os.sep, os.altsep) if sep]
-    if (not name.strip() or name in (".", "..") or any(sep in name for sep in seps) or "\0" in name
-            or Path(name).is_absolute() or Path(name).drive):
-        return f"must be a plain folder name (no path separator, no '..'), got {name!r}"
-    return None
+    """Why ``name`` is not one plain folder name, or None: the one run-name rule (:mod:`models.run_names`)."""
+    return run_name_problem(name)
 
 
 # ---------------------------------------------------------------------------------------------- model
@@ -142,14 +138,16 @@ SEED = Option("seed", kind="int", low=0, high=SEED_MAX, default=0, results=True,
 LIMIT = Option("limit", kind="int", low=1, data=True, group="run",
                help="evaluate only the first N examples (per subset)")
 BATCH_SIZE = Option("batch_size", kind="int", low=1, default=8, group="run", help="texts per forward pass")
-NUM_WORKERS = Option("num_workers", kind="int", low=0, default=4, group="run",
-                     help="DataLoader workers (decoding, cropping, generation)")
+NUM_WORKERS = Option("num_workers", kind="int", low=0, default=default_workers(), group="run",
+                     help=f"DataLoader workers (decoding, cropping, generation); at most the CPUs this process may "
+                          f"use, a larger value is lowered to that (default: min({PREFERRED_WORKERS}, CPUs), "
+                          f"{default_workers()} here)")
 DATA_DIR = Option("data_dir", path=True, data=True, group="run",
                   help="folder of the benchmark's original files (default: the shipped files, else the hub)")
 DATA_FILE = Option("data_file", path=True, data=True, group="run",
                    help="one file of the benchmark in its original format")
 OUTPUT_DIR = Option("output_dir", default="output/results", path=True, group="run")
-RUN_NAME = Option("run_name", check=plain_name_problem, group="run",
+RUN_NAME = Option("run_name", check=run_name_problem, group="run",
                   help="results go to OUTPUT_DIR/RUN_NAME (default: a timestamp)")
 EVAL_RUN = (LIMIT, BATCH_SIZE, DEVICE, DTYPE, SEED, DATA_DIR, DATA_FILE, OUTPUT_DIR, RUN_NAME)
 

@@ -43,14 +43,23 @@ class OptionsParser(argparse.ArgumentParser):
 
 
 def _help(opt: Option) -> str:
+    """The help line of ``opt``, always ending with its default (``required``, ``off`` for a flag, ``none``
+    when unset) unless its own text already says what the default is."""
     text = opt.help or ""
     if opt.kind == "list" and opt.choices:
         names = ", ".join(map(str, opt.choice_values))
         text = f"{text} (from {names})" if text else f"from {names}"
-    shown = opt.default not in (None, False, [], ()) and "default" not in text.lower()
-    if shown:
-        value = ",".join(map(str, opt.default)) if isinstance(opt.default, (list, tuple)) else opt.default
-        text = f"{text} (default: {value})" if text else f"default: {value}"
+    if "default" not in text.lower():
+        if opt.required:
+            shown = "required"
+        elif opt.kind == "flag" and not opt.default:
+            shown = "default: off"
+        elif opt.default is None or opt.default in ([], ()):
+            shown = "default: none"
+        else:
+            value = ",".join(map(str, opt.default)) if isinstance(opt.default, (list, tuple)) else opt.default
+            shown = f"default: {value}"
+        text = f"{text} ({shown})" if text else shown
     return text.replace("%", "%%")
 
 

@@ -17,9 +17,10 @@ class TrainingLoop:
     :func:`models.training.run.run_training`, which sets up (and, on a resume, restores) what it is given."""
 
     def __init__(self, args, accelerator, model, encoder, optimizer, train_dataloader, lr_scheduler, state,
-                 budget, config, resume_path, output_dir, masker=None):
+                 budget, config, resume_path, output_dir, masker=None, validator=None):
         self.args, self.accelerator, self.model, self.encoder = args, accelerator, model, encoder
         self.masker = masker  # masked LMs: the MLM masking of each batch
+        self.validator = validator  # models/training/validation.py: the validation losses, or None
         self.optimizer, self.train_dataloader, self.lr_scheduler = optimizer, train_dataloader, lr_scheduler
         self.state, self.budget, self.config = state, budget, config
         self.resume_path, self.output_dir = resume_path, output_dir
@@ -31,6 +32,8 @@ class TrainingLoop:
 
         trainer_state = {**self.state.state_dict(), "accumulation_step": self.accelerator.step,
                          "images_seen": self.budget.seen, "bad_images": self.budget.bad, "config": self.config}
+        if self.validator is not None:  # the measurements so far: a resumed run's weights record them all
+            trainer_state["validation"] = self.validator.state_dict()
         path = save_training_checkpoint(self.accelerator, self.output_dir, self.state.completed_steps,
                                         model=self.model, optimizer=self.optimizer, scheduler=self.lr_scheduler,
                                         trainer_state=trainer_state, total_limit=self.args.checkpoints_total_limit)
@@ -48,8 +51,11 @@ class TrainingLoop:
             run_args.update(completed_steps=self.state.completed_steps, num_processes=accelerator.num_processes,
                             images_seen=self.budget.seen, bad_images=self.budget.bad,
                             resumed_from=None if self.resume_path is None else str(self.resume_path))
+            extra = {"run_args": run_args}
+            if self.validator is not None:  # every measurement so far, the last one at these weights' step
+                extra["validation"] = list(self.validator.history)
             save_trainable(accelerator.unwrap_model(self.model), path, base_model=args.model_name_or_path,
-                           vision_encoder=args.vision_encoder, extra={"run_args": run_args},
+                           vision_encoder=args.vision_encoder, extra=extra,
                            files={TRAIN_CONFIG: config_yaml(args)})
             logger.info("saved trainable weights to %s", path)
         return path
@@ -142,6 +148,8 @@ class TrainingLoop:
                                              "epoch": epoch, "samples_per_second": samples_per_s},
                                             step=state.completed_steps)
                         window_loss, window_steps = 0.0, 0
+                    if self.validator is not None and self.validator.due(state.completed_steps, max_train_steps):
+                        self.validator.measure(model, state.completed_steps)
                     every = args.checkpointing_steps
                     if isinstance(every, int) and state.completed_steps % every == 0:
                         self.save_checkpoint()
@@ -155,6 +163,8 @@ class TrainingLoop:
         finally:  # a stop mid-run ends the progress bar's line before the error line
             bar.close()
         if not saved:  # resumed at the very end: nothing to train, but the run still ends with its weights
+            if self.validator is not None and self.validator.last_step != state.completed_steps:
+                self.validator.measure(model, state.completed_steps)
             saved.append(self.save_weights(max(state.epoch - 1, 0)))
         return {"losses": losses, "lrs": lrs, "completed_steps": state.completed_steps, "saved": saved,
                 "max_train_steps": max_train_steps, "num_epochs": num_epochs}

@@ -7,10 +7,13 @@ must share (the checkpoint records them, see :func:`models.training.run_config.r
 """
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
+from models.cli import is_rank0
 from models.options import Option, catalog
 from models.options.dtypes import AUTO_LM, AUTO_RULES, DTYPE_CHOICES
+from models.workers import capped_workers
 
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 MIXED_PRECISION = ("no", "bf16", "fp16")
@@ -22,8 +25,8 @@ def _checkpointing_problem(value) -> str | None:
 
 
 RUN = (
-    Option("run_name", default="test", check=catalog.plain_name_problem, group="run",
-           help="name of the saved weights: <output_dir>/<run_name>_<epoch> (a plain folder name)"),
+    catalog.RUN_NAME.replace(default="test", help="name of the saved weights: <output_dir>/<run_name>_<epoch> (a plain "
+                                                  "folder name)"),
     Option("output_dir", required=True, path=True, group="run"),
     Option("overwrite_output_dir", kind="flag", default=False, record=False, group="run",
            help="start a new run in an --output_dir that holds checkpoints or this run's weights, deleting them "
@@ -117,6 +120,25 @@ OPTIMISATION = (
            help="clip the gradient norm (off by default)"),
 )
 
+def _percentage_problem(value) -> str | None:
+    return None if value < 100 else f"must lie strictly between 0 and 100, got {value:g}"
+
+
+VALIDATION = (  # models/training/validation.py
+    Option("validation_file", path=True, group="validation",
+           help="held-out captions in --train_file's format (JSONL/CSV: image, caption, optional crop and prompt): "
+                "the fused model's and the text-only LM's mean loss on them is measured every --eval_steps and at "
+                "the end"),
+    Option("validation_split_percentage", kind="float", low=0.0, low_open=True, check=_percentage_problem,
+           results=True, group="validation",
+           help="hold out this percentage of the training set (drawn with --seed, at least one item) as the "
+                "validation captions instead of --validation_file"),
+    Option("eval_steps", kind="int", low=1, group="validation",
+           help="measure the validation loss every N optimizer steps (it is always measured at the end)"),
+    Option("per_device_eval_batch_size", kind="int", low=1, default=8, group="validation",
+           help="captions per validation batch and process (the losses do not depend on it)"),
+)
+
 PRECISION = (
     Option("mixed_precision", kind="choice", choices=MIXED_PRECISION, results=True, group="precision and device",
            help="autocast for the trainable modules (default: Accelerate's config)"),
@@ -128,12 +150,12 @@ PRECISION = (
                            help="cpu or cuda (default: Accelerate's choice, the CPU when no accelerator is present)"),
 )
 
-OPTIONS = (*RUN, *MODELS, *DATA, *catalog.GENERATION, *catalog.RETRIEVAL, *OPTIMISATION, *PRECISION)
+OPTIONS = (*RUN, *MODELS, *DATA, *catalog.GENERATION, *catalog.RETRIEVAL, *OPTIMISATION, *VALIDATION, *PRECISION)
 
 
 def resolve(args):
-    """The settings the run uses, from the parsed ones (a new object): the vision encoder's default, and
-    ``--run_bf16`` as ``--mixed_precision bf16``. Bad combinations are a ``ValueError`` (one line)."""
+    """The settings the run uses, from the parsed ones (a new object): the vision encoder's default,
+    ``--run_bf16`` as ``--mixed_precision bf16``, ``--num_workers`` at most the CPU count. Bad combinations are a ``ValueError`` (one line)."""
     changes = {}
     if args.vision_encoder is None:
         changes["vision_encoder"] = catalog.DEFAULT_VISION_ENCODER
@@ -148,6 +170,17 @@ def resolve(args):
         raise ValueError(f"--output_dir {output_dir} exists and is not a directory")
     if args.overwrite_output_dir and args.resume_from_checkpoint:
         raise ValueError("--overwrite_output_dir and --resume_from_checkpoint exclude each other")
+    if args.validation_file is not None and args.validation_split_percentage is not None:
+        raise ValueError("--validation_file and --validation_split_percentage exclude each other")
+    if args.validation_file is not None and not Path(args.validation_file).is_file():
+        raise ValueError(f"--validation_file {args.validation_file} not found")
+    if args.eval_steps is not None and args.validation_file is None and args.validation_split_percentage is None:
+        raise ValueError("--eval_steps needs validation captions: --validation_file or --validation_split_percentage")
+    workers, warning = capped_workers(args.num_workers)
+    if warning is not None:  # once, from rank 0: PyTorch would warn at every epoch's first batch instead
+        changes["num_workers"] = workers
+        if is_rank0():
+            print(f"warning: {warning}", file=sys.stderr, flush=True)
     return args.replace(**changes) if changes else args
 
 
