@@ -1,7 +1,8 @@
 """Save and load the trainable weights (``mm_proj`` + ``fusion_layer``) only.
 
 Our format is a directory with ``model.safetensors``, a ``config.json`` naming the base LM, the
-vision encoder and the projector width, and a short ``README.md`` model card.
+vision encoder and the projector width, and a ``README.md`` model card (:mod:`models.card`). A checkpoint
+is named by its path, or by a hub id ``ORG/NAME`` (:mod:`models.checkpoints.locate`).
 
 The released vLMIG checkpoints are a ``torch.save`` of the WHOLE model's ``state_dict()`` (the
 frozen LM included, e.g. ``bert.*`` and ``cls.*`` for BERT, and the CLIP tower; sometimes with a
@@ -68,7 +69,9 @@ def save_trainable(model, out_dir: str | os.PathLike, *, base_model: str, vision
 
 
 def _resolve(path: str | os.PathLike) -> Path:
-    p = Path(path)
+    from models.checkpoints.locate import locate_checkpoint
+
+    p = locate_checkpoint(path)  # a local path as is; a hub id ORG/NAME downloaded (or from the HF cache)
     if p.is_dir():
         if (p / WEIGHTS_NAME).is_file():
             return p / WEIGHTS_NAME
