@@ -174,3 +174,23 @@ def test_from_pretrained_refuses_unknown_keywords_and_bad_values(zoo):
         LateFusionPipeline.from_pretrained("nobody/nothing-here")
     with pytest.raises(ValueError, match="not found"):
         LateFusionPipeline.from_pretrained(str(zoo["root"] / "no" / "such" / "dir"))
+
+
+def test_a_released_bin_loads_without_its_suffix(zoo, pipe, tmp_path):
+    """A released checkpoint (the whole model's state dict, DDP prefix) scores as our folder of the same weights."""
+    import torch
+
+    from models import LateFusionPipeline
+    from models.checkpoints.weights import load_state
+
+    state, _ = load_state(zoo["ckpt"])
+    (tmp_path / "released").mkdir()
+    torch.save({f"module.{k}": v for k, v in state.items()}, tmp_path / "released" / "ft_wiki_laion_220_2.bin")
+    released = LateFusionPipeline.from_pretrained(str(tmp_path / "released" / "ft_wiki_laion_220_2"),
+                                                  model_name=zoo["lm"], vision_encoder=zoo["clip"],
+                                                  image_generator="toyworld", image_cache=zoo["cache"], image_size=64,
+                                                  device="cpu", k=K)
+    prompt, cands = "What color is a banana? Answer:", ["yellow", "blue"]
+    assert released.score(prompt, cands).scores == pytest.approx(pipe.score(prompt, cands).scores, abs=1e-6)
+    with pytest.raises(ValueError, match="names no base LM; give model_name="):
+        LateFusionPipeline.from_pretrained(str(tmp_path / "released" / "ft_wiki_laion_220_2"))
