@@ -100,6 +100,11 @@ def _as_image(item, where: str):
     raise ValueError(f"{where}: images must be PIL images or paths to image files, got {type(item).__name__}")
 
 
+def _refuse_unknown(method: str, unknown: dict, allowed: tuple[str, ...]) -> None:
+    if unknown:
+        raise ValueError(f"{method}: unknown keyword {next(iter(unknown))!r}; allowed: {', '.join(allowed)}")
+
+
 def _released_base_model(spec: str) -> str | None:
     """The base LM of a released checkpoint named by its download path (``output/gpt2/ft_wiki_laion_220_2``)."""
     from models.checkpoints.download import RELEASED
@@ -302,13 +307,14 @@ class LateFusionPipeline:
 
     # ------------------------------------------------------------------ scoring
     def score(self, prompt, candidates, k: int | None = None, *, images=None, image_prompts=None,
-              scoring: str | None = None):
+              scoring: str | None = None, **unknown):
         """Score ``candidates`` as answers to ``prompt`` with k images fused (generated or retrieved from the
         image prompts, or ``images``: your own PIL images or image files), exactly as the eval scripts score a
         candidate question. ``k=0``: the text-only LM. ``scoring``: ``first_token`` (default) or ``full``.
 
         A list of prompts (with a list of candidate lists, and ``images``/``image_prompts`` per prompt) is
         scored as one batch and gives a list. Returns :class:`ScoreResult`."""
+        _refuse_unknown("score", unknown, ("k", "images", "image_prompts", "scoring"))
         if scoring is not None and scoring not in SCORING.choice_values:
             raise ValueError(f"scoring must be one of {', '.join(SCORING.choice_values)}, got {scoring!r}")
         prompts, per, single = self._batch(prompt, {"candidates": candidates, "images": images,
@@ -336,10 +342,12 @@ class LateFusionPipeline:
                    for p, c, s, t, im in zip(prompts, cand_lists, scores, text, served)]
         return results[0] if single else results
 
-    def generate(self, prompt, k: int | None = None, max_new_tokens: int = 50, *, images=None, image_prompts=None):
+    def generate(self, prompt, k: int | None = None, max_new_tokens: int = 50, *, images=None, image_prompts=None,
+                 **unknown):
         """Greedy generation from ``prompt`` with k images fused at every step (cut at the first newline),
         as the generation benchmarks (SQuAD, QuAC) generate. ``images``/``image_prompts``/``k``: as in
         :meth:`score`. A list of prompts gives a list of texts."""
+        _refuse_unknown("generate", unknown, ("k", "max_new_tokens", "images", "image_prompts"))
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
         if self.model.kind == "masked":

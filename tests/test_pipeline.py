@@ -157,6 +157,8 @@ def test_own_images_are_fused_with_their_weights(pipe, tmp_path):
     (lambda p: p.score(["Q?", "R?"], [["a"]]), "candidates must be a list of 2"),
     (lambda p: p.score("", ["a"]), "prompt must be a non-empty string"),
     (lambda p: p.generate("Q?", max_new_tokens=0), "max_new_tokens must be an integer >= 1"),
+    (lambda p: p.score("Q?", ["a"], temperature=2), "score: unknown keyword 'temperature'; allowed: k, images"),
+    (lambda p: p.generate("Q?", top_p=0.9), "generate: unknown keyword 'top_p'"),
 ])
 def test_bad_input_is_a_value_error_naming_it(pipe, call, message):
     with pytest.raises(ValueError, match=re.escape(message)):
