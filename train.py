@@ -32,7 +32,10 @@ Outputs under ``--output_dir``:
 * ``<run_name>_<epoch>/``: the trainable weights (safetensors + config.json), written at each epoch's end
   and at the end of the run; ``eval_scripts/* --pretrained_model`` takes this path. Its ``config.json``
   records the run's settings, how many training images were unreadable and skipped (``bad_images``) and,
-  with validation captions, every validation measurement so far (``validation``).
+  with validation captions, every validation measurement so far (``validation``); its ``README.md`` is the
+  model card (:mod:`models.card`), and the final folder's ``train_results.json`` holds the final training loss.
+  ``--push_to_hub --hub_model_id ORG/NAME`` uploads the final folder (``python -m models.hub push`` does the
+  same later).
 
 Validation: ``--validation_file F`` (``--train_file``'s format) or ``--validation_split_percentage P`` (P% of the
 training set held out, seeded), measured every ``--eval_steps`` optimizer steps and at the end: the fused
@@ -82,7 +85,10 @@ def main(argv=None, *, step_callback=None) -> dict:
     """
     args = parse_args(argv)
     try:
-        return run_training(args, step_callback)
+        result = run_training(args, step_callback)
+        if result.get("saved"):
+            publish(args, result)
+        return result
     except InputError as err:
         import torch
 
@@ -90,6 +96,31 @@ def main(argv=None, *, step_callback=None) -> dict:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()  # every rank is here: exit cleanly, not in gloo's teardown
         raise SystemExit(2) from None
+
+
+def publish(args, result: dict) -> None:
+    """On rank 0: the final weights folder's training loss (``train_results.json``) and model card, then, with
+    ``--push_to_hub``, its upload to ``--hub_model_id``."""
+    from models.cli import is_rank0
+    from models.hub import push, record_training
+
+    if not is_rank0():
+        return
+    folder = result["saved"][-1]
+    losses = result.get("losses") or []
+    record_training(folder, losses[-1] if losses else None, result.get("completed_steps"),
+                    repo_id=args.hub_model_id)
+    if not args.push_to_hub:
+        return
+    try:
+        url = push(folder, args.hub_model_id, private=args.hub_private_repo)
+    except ValueError as err:  # the folder or the repo id
+        raise InputError(f"--push_to_hub: {err}") from None
+    except Exception as err:  # noqa: BLE001 - the hub's errors (network, auth, quota) come in many types
+        report_error(f"--push_to_hub {args.hub_model_id}: {' '.join(str(err).split()) or type(err).__name__} "
+                     f"(the weights are in {folder}; python -m models.hub push uploads them later)")
+        raise SystemExit(1) from None
+    print(f"pushed {folder} to {args.hub_model_id}: {url}")
 
 
 if __name__ == "__main__":

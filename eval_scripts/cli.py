@@ -16,16 +16,13 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
+# Bad input: reported as one line, exit status 2. The same class as loading's and scoring's own
+# (models/errors.py), so an error raised while scoring is an EvalError here.
+from models.errors import InputError as EvalError
+from models.errors import NonFiniteScores  # noqa: F401
+
 if TYPE_CHECKING:
     from models.options import Settings
-
-
-class EvalError(Exception):
-    """Bad input: reported as one line, exit status 2."""
-
-
-class NonFiniteScores(EvalError):
-    """The model produced NaN or infinite values while scoring (e.g. NaN weights): never recorded."""
 
 
 def check_run_name(name: str | None) -> None:
@@ -103,13 +100,18 @@ def resolve_args(args) -> "Settings":
 
 
 def checkpoint_vision_encoder(pretrained_model: str | None) -> str | None:
-    """The vision encoder a train.py checkpoint names in its config.json (None for a released .bin)."""
-    if not pretrained_model or not Path(pretrained_model).is_dir():
+    """The vision encoder a train.py checkpoint (a folder or a hub id) names in its config.json (None for a
+    released .bin)."""
+    if not pretrained_model:
         return None
     from models.checkpoints.config_file import CheckpointError, read_checkpoint_config
+    from models.checkpoints.locate import locate_checkpoint
 
     try:
-        spec = read_checkpoint_config(pretrained_model).get("vision_encoder")
+        folder = locate_checkpoint(pretrained_model)  # a hub id ORG/NAME: its downloaded snapshot
+        if not folder.is_dir():
+            return None
+        spec = read_checkpoint_config(folder).get("vision_encoder")
     except (CheckpointError, OSError) as err:
         raise EvalError(f"--pretrained_model {pretrained_model}: {err}") from None
     return spec if isinstance(spec, str) and spec else None

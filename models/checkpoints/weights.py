@@ -1,7 +1,8 @@
 """Save and load the trainable weights (``mm_proj`` + ``fusion_layer``) only.
 
 Our format is a directory with ``model.safetensors``, a ``config.json`` naming the base LM, the
-vision encoder and the projector width, and a short ``README.md`` model card.
+vision encoder and the projector width, and a ``README.md`` model card (:mod:`models.card`). A checkpoint
+is named by its path, or by a hub id ``ORG/NAME`` (:mod:`models.checkpoints.locate`).
 
 The released vLMIG checkpoints are a ``torch.save`` of the WHOLE model's ``state_dict()`` (the
 frozen LM included, e.g. ``bert.*`` and ``cls.*`` for BERT, and the CLIP tower; sometimes with a
@@ -34,8 +35,8 @@ class CheckpointMismatchError(CheckpointError):
 
 def save_trainable(model, out_dir: str | os.PathLike, *, base_model: str, vision_encoder: str,
                    extra: dict | None = None, files: dict[str, str] | None = None) -> Path:
-    """Write ``model.safetensors`` + ``config.json`` + ``README.md`` (and the text ``files``, by name)
-    atomically into ``out_dir``."""
+    """Write ``model.safetensors`` + ``config.json`` + ``README.md`` (the model card, :mod:`models.card`) and
+    the text ``files``, by name, atomically into ``out_dir``."""
     from safetensors.torch import save_file
 
     out = Path(out_dir)
@@ -49,13 +50,10 @@ def save_trainable(model, out_dir: str | os.PathLike, *, base_model: str, vision
     (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
     for name, text in (files or {}).items():
         (tmp / name).write_text(text, encoding="utf-8")
-    n = sum(v.numel() for v in state.values())
-    (tmp / "README.md").write_text(
-        f"# Late-fusion weights for `{base_model}`\n\n"
-        f"Trainable weights only ({n:,} parameters): the visual projector (`mm_proj`, width "
-        f"{model.proj_hidden}) and one fusion block of the `{model.model_type}` architecture. The frozen "
-        f"LM (`{base_model}`) and vision encoder (`{vision_encoder}`) are not included; load them "
-        "from their own ids.\n")
+    from models.card import CARD_NAME, render_card
+
+    n = sum(v.numel() for v in state.values())  # the card reads config.json and the files just written
+    (tmp / CARD_NAME).write_text(render_card(tmp, n_params=n, kind=model.kind, path=out), encoding="utf-8")
     import shutil
 
     old = out.with_name(out.name + ".replaced")  # the previous weights stay whole until the new ones are in place
@@ -68,7 +66,9 @@ def save_trainable(model, out_dir: str | os.PathLike, *, base_model: str, vision
 
 
 def _resolve(path: str | os.PathLike) -> Path:
-    p = Path(path)
+    from models.checkpoints.locate import locate_checkpoint
+
+    p = locate_checkpoint(path)  # a local path as is; a hub id ORG/NAME downloaded (or from the HF cache)
     if p.is_dir():
         if (p / WEIGHTS_NAME).is_file():
             return p / WEIGHTS_NAME

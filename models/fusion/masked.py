@@ -108,4 +108,4 @@ class MaskedLateFusionLM(LateFusionLM):
         return out.last_hidden_state[:, visual.shape[1]:], None, mask
 
     def generate(self, *args, **kwargs):
-        raise ValueError("generation needs a causal LM; a masked LM fills masks (see eval_scripts.masked_scoring)")
+        raise ValueError("generation needs a causal LM; a masked LM fills masks (see models.scoring.masked)")

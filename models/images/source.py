@@ -13,7 +13,7 @@ Which one a run uses is chosen by :func:`models.images.sources.build_image_sourc
 Who calls what:
 
 * the evaluation: :meth:`~ImageSource.check_k` before any model loads, :meth:`~ImageSource.bind` once the
-  vision encoder is loaded, :meth:`~ImageSource.refs` per scoring batch (eval_scripts/scoring.py), then the
+  vision encoder is loaded, :meth:`~ImageSource.refs` per scoring batch (models/scoring/scorer.py), then the
   feature cache (models/images/features.py) :meth:`~ImageSource.images` with ``write=False`` for the
   images whose vision features it does not hold, and :meth:`~ImageSource.write_later` for each of those
   that was generated; :meth:`~ImageSource.flush` before the results are written;

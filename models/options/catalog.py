@@ -55,8 +55,8 @@ def plain_name_problem(name: str) -> str | None:
 MODEL_NAME = Option("model_name", default="gpt2", spellings=("--model_name_or_path",), results=True,
                     runtime=True, path=True, group="model", help="causal or masked LM: hub id or local dir")
 PRETRAINED_MODEL = Option("pretrained_model", results=True, images_only=True, runtime=True, path=True, group="model",
-                          help="trained fusion weights: a dir written by train.py, or a released .bin (suffix "
-                               "optional)")
+                          help="trained fusion weights: a dir written by train.py, a released .bin (suffix "
+                               "optional), or a hub id ORG/NAME (a local path wins)")
 VISION_ENCODER = Option("vision_encoder", results=True, images_only=True, runtime=True, path=True, group="model",
                         help="CLIP spec: open_clip NAME/PRETRAINED, hf-hub:ORG/REPO, local-dir:PATH or hf-clip:ID "
                              f"(default: the checkpoint's, else {DEFAULT_VISION_ENCODER})")

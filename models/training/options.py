@@ -150,7 +150,22 @@ PRECISION = (
                            help="cpu or cuda (default: Accelerate's choice, the CPU when no accelerator is present)"),
 )
 
-OPTIONS = (*RUN, *MODELS, *DATA, *catalog.GENERATION, *catalog.RETRIEVAL, *OPTIMISATION, *VALIDATION, *PRECISION)
+
+def _hub_id_problem(value: str) -> str | None:
+    from models.checkpoints.locate import looks_like_hub_id
+
+    return None if looks_like_hub_id(value) else f"must be a hub id ORG/NAME, got {value!r}"
+
+
+HUB = (
+    Option("push_to_hub", kind="flag", default=False, record=False, group="hub",
+           help="at the end, upload the final weights folder (with its model card) to --hub_model_id"),
+    Option("hub_model_id", check=_hub_id_problem, record=False, group="hub", help="the hub repo to push to, ORG/NAME"),
+    Option("hub_private_repo", kind="flag", default=False, record=False, group="hub",
+           help="create the hub repo private"),
+)
+
+OPTIONS = (*RUN, *MODELS, *DATA, *catalog.GENERATION, *catalog.RETRIEVAL, *OPTIMISATION, *VALIDATION, *PRECISION, *HUB)
 
 
 def resolve(args):
@@ -181,6 +196,14 @@ def resolve(args):
         changes["num_workers"] = workers
         if is_rank0():
             print(f"warning: {warning}", file=sys.stderr, flush=True)
+    if args.push_to_hub:  # refused now, not after the training
+        from models.hub import hub_offline
+
+        if args.hub_model_id is None:
+            raise ValueError("--push_to_hub needs --hub_model_id ORG/NAME")
+        if hub_offline():
+            raise ValueError("--push_to_hub: HF_HUB_OFFLINE is set, so nothing can be uploaded; unset it or leave "
+                             "out --push_to_hub")
     return args.replace(**changes) if changes else args
 
 

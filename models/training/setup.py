@@ -125,8 +125,10 @@ def load_pretrained(path: str):
 
 
 def _pretrained_exists(path: str) -> bool:
+    from models.checkpoints.locate import is_hub_id
+
     p = Path(path)
-    return p.exists() or p.with_name(p.name + ".bin").is_file()
+    return p.exists() or p.with_name(p.name + ".bin").is_file() or is_hub_id(path)  # a hub id: downloaded
 
 
 def resolve_lm_dtype(name: str, device: "torch.device") -> "torch.dtype":
