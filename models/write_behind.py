@@ -53,10 +53,23 @@ def write_atomic(path: str | os.PathLike, data: bytes | memoryview) -> os.stat_r
             f.write(data)
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
+    except OSError as err:  # a full disk: the error names the file it was writing (write() names none)
+        Path(tmp).unlink(missing_ok=True)
+        if err.filename is None:
+            raise OSError(err.errno, err.strerror, str(path)) from None
+        raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path.stat()
+
+
+def os_error_line(err: OSError) -> str:
+    """One line for an OS error, naming its file: ``PATH: No space left on device``."""
+    what = err.strerror or type(err).__name__
+    if err.filename is None:
+        return " ".join(str(err).split()) or what
+    return f"{err.filename}: {what}"
 
 
 def sha256_file(path: str | os.PathLike, block: int = 1 << 22) -> str:
