@@ -142,10 +142,13 @@ class Writer:
             future.set_result(fn(*args))
         except BaseException as err:  # noqa: BLE001 - a failed cache write must never stop the run
             self.failed += 1
-            kind = f"{type(err).__name__}: {err}".splitlines()[0]
+            if isinstance(err, OSError):  # one line per kind of OS error (a full disk), naming its first file
+                kind, what = f"{type(err).__name__} {err.errno}", os_error_line(err)
+            else:
+                kind = what = f"{type(err).__name__}: {err}".splitlines()[0]
             if kind not in self._reported:
                 self._reported.add(kind)
-                logger.warning("cache write failed (%s); the entry will be computed again next time", kind)
+                logger.warning("cache write failed (%s); the entry will be computed again next time", what)
             future.set_exception(err)
 
     def _loop(self) -> None:

@@ -354,3 +354,197 @@ def test_write_atomic_names_the_file_of_any_os_error(tmp_path, monkeypatch):
     assert e.value.errno == errno.ENOSPC and e.value.filename == str(tmp_path / "target.bin")
     assert write_behind.os_error_line(e.value) == f"{tmp_path / 'target.bin'}: No space left on device"
     assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------------- the feature cache
+class Slot:
+    """An image slot given with its image (as the eval core gives generated ones)."""
+
+    def __init__(self, key, prompt, path, image):
+        self.key, self.prompt, self.path, self.image = key, prompt, path, image
+
+
+KEY = "ab" * 32
+
+
+def _rewrite(store, fresh, **change):
+    """Store a well-formed entry (valid checksum, this key and encoder) holding other tensors."""
+    patches, embed, png = fresh["patches"].clone(), fresh["embed"].clone(), fresh["png"]
+    if "patches" in change:
+        patches = change["patches"](patches)
+    if "embed" in change:
+        embed = change["embed"](embed)
+    store.write(KEY, patches, embed, os.stat(png))
+
+
+def _replace(path: str, make) -> None:
+    os.unlink(path)
+    make(path)
+
+
+def _nan_at(t, v):
+    t = t.clone()
+    t.view(-1)[3] = v
+    return t
+
+
+ENTRY_CASES = {  # how the image's entry is spoilt -> what its one warning says
+    "more_patches": (lambda s, f: _rewrite(s, f, patches=lambda p: torch.cat([p, p[:1]])),
+                     "patches has shape ({n1}, {w}), this encoder's are ({n}, {w})"),
+    "narrower_patches": (lambda s, f: _rewrite(s, f, patches=lambda p: p[:, :-1].contiguous()),
+                         "patches has shape ({n}, {w_1}), this encoder's are ({n}, {w})"),
+    "embed_dim": (lambda s, f: _rewrite(s, f, embed=lambda e: torch.cat([e, e[:1]])),
+                  "embed has shape ({d1},), this encoder's are ({d},)"),
+    "nan_patches": (lambda s, f: _rewrite(s, f, patches=lambda p: _nan_at(p, float("nan"))),
+                    "patches holds NaN or infinite values"),
+    "inf_embed": (lambda s, f: _rewrite(s, f, embed=lambda e: _nan_at(e, float("inf"))),
+                  "embed holds NaN or infinite values"),
+    "truncated": (lambda s, f: Path(s.path(KEY)).write_bytes(Path(s.path(KEY)).read_bytes()[:40]),
+                  "truncated header"),
+    "dev_zero": (lambda s, f: _replace(s.path(KEY), lambda p: os.symlink("/dev/zero", p)),
+                 "a symlink leaving the feature cache (to /dev/zero)"),
+    "fifo": (lambda s, f: _replace(s.path(KEY), os.mkfifo), "not a regular file"),
+    "huge": (lambda s, f: os.truncate(s.path(KEY), 1 << 30),
+             "1073741824 bytes, more than an entry of this encoder can hold"),
+}
+
+
+@pytest.fixture(scope="module")
+def fresh_features(encoder, tiny_clip_spec, tmp_path_factory):
+    """An image, its file, and what the tower makes of it (no store involved)."""
+    from PIL import Image
+
+    from models.images.features import VisionFeatures
+
+    root = tmp_path_factory.mktemp("hostile-features")
+    image = Image.new("RGB", (64, 64), (30, 160, 40))
+    image.save(root / "green.png")
+    patches, cos = VisionFeatures(encoder, None, None)([Slot(KEY, "a green square", str(root / "green.png"), image)])
+    _, embed = encoder.encode_images(encoder.pixels([image]))
+    return {"image": image, "png": str(root / "green.png"), "patches": patches[0], "cos": cos, "embed": embed[0]}
+
+
+@pytest.mark.parametrize("case", sorted(ENTRY_CASES))
+def test_a_bad_feature_entry_is_named_once_deleted_and_recomputed(case, encoder, tiny_clip_spec, fresh_features,
+                                                                  tmp_path, caplog):
+    from models.images.features import FeatureStore, VisionFeatures, encoder_identity, feature_shapes
+
+    fresh = fresh_features
+    store = FeatureStore(tmp_path / "features", encoder_identity(tiny_clip_spec, "fp32"))
+    slot = [Slot(KEY, "a green square", fresh["png"], fresh["image"])]
+    VisionFeatures(encoder, None, store)(slot)
+    write_behind.flush()
+    assert store.read(KEY, fresh["png"], feature_shapes(encoder)) is not None  # a valid entry to spoil
+    spoil, expect = ENTRY_CASES[case]
+    spoil(store, fresh)
+    write_behind.flush()
+    n, w = fresh["patches"].shape
+    d = fresh["embed"].shape[0]
+    expect = expect.format(n=n, n1=n + 1, w=w, w_1=w - 1, d=d, d1=d + 1)
+    caplog.clear()
+    feats = VisionFeatures(encoder, None, store)
+    with caplog.at_level("WARNING", logger="models.images.features"):
+        patches, cos = feats(slot)
+    warnings = [r.getMessage() for r in caplog.records if r.name == "models.images.features"]
+    assert len(warnings) == 1, warnings
+    assert warnings[0].startswith(f"feature cache: cannot use {store.path(KEY)} (") and expect in warnings[0], warnings
+    assert "deleted it, recomputing it" in warnings[0]
+    assert feats.counts["features_computed"] == 1 and feats.counts["features_read"] == 0
+    assert torch.equal(patches[0], fresh["patches"]) and cos == fresh["cos"]
+    write_behind.flush()  # rewritten as a valid entry, read by the next run
+    assert Path(store.path(KEY)).is_file() and not Path(store.path(KEY)).is_symlink()
+    again = VisionFeatures(encoder, None, store)
+    assert torch.equal(again(slot)[0][0], fresh["patches"]) and again.counts["features_read"] == 1
+
+
+def test_a_wrong_dim_text_embedding_is_recomputed(encoder, tiny_clip_spec, fresh_features, tmp_path, caplog):
+    from models.images.features import FeatureStore, VisionFeatures, encoder_identity
+
+    store = FeatureStore(tmp_path / "features", encoder_identity(tiny_clip_spec, "fp32"))
+    store.write_text("a green square", torch.ones(7))
+    write_behind.flush()
+    slot = [Slot(KEY, "a green square", fresh_features["png"], fresh_features["image"])]
+    with caplog.at_level("WARNING", logger="models.images.features"):
+        _, cos = VisionFeatures(encoder, None, store)(slot)
+    assert cos == fresh_features["cos"]
+    assert "embed has shape (7,)" in caplog.text and store.text_path("a green square")[0] in caplog.text
+
+
+@pytest.mark.parametrize("kind", ["features", "png"])
+def test_a_full_disk_in_a_cache_write_is_one_warning_naming_the_file_and_leaves_no_temp_file(
+        kind, encoder, tiny_clip_spec, fresh_features, tmp_path, caplog, monkeypatch):
+    """A cache entry that cannot be written is computed again next time: the run goes on, with one warning
+    for all the files the full disk refused, naming the first."""
+    from models.images.cache import ImageCache
+    from models.images.features import FeatureStore, VisionFeatures, encoder_identity
+
+    monkeypatch.setattr(write_behind, "_WRITER", write_behind.Writer(threads=1))  # nothing reported yet
+    with caplog.at_level("WARNING", logger="models.write_behind"):
+        if kind == "features":
+            store = FeatureStore(tmp_path / "cache", encoder_identity(tiny_clip_spec, "fp32"))
+            write_behind.flush()
+            _fdopen_failing_for(monkeypatch, "/.")  # every temporary file write_atomic makes
+            slots = [Slot(KEY, "a green square", fresh_features["png"], fresh_features["image"]),
+                     Slot("cd" * 32, "a green square", fresh_features["png"], fresh_features["image"])]
+            patches, cos = VisionFeatures(encoder, None, store)(slots)
+            torch.testing.assert_close(patches[0], fresh_features["patches"], atol=1e-5, rtol=1e-5)
+            assert cos[0] == pytest.approx(fresh_features["cos"][0], abs=1e-5)
+            first = store.path(KEY)
+        else:
+            cache = ImageCache(tmp_path / "cache")
+            write_behind.flush()
+            _fdopen_failing_for(monkeypatch, "/.")
+            for key in (KEY, "cd" * 32):
+                write_behind.submit(cache.write, key, fresh_features["image"])
+            first = cache.path_str(KEY)
+        write_behind.flush()
+    warnings = [r.getMessage() for r in caplog.records if r.name == "models.write_behind"]
+    assert warnings == [f"cache write failed ({first}: No space left on device); the entry will be computed again "
+                        "next time"], warnings
+    assert write_behind.writer().failed >= 2
+    left = [p for p in (tmp_path / "cache").rglob("*") if p.is_file() and p.name.endswith(".tmp")]
+    assert left == [] and not Path(first).exists()
+
+
+def _png_claiming(path: str, width: int, height: int) -> None:
+    """A small PNG whose header claims ``width`` x ``height`` (a decompression bomb as far as the header goes)."""
+    import io
+    import struct
+    import zlib
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(buf, format="PNG")
+    data = bytearray(buf.getvalue())
+    ihdr = bytearray(data[12:29])  # b"IHDR" + 13 bytes
+    ihdr[4:12] = struct.pack(">II", width, height)
+    data[12:29] = ihdr
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(ihdr)))
+    Path(path).write_bytes(bytes(data))
+
+
+PNG_CASES = {  # how the cached PNG is spoilt -> what its one warning says
+    "fifo": (lambda p: (os.unlink(p), os.mkfifo(p)), "(not a regular file)"),
+    "dev_zero": (lambda p: (os.unlink(p), os.symlink("/dev/zero", p)), "(not a regular file)"),
+    "huge": (lambda p: os.truncate(p, 1 << 30), "(1073741824 bytes, too large)"),
+    "bomb_header": (lambda p: _png_claiming(p, 9000, 9000), "is RGB 9000x9000, not RGB 64x64"),
+    "huge_bomb_header": (lambda p: _png_claiming(p, 20000, 20000), "could be decompression bomb"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(PNG_CASES))
+def test_a_cached_png_that_is_no_png_of_its_key_is_never_read_whole(case, tmp_path, caplog):
+    from PIL import Image
+
+    from models.images.cache import ImageCache
+
+    cache = ImageCache(tmp_path / "cache")
+    cache.put(KEY, Image.new("RGB", (64, 64), (9, 9, 9)))
+    assert cache.get(KEY, 64) is not None
+    spoil, expect = PNG_CASES[case]
+    spoil(cache.path_str(KEY))
+    with caplog.at_level("WARNING", logger="models.images.cache"):
+        assert cache.read(KEY, 64) is None
+    warnings = [r.getMessage() for r in caplog.records if r.name == "models.images.cache"]
+    assert len(warnings) == 1 and cache.path_str(KEY) in warnings[0] and expect in warnings[0], warnings
