@@ -548,3 +548,30 @@ def test_a_cached_png_that_is_no_png_of_its_key_is_never_read_whole(case, tmp_pa
         assert cache.read(KEY, 64) is None
     warnings = [r.getMessage() for r in caplog.records if r.name == "models.images.cache"]
     assert len(warnings) == 1 and cache.path_str(KEY) in warnings[0] and expect in warnings[0], warnings
+
+
+# ---------------------------------------------------------------------------------------------- Visual Genome
+VG_CASES = {  # how entry 0 of image_data.json is edited -> the path the one line names
+    "url_dotdot": (lambda e: {**e, "url": "https://cs.stanford.edu/../secret.jpg"}, "'../secret.jpg'"),
+    "id_dotdot": (lambda e: {k: v for k, v in {**e, "image_id": "../../secret"}.items() if k != "url"},
+                  "'VG_100K/../../secret.jpg'"),
+    "id_absolute": (lambda e: {k: v for k, v in {**e, "image_id": "/etc/secret"}.items() if k != "url"},
+                    "'/etc/secret.jpg'"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(VG_CASES))
+def test_a_visual_genome_file_naming_images_outside_its_folder_is_refused(case, tmp_path):
+    from data.captions import VGRegions
+    from tests.test_captions import make_vg_dir
+
+    vg = make_vg_dir(tmp_path / "vg")
+    draw_stand_ins(tmp_path, ["secret.jpg"])
+    entries = json.loads((vg / "image_data.json").read_text())
+    edit, named = VG_CASES[case]
+    entries[0] = edit(entries[0])
+    (vg / "image_data.json").write_text(json.dumps(entries))
+    with pytest.raises(ValueError) as e:
+        VGRegions(vg)
+    assert str(e.value) == (f"{vg / 'image_data.json'}: entry 0: its image_id or url names {named}, a path outside "
+                            f"{vg}; image files must lie in its VG_100K folders")
