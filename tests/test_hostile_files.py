@@ -575,3 +575,36 @@ def test_a_visual_genome_file_naming_images_outside_its_folder_is_refused(case, 
         VGRegions(vg)
     assert str(e.value) == (f"{vg / 'image_data.json'}: entry 0: its image_id or url names {named}, a path outside "
                             f"{vg}; image files must lie in its VG_100K folders")
+
+
+# ---------------------------------------------------------------------------------------------- the harness
+HARNESS_REFUSAL = ("python -m eval_scripts.harness (late_fusion) needs a causal LM (it scores next tokens or "
+                   "generates), but {model!r} is a masked LM; masked LMs run object_commonsense.py and imagenetVC.py")
+
+
+@pytest.mark.parametrize("arch", ["bert", "roberta"])
+def test_the_harness_refuses_a_masked_lm_in_one_line_before_any_model_loads(arch, mlm_dirs, tmp_path):
+    """Through lm-eval's own entry point (``simple_evaluate`` with the local task YAMLs) and the command line."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from eval_scripts.cli import EvalError
+    from eval_scripts.harness import LateFusionHarnessLM  # noqa: F401  (registers late_fusion)
+
+    tasks = REPO / "tests" / "harness_tasks"
+    expect = HARNESS_REFUSAL.format(model=mlm_dirs[arch])
+    with pytest.raises(EvalError) as e:
+        lm_eval.simple_evaluate(model="late_fusion", model_args={"model_name": mlm_dirs[arch], "k": 2},
+                                tasks=["arc_easy"], limit=1, device="cpu", bootstrap_iters=0,
+                                task_manager=TaskManager(include_path=str(tasks), include_defaults=False))
+    assert str(e.value) == expect
+    if arch != "bert":
+        return
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "eval_scripts.harness", "--tasks", "arc_easy", "--include_path",
+                           str(tasks), "--model_args", f"model_name={mlm_dirs[arch]},k=2", "--device", "cpu",
+                           "--output_path", str(tmp_path / "out")],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == f"error: {expect}" and "Traceback" not in proc.stderr
+    assert not (tmp_path / "out").exists()
