@@ -608,3 +608,19 @@ def test_the_harness_refuses_a_masked_lm_in_one_line_before_any_model_loads(arch
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines()[-1] == f"error: {expect}" and "Traceback" not in proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_an_index_of_the_first_format_is_checked_by_hashing_its_images(built, tmp_path):
+    """Format 1 had no digests.npy: its rows are checked against the content hash from the images' bytes."""
+    copy = tmp_path / "index"
+    shutil.copytree(built, copy)
+    (copy / "digests.npy").unlink()
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["format"] = 1
+    del manifest["captions_sha256"]
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    index = ImageIndex(copy)
+    assert np.array_equal(index.digests, np.load(built / "digests.npy"))
+    _edit_lines(copy, "paths.txt", lambda ls: [ls[1], ls[0]] + ls[2:])
+    with pytest.raises(ImageIndexError, match="paths.txt does not match the manifest's content hash"):
+        ImageIndex(copy)
