@@ -120,6 +120,7 @@ class Writer:
         # a multiprocessing child ends with os._exit (no atexit): write at once there
         self.inline = multiprocessing.parent_process() is not None
         self.failed = 0
+        self.first_failure: str | None = None  # the one line of the first failed task
         self._reported: set[str] = set()
 
     def submit(self, fn: Callable, *args) -> Future:
@@ -146,6 +147,7 @@ class Writer:
                 kind, what = f"{type(err).__name__} {err.errno}", os_error_line(err)
             else:
                 kind = what = f"{type(err).__name__}: {err}".splitlines()[0]
+            self.first_failure = self.first_failure or what
             if kind not in self._reported:
                 self._reported.add(kind)
                 logger.warning("cache write failed (%s); the entry will be computed again next time", what)

@@ -624,3 +624,23 @@ def test_an_index_of_the_first_format_is_checked_by_hashing_its_images(built, tm
     _edit_lines(copy, "paths.txt", lambda ls: [ls[1], ls[0]] + ls[2:])
     with pytest.raises(ImageIndexError, match="paths.txt does not match the manifest's content hash"):
         ImageIndex(copy)
+
+
+def test_a_full_disk_while_pregenerating_is_an_error_naming_the_file(tmp_path, capsys, monkeypatch):
+    """Filling the cache is what pregenerate is for: PNGs the disk refused make it fail (exit 2, one line)."""
+    from models.images import pregenerate
+
+    monkeypatch.setattr(write_behind, "_WRITER", write_behind.Writer(threads=1))
+    (tmp_path / "texts.txt").write_text("A red apple sits on a table.\n")
+    cache = tmp_path / "cache"
+    argv = ["--prompts_file", str(tmp_path / "texts.txt"), "--image_generator", "toyworld", "--k", "2",
+            "--image_cache", str(cache), "--image_size", "32", "--device", "cpu"]
+    _fdopen_failing_for(monkeypatch, f"{cache}/")
+    with pytest.raises(SystemExit) as e:
+        pregenerate.main(argv)
+    assert e.value.code == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert "Traceback" not in "\n".join(err)
+    assert err[-1].startswith(f"error: 2 image(s) could not be written to the cache {cache} (first: {cache}/")
+    assert err[-1].endswith(".png: No space left on device); those written are kept")
+    assert not [p for p in cache.rglob("*") if p.name.endswith(".tmp")] and not list(cache.rglob("*.png"))
