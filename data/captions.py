@@ -248,6 +248,10 @@ class VGRegions(Dataset):
             if url_path.name:
                 candidates = [PurePosixPath(url_path.parent.name, url_path.name), *candidates,
                               PurePosixPath(url_path.name)]
+            for rel in candidates:  # the JSON names these files: none may leave the folder
+                if rel.is_absolute() or any(part in ("..", ".") for part in rel.parts) or "\0" in str(rel):
+                    raise ValueError(f"{images_file}: entry {no}: its image_id or url names {str(rel)!r}, a path "
+                                     f"outside {vg_dir}; image files must lie in its VG_100K folders")
             found = next((c for c in candidates if present(c)), None)
             images[image_id] = (None if found is None else str(vg_dir / found), width, height)
         return images

@@ -132,6 +132,15 @@ def parse_model_args(kwargs: dict):
     return resolve_args(settings), use_images
 
 
+def refuse_masked_lm(args) -> None:
+    """One line (an ``EvalError``) when ``model_name`` is a masked LM: every harness request scores next
+    tokens or generates, which a masked LM cannot (its config is read; no weights load)."""
+    from eval_scripts.core import require_causal_lm
+
+    if getattr(args, "model_name", None):
+        require_causal_lm(args, "python -m eval_scripts.harness (late_fusion)")
+
+
 @register_model("late_fusion")
 class LateFusionHarnessLM(TemplateLM):
     """lm-eval model: a causal LM with late multi-image fusion (see the module docstring).
@@ -147,6 +156,7 @@ class LateFusionHarnessLM(TemplateLM):
         from accelerate import PartialState
 
         args, self.use_images = parse_model_args(model_args)
+        refuse_masked_lm(args)
         device = args.device
         if device and device.startswith("cuda") and not torch.cuda.is_available():
             logger.info("late_fusion: CUDA is not available, using the accelerator's default device")
@@ -496,7 +506,8 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         sys.argv = saved
     if getattr(args, "command", None) == "run" and getattr(args, "model", None) == "late_fusion":
-        parse_model_args(dict(getattr(args, "model_args", None) or {}))  # fail fast, before lm-eval's task index
+        settings, _ = parse_model_args(dict(getattr(args, "model_args", None) or {}))  # fail fast, before
+        refuse_masked_lm(settings)  # lm-eval's task index is built
     with tasks_checked_before_run():
         cli.execute(args)
 

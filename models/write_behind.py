@@ -53,10 +53,23 @@ def write_atomic(path: str | os.PathLike, data: bytes | memoryview) -> os.stat_r
             f.write(data)
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
+    except OSError as err:  # a full disk: the error names the file it was writing (write() names none)
+        Path(tmp).unlink(missing_ok=True)
+        if err.filename is None:
+            raise OSError(err.errno, err.strerror, str(path)) from None
+        raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path.stat()
+
+
+def os_error_line(err: OSError) -> str:
+    """One line for an OS error, naming its file: ``PATH: No space left on device``."""
+    what = err.strerror or type(err).__name__
+    if err.filename is None:
+        return " ".join(str(err).split()) or what
+    return f"{err.filename}: {what}"
 
 
 def sha256_file(path: str | os.PathLike, block: int = 1 << 22) -> str:
@@ -107,6 +120,7 @@ class Writer:
         # a multiprocessing child ends with os._exit (no atexit): write at once there
         self.inline = multiprocessing.parent_process() is not None
         self.failed = 0
+        self.first_failure: str | None = None  # the one line of the first failed task
         self._reported: set[str] = set()
 
     def submit(self, fn: Callable, *args) -> Future:
@@ -129,10 +143,14 @@ class Writer:
             future.set_result(fn(*args))
         except BaseException as err:  # noqa: BLE001 - a failed cache write must never stop the run
             self.failed += 1
-            kind = f"{type(err).__name__}: {err}".splitlines()[0]
+            if isinstance(err, OSError):  # one line per kind of OS error (a full disk), naming its first file
+                kind, what = f"{type(err).__name__} {err.errno}", os_error_line(err)
+            else:
+                kind = what = f"{type(err).__name__}: {err}".splitlines()[0]
+            self.first_failure = self.first_failure or what
             if kind not in self._reported:
                 self._reported.add(kind)
-                logger.warning("cache write failed (%s); the entry will be computed again next time", kind)
+                logger.warning("cache write failed (%s); the entry will be computed again next time", what)
             future.set_exception(err)
 
     def _loop(self) -> None:

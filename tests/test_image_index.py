@@ -402,9 +402,9 @@ def test_write_index_then_open(tmp_path, encoder):
     from models.images.index import encoder_probe
 
     emb = np.eye(4, dtype=np.float32)
-    meta = {"vision_encoder": encoder.spec, "probe": encoder_probe(encoder), "image_root": str(tmp_path),
-            "content_sha256": "0" * 64}
-    write_index(tmp_path / "idx", [emb[:2], emb[2:]], 4, 4, ["a", "b", "c", "d"], None, meta)
+    meta = {"vision_encoder": encoder.spec, "probe": encoder_probe(encoder), "image_root": str(tmp_path)}
+    write_index(tmp_path / "idx", [emb[:2], emb[2:]], 4, 4, ["a", "b", "c", "d"], None, meta,
+                digests=np.zeros((4, 32), np.uint8))
     index = ImageIndex(tmp_path / "idx")
     assert index.count == 4 and index.captions is None and np.array_equal(index.embeddings, emb)
     with pytest.raises(ImageIndexError, match="has no captions"):

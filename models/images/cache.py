@@ -10,8 +10,10 @@ The generation dtype is part of the key because fp16 and fp32 pipelines draw dif
 so keys made before the dtype was added keep their meaning; ``fp32`` and ``bf16`` images get keys of
 their own. Generators without a dtype (``toyworld``) leave it out too.
 
-Trust: a cached PNG is used only if it decodes, is RGB and has the key's size; anything else is logged
-and regenerated. Writes are atomic (:mod:`models.write_behind`).
+Trust: a cached PNG is used only if it is a regular file no larger than a PNG of the key's size can be
+(never a device or a FIFO), its header gives the key's size (checked before any pixel is decoded, so a
+decompression bomb is never expanded), it decodes and is RGB; anything else is logged and regenerated.
+Writes are atomic (:mod:`models.write_behind`); a failed one (a full disk) is one warning naming the file.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import json
 import logging
 import os
 import re
+import stat as _stat
 import tempfile
 import zlib
 from pathlib import Path
@@ -36,6 +39,14 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_KEY_DTYPE = "fp16"  # left out of image keys (see the module docstring)
 _PROBE_NAME = re.compile(r"^\.probe-[0-9a-z_]{8}$")  # the writability probe's temporary file
+MAX_PNG_BYTES = 256 * 2**20  # when the image size is not known
+
+
+def max_png_bytes(image_size: "int | None") -> int:
+    """The most bytes a cached RGB PNG of ``image_size`` square can hold (raw pixels, row filters, slack)."""
+    if image_size is None:
+        return MAX_PNG_BYTES
+    return (3 * image_size + 1) * image_size * 11 // 10 + (1 << 16)
 
 
 class ImageCache:
@@ -104,16 +115,20 @@ class ImageCache:
             stat = os.stat(path)
         except OSError:
             return None
+        if not _stat.S_ISREG(stat.st_mode) or stat.st_size > max_png_bytes(image_size):
+            why = "not a regular file" if not _stat.S_ISREG(stat.st_mode) else f"{stat.st_size} bytes, too large"
+            logger.warning("image cache: cannot read %s (%s); treating it as missing", path, why)
+            return None
         try:
             with Image.open(path) as image:
-                image.verify()  # checksums; the image must be reopened afterwards
-            with Image.open(path) as image:
-                image.load()
                 if image.mode != "RGB" or (image_size is not None and image.size != (image_size, image_size)):
                     want = f"RGB {image_size}x{image_size}" if image_size is not None else "RGB"
                     logger.warning("image cache: %s is %s %dx%d, not %s; regenerating it",
                                    path, image.mode, *image.size, want)
                     return None
+                image.verify()  # checksums; the image must be reopened afterwards
+            with Image.open(path) as image:
+                image.load()
                 return image.copy(), stat
         except Exception as err:  # PIL signals broken files with OSError, SyntaxError, struct.error, ...
             logger.warning("image cache: cannot read %s (%s); treating it as missing", path, err)

@@ -17,12 +17,15 @@ hub name, a hash of the weight and config files for a local folder, plus the dty
 computed in (features are stored in that dtype, so a warm run gives bit-identical results). An encoder
 never looks in another's folder, and each file names its key and encoder again.
 
-Trust: an entry is used only if it parses, its checksum (CRC-32 of the tensor bytes) matches, it names
-this key and encoder, its tensors have the expected names, dtype and rank, and (image entries) the PNG it
-was computed from is still the file on disk (same size and modification time: a regenerated or replaced
-PNG makes it stale).
-Anything else is recomputed and rewritten, never trusted. Files are safetensors (no pickle), written
-atomically by the background writer, after the PNG they belong to.
+Trust: an entry is used only if it is a regular file inside the store (a symlink leaving it, a device
+such as ``/dev/zero`` or a file larger than an entry of its kind can be is never read: the size is checked
+before reading, and reading stops at that bound), it parses, its checksum (CRC-32 of the tensor bytes)
+matches, it names this key and encoder, its tensors have the expected names, dtype and shape (the shape of
+what the reading encoder produces: ``[n_patches, width]`` and ``[embedding dim]``) and hold only finite
+numbers, and (image entries) the PNG it was computed from is still the file on disk (same size and
+modification time: a regenerated or replaced PNG makes it stale). A bad entry is named in one warning,
+deleted and recomputed; it is never trusted. Files are safetensors (no pickle), written atomically by the
+background writer, after the PNG they belong to.
 """
 from __future__ import annotations
 
@@ -31,6 +34,7 @@ import json
 import logging
 import os
 import re
+import stat
 import zlib
 from collections import OrderedDict
 from pathlib import Path
@@ -45,6 +49,20 @@ logger = logging.getLogger(__name__)
 
 FORMAT = "late-fusion-vision-features/1"
 _HEX_KEY = re.compile(r"^[0-9a-f]{64}$")
+HEADER_BYTES = 1 << 16  # a safetensors header of an entry: two tensors' offsets and a few metadata strings
+MAX_ENTRY_BYTES = 256 * 2**20  # when the encoder's shapes are not known: far above any CLIP's patch tokens
+_ITEM_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "fp64": 8}
+
+
+def feature_shapes(encoder) -> dict[str, tuple]:
+    """The shapes an encoder's entries have, ``None`` where the encoder does not say (learned from the first
+    tensors of the run): ``patches`` ``(n_patches, width)``, ``embed`` ``(dim,)``."""
+    model = getattr(encoder, "model", None)
+    dim = (getattr(getattr(model, "visual", None), "output_dim", None)
+           or getattr(getattr(model, "config", None), "projection_dim", None))
+    as_int = lambda v: v if isinstance(v, int) and v > 0 else None  # noqa: E731
+    return {"patches": (as_int(getattr(encoder, "n_patches", None)), as_int(getattr(encoder, "hidden_size", None))),
+            "embed": (as_int(dim),)}
 
 
 # ---------------------------------------------------------------------------------------------- identity
@@ -138,9 +156,12 @@ class FeatureStore:
         key = hashlib.sha256(prompt.encode("utf-8")).hexdigest()
         return os.path.join(self._dir, "text", key[:2], f"{key}.safetensors"), key
 
-    def read(self, key: str, png_path: str) -> tuple["torch.Tensor", "torch.Tensor"] | None:
-        """``(patches, embedding)`` of ``key`` if a valid entry for the current ``png_path`` exists."""
-        found = self._read(self.path(key), key, {"patches": 2, "embed": 1})
+    def read(self, key: str, png_path: str, shapes: dict | None = None) -> tuple["torch.Tensor", "torch.Tensor"] | None:
+        """``(patches, embedding)`` of ``key`` if a valid entry for the current ``png_path`` exists;
+        ``shapes``: the expected ones (:func:`feature_shapes`; ``None`` dims are not checked, and the
+        dict's ``None`` dims are filled from the first entry read)."""
+        shapes = shapes if shapes is not None else {"patches": (None, None), "embed": (None,)}
+        found = self._read(self.path(key), key, shapes)
         if found is None:
             return None
         meta, tensors = found
@@ -157,25 +178,68 @@ class FeatureStore:
         self._write(self.path(key), {"patches": patches, "embed": embed},
                     {"key": key, "png_size": str(png_stat.st_size), "png_mtime_ns": str(png_stat.st_mtime_ns)})
 
-    def read_text(self, prompt: str) -> "torch.Tensor | None":
-        """The stored CLIP text embedding of ``prompt``, if valid."""
+    def read_text(self, prompt: str, shapes: dict | None = None) -> "torch.Tensor | None":
+        """The stored CLIP text embedding of ``prompt``, if valid (``shapes``: as for :meth:`read`)."""
         path, key = self.text_path(prompt)
-        found = self._read(path, key, {"embed": 1})
+        found = self._read(path, key, {"embed": (shapes or {}).get("embed", (None,))})
         return None if found is None else found[1]["embed"]
 
     def write_text(self, prompt: str, embed: "torch.Tensor") -> None:
         path, key = self.text_path(prompt)
         self._write(path, {"embed": embed}, {"key": key})
 
-    def _read(self, path: str, key: str, ranks: dict[str, int]) -> tuple[dict, dict] | None:
-        """Metadata and tensors of a valid file for ``key`` (tensor name -> rank), else None (a broken or
-        foreign file is logged)."""
+    def _limit(self, shapes: dict) -> int:
+        """The most bytes an entry with these tensor shapes can hold."""
+        item = _ITEM_BYTES.get(self.dtype, 8)
+        sizes = []
+        for dims in shapes.values():
+            if any(d is None for d in dims):
+                return MAX_ENTRY_BYTES
+            n = item
+            for d in dims:
+                n *= d
+            sizes.append(n)
+        return 8 + HEADER_BYTES + sum(sizes)
+
+    def _open_bounded(self, path: str, limit: int) -> bytes | None:
+        """The bytes of an entry, None when there is none; ``ValueError`` when the file is no entry this
+        store reads: a symlink leaving the store, not a regular file, or larger than ``limit``."""
         try:
-            with open(path, "rb") as f:
-                data = f.read()
+            st = os.lstat(path)
         except OSError:
             return None
+        if stat.S_ISLNK(st.st_mode):
+            real = os.path.realpath(path)
+            if not real.startswith(os.path.realpath(self.dir) + os.sep):
+                raise ValueError(f"a symlink leaving the feature cache (to {real})")
+            st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError("not a regular file")
+        if st.st_size > limit:
+            raise ValueError(f"{st.st_size} bytes, more than an entry of this encoder can hold ({limit})")
+        with open(path, "rb") as f:
+            data = f.read(limit + 1)
+        if len(data) > limit:
+            raise ValueError(f"more than an entry of this encoder can hold ({limit} bytes)")
+        return data
+
+    def _bad(self, path: str, why) -> None:
+        """Name a bad entry in one warning and delete it (it is recomputed and written again)."""
         try:
+            os.unlink(path)  # a symlink is removed, never what it points to
+            gone = "deleted it"
+        except OSError as err:
+            gone = f"could not delete it: {err.strerror or err}"
+        logger.warning("feature cache: cannot use %s (%s); %s, recomputing it", path, why, gone)
+
+    def _read(self, path: str, key: str, shapes: dict[str, tuple]) -> tuple[dict, dict] | None:
+        """Metadata and tensors of a valid file for ``key`` (tensor name -> expected shape, ``None`` for a
+        dim not known yet, which the first valid entry fills in), else None (a broken, foreign or
+        oversized file is named in one warning and deleted)."""
+        try:
+            data = self._open_bounded(path, self._limit(shapes))
+            if data is None:
+                return None
             n = int.from_bytes(data[:8], "little")
             if len(data) < 8 or n > len(data) - 8:
                 raise ValueError("truncated header")
@@ -188,13 +252,24 @@ class FeatureStore:
 
             from models.images.generators import dtype_name
 
+            import torch
+
             tensors = load(data)
-            if set(tensors) != set(ranks) or any(t.dim() != ranks[name] or dtype_name(t.dtype) != self.dtype
-                                                 for name, t in tensors.items()):
+            if set(tensors) != set(shapes) or any(t.dim() != len(shapes[name]) or dtype_name(t.dtype) != self.dtype
+                                                  for name, t in tensors.items()):
                 raise ValueError("unexpected tensors")
+            for name, t in tensors.items():
+                if any(want is not None and got != want for got, want in zip(t.shape, shapes[name])):
+                    raise ValueError(f"{name} has shape {tuple(t.shape)}, this encoder's are "
+                                     f"{tuple('?' if d is None else d for d in shapes[name])}")
+                if not bool(torch.isfinite(t).all()):
+                    raise ValueError(f"{name} holds NaN or infinite values")
         except Exception as err:  # noqa: BLE001 - json, safetensors and int() raise their own types
-            logger.warning("feature cache: cannot use %s (%s); recomputing it", path, err)
+            self._bad(path, err)
             return None
+        for name, t in tensors.items():  # dims the encoder did not state: the first valid entry fixes them
+            if isinstance(shapes.get(name), tuple) and None in shapes[name]:
+                shapes[name] = tuple(t.shape)
         return meta, tensors
 
     def _write(self, path: str, tensors: dict, meta: dict) -> None:
@@ -234,6 +309,7 @@ class VisionFeatures:
         self.text: OrderedDict[str, "torch.Tensor"] = OrderedDict()  # prompt -> text embedding
         self.text_memo, self.chunk = text_memo, chunk
         self._seen: set[str] = set()  # image keys this object has served
+        self.shapes = feature_shapes(encoder)  # what every entry read must match (filled in as they come)
         self.counts = {"slots": 0, "generated": 0, "from_cache": 0, "reused": 0, "pngs_decoded": 0,
                        "features_computed": 0, "features_read": 0}
 
@@ -275,7 +351,7 @@ class VisionFeatures:
             with self._phase("clip"):
                 rest = []
                 for key, im in todo:
-                    feats = self.store.read(key, im.path)
+                    feats = self.store.read(key, im.path, self.shapes)
                     if feats is None:
                         rest.append((key, im))
                         continue
@@ -308,7 +384,7 @@ class VisionFeatures:
         if self.store is not None:
             missing = []
             for p in new:
-                e = self.store.read_text(p)
+                e = self.store.read_text(p, self.shapes)
                 if e is None:
                     missing.append(p)
                 else:
@@ -342,11 +418,18 @@ class VisionFeatures:
             for start in range(0, len(todo), self.chunk):
                 part = todo[start:start + self.chunk]
                 patches, embeds = self.encoder.encode_images(self.encoder.pixels(pil[start:start + self.chunk]))
+                self._learn_shapes(patches[0], embeds[0])
                 for (key, _), p, e in zip(part, patches, embeds):
                     self._remember(key, (p, e))
         self.counts["features_computed"] += len(todo)
         for key, im in todo:
             self._store_later(key, im, given.get(key), found.get(key))
+
+    def _learn_shapes(self, patches, embed) -> None:
+        """Fill the dims the encoder did not state from what its tower produced."""
+        for name, t in (("patches", patches), ("embed", embed)):
+            if None in self.shapes[name]:
+                self.shapes[name] = tuple(t.shape)
 
     def _store_later(self, key: str, im, given, found) -> None:
         """Write a new entry behind the work, bound to the PNG on disk (written first if it is new)."""

@@ -16,16 +16,27 @@ An index folder holds:
 * ``embeddings.npy``: float32 ``[count, dim]``, the L2-normalised CLIP image embeddings, one row per image
   (``np.load(..., mmap_mode="r")`` maps it without reading it);
 * ``paths.txt``: the image of each row, relative to the image root, one per line;
+* ``digests.npy``: uint8 ``[count, 32]``, the SHA-256 of each row's image bytes;
 * ``captions.jsonl`` (captioned collections): the captions of each row, one JSON list per line;
 * ``skipped.txt`` (when some images could not be read): ``path<TAB>reason`` lines;
 * ``manifest.json``, written last: the encoder's identity (spec and the embedding of a fixed probe
   image), the count and dimension, the image root, ``content_sha256`` (the images' relative paths and
-  bytes, in row order) and ``embeddings_sha256`` (checked when the index is opened).
+  bytes, in row order), ``embeddings_sha256`` and ``captions_sha256``.
+
+Trust (an index folder may have been edited by anyone): opening one checks the embeddings against their
+checksum, ``paths.txt`` with ``digests.npy`` against ``content_sha256`` and the captions against theirs, so an
+edited, reordered or swapped row is refused in one line; no row may be absolute or hold ``..``, and every path
+served must resolve inside the image root (a symlink leaving it is refused); a retrieved image whose bytes
+are not the ones the row was built from is refused too. At build time a captions JSON naming a file outside
+``--image_root`` (absolute, ``..``) or a file that resolves outside the collection (a symlink) is refused.
 
 Resuming: each batch of ``--batch_size`` images is embedded into its own file under ``INDEX_DIR/.partial``
-(written atomically), so a killed build continues with the batches still missing and, the batch layout
-being fixed, ends with a byte-identical ``embeddings.npy``. Unreadable images are skipped, counted and
-reported once. A finished index is never overwritten without ``--overwrite``.
+(written atomically) with the SHA-256 of each of its images' bytes, so a killed build continues with the
+batches still missing and, the batch layout being fixed, ends with a byte-identical ``embeddings.npy``. A
+resumed build checks each finished batch first: one that cannot be read (truncated) or whose images' bytes
+changed since (a replaced image) is named in one warning, dropped and embedded again. Unreadable images are
+skipped, counted and reported once. A finished index is never overwritten without ``--overwrite``. An OS
+error (a full disk) is one line naming the file, exit status 2, and leaves no temporary file.
 """
 from __future__ import annotations
 
@@ -36,6 +47,7 @@ import io
 import json
 import os
 import shutil
+import stat as _stat
 import sys
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -44,13 +56,15 @@ import numpy as np
 
 from models.options import Option, catalog
 from models.options.dtypes import AUTO_HALF, AUTO_RULES
-from models.write_behind import sha256_file, write_atomic
+from models.write_behind import os_error_line, sha256_file, write_atomic
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
-EMBEDDINGS, PATHS, CAPTIONS, SKIPPED, MANIFEST, PARTIAL = (
-    "embeddings.npy", "paths.txt", "captions.jsonl", "skipped.txt", "manifest.json", ".partial")
-INDEX_FILES = (EMBEDDINGS, PATHS, CAPTIONS, SKIPPED, MANIFEST, PARTIAL)
-FORMAT = 1
+EMBEDDINGS, PATHS, DIGESTS, CAPTIONS, SKIPPED, MANIFEST, PARTIAL = (
+    "embeddings.npy", "paths.txt", "digests.npy", "captions.jsonl", "skipped.txt", "manifest.json", ".partial")
+INDEX_FILES = (EMBEDDINGS, PATHS, DIGESTS, CAPTIONS, SKIPPED, MANIFEST, PARTIAL)
+FORMAT = 2
+READABLE_FORMATS = (1, 2)  # format 1 has no digests.npy: its rows are checked by hashing the images on opening
+MAX_IMAGE_BYTES = 256 * 2**20  # a larger file is no image this index reads
 PROBE_MIN_COSINE = 0.99  # the same encoder in another dtype or on another device stays far above this
 
 
@@ -68,6 +82,45 @@ class Collection:
     paths: list[str]
     captions: list[list[str]] | None
     source: str
+
+
+def unsafe_relative(rel: str) -> str | None:
+    """Why ``rel`` cannot name a file under a root (absolute, ``..``, empty, line breaks), or None."""
+    if not rel:
+        return "is empty"
+    if any(c in rel for c in "\0\n\r"):
+        return "holds a NUL or line break"
+    if rel.startswith("/"):
+        return "is absolute"
+    if ".." in rel.split("/"):
+        return "holds '..'"
+    return None
+
+
+def resolve_inside(root_real: str, path: str) -> tuple[bool, str]:
+    """Whether ``path`` (symlinks followed) lies inside the real folder ``root_real``, and its real path."""
+    real = os.path.realpath(path)
+    return real.startswith(root_real.rstrip(os.sep) + os.sep), real
+
+
+def read_image_bytes(path, limit: int = MAX_IMAGE_BYTES) -> bytes:
+    """The bytes of a regular file of at most ``limit`` bytes (never a device, a FIFO or a huge file);
+    ``ValueError`` (or ``OSError``) otherwise."""
+    st = os.stat(path)
+    if not _stat.S_ISREG(st.st_mode):
+        raise ValueError("not a regular file")
+    if st.st_size > limit:
+        raise ValueError(f"larger than {limit >> 20} MiB")
+    with open(path, "rb") as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise ValueError(f"larger than {limit >> 20} MiB")
+    return data
+
+
+def _read_bounded(path: Path, limit: int) -> bytes:
+    """An index file's bytes, refused (``ValueError``) when it is not a regular file or exceeds ``limit``."""
+    return read_image_bytes(path, limit)
 
 
 def _caption_list(value) -> list[str]:
@@ -119,7 +172,12 @@ def _coco_collection(captions_json: Path, image_root) -> Collection:
                               f"'file_name', 'annotations' with 'image_id' and 'caption'): {err!r}") from None
     by_name: dict[str, list[str]] = {}
     for image_id, name in names.items():
-        by_name.setdefault(PurePosixPath(name.replace("\\", "/")).as_posix(), [])
+        rel = PurePosixPath(name.replace("\\", "/")).as_posix()
+        why = unsafe_relative(rel)
+        if why is not None:
+            raise ImageIndexError(f"--images {captions_json}: image {image_id} has file_name {name!r}, which {why}; "
+                                  "file names must be relative paths under --image_root")
+        by_name.setdefault(rel, [])
     for image_id, caption in notes:
         if image_id in names:
             by_name[PurePosixPath(names[image_id].replace("\\", "/")).as_posix()].extend(_caption_list(caption))
@@ -129,15 +187,27 @@ def _coco_collection(captions_json: Path, image_root) -> Collection:
     return Collection(root, paths, [by_name[p] for p in paths], f"captions {captions_json}")
 
 
+def _check_inside(collection: Collection) -> Collection:
+    """Refuse a collection with a file that resolves outside its root (a symlink leaving it)."""
+    root_real = os.path.realpath(collection.root)
+    for rel in collection.paths:
+        inside, real = resolve_inside(root_real, os.path.join(root_real, rel))
+        if not inside:
+            raise ImageIndexError(f"--images {collection.source.split(' ', 1)[1]}: {rel} resolves outside the "
+                                  f"collection root {collection.root} (to {real}); index only files inside it")
+    return collection
+
+
 def list_collection(images, image_root=None) -> Collection:
-    """The collection named by ``--images`` (a folder, or a COCO-style captions JSON plus ``image_root``)."""
+    """The collection named by ``--images`` (a folder, or a COCO-style captions JSON plus ``image_root``).
+    Every file must lie inside the collection's root (see the module docstring)."""
     path = Path(images)
     if path.is_dir():
         if image_root is not None:
             raise ImageIndexError("--image_root goes with a captions JSON in --images, not with a folder")
-        return _folder_collection(path)
+        return _check_inside(_folder_collection(path))
     if path.is_file() and path.suffix.lower() == ".json":
-        return _coco_collection(path, image_root)
+        return _check_inside(_coco_collection(path, image_root))
     if path.is_file():
         raise ImageIndexError(f"--images {path}: expected a folder of images or a COCO-style captions .json")
     raise ImageIndexError(f"--images {path}: no such folder or file")
@@ -168,45 +238,79 @@ def same_encoder(probe_a, probe_b) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------- the index
+def content_sha256(paths, digests) -> str:
+    """The collection's content hash: each row's relative path and the SHA-256 of its bytes, in row order."""
+    content = hashlib.sha256()
+    for rel, digest in zip(paths, digests):
+        content.update(rel.encode("utf-8") + b"\0" + np.asarray(digest, np.uint8).tobytes())
+    return content.hexdigest()
+
+
+def _array_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    return buf.getvalue()
+
+
 def write_index(out: Path, blocks, count: int, dim: int, paths: list[str], captions: list[list[str]] | None,
-                meta: dict, skipped: list[tuple[str, str]] = ()) -> dict:
+                meta: dict, skipped: list[tuple[str, str]] = (), *, digests: np.ndarray) -> dict:
     """Write an index folder from row ``blocks`` (float32 arrays, ``count`` rows of ``dim`` in all).
 
-    ``meta`` must give ``vision_encoder``, ``probe``, ``image_root`` and ``content_sha256``. Every file is
+    ``meta`` must give ``vision_encoder``, ``probe`` and ``image_root``; ``digests`` (uint8 ``[count, 32]``)
+    are the SHA-256 of each row's image bytes, from which ``content_sha256`` is computed. Every file is
     written to a temporary name and renamed; the manifest comes last, so a folder without one is no index.
     Returns the manifest.
     """
+    digests = np.asarray(digests, dtype=np.uint8).reshape(len(paths), 32)
     out.mkdir(parents=True, exist_ok=True)
     (out / MANIFEST).unlink(missing_ok=True)  # an old index stops being one before any of its files changes
     tmp = out / f".{EMBEDDINGS}.tmp"
-    array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(count, dim))
-    row = 0
-    for block in blocks:
-        array[row:row + len(block)] = block
-        row += len(block)
-    if row != count:
-        raise RuntimeError(f"index rows: got {row}, expected {count}")
-    array.flush()
-    del array
-    os.replace(tmp, out / EMBEDDINGS)
+    try:
+        array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(count, dim))
+        row = 0
+        for block in blocks:
+            array[row:row + len(block)] = block
+            row += len(block)
+        if row != count:
+            raise RuntimeError(f"index rows: got {row}, expected {count}")
+        array.flush()
+        del array
+        os.replace(tmp, out / EMBEDDINGS)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise OSError(err.errno, err.strerror, str(err.filename or tmp)) from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     write_atomic(out / PATHS, "".join(p + "\n" for p in paths).encode("utf-8"))
+    write_atomic(out / DIGESTS, _array_bytes(digests))
+    captions_hash = None
     if captions is not None:
-        write_atomic(out / CAPTIONS, "".join(json.dumps(c, ensure_ascii=False) + "\n" for c in captions).encode())
+        data = "".join(json.dumps(c, ensure_ascii=False) + "\n" for c in captions).encode()
+        write_atomic(out / CAPTIONS, data)
+        captions_hash = hashlib.sha256(data).hexdigest()
     else:
         (out / CAPTIONS).unlink(missing_ok=True)
     if skipped:
         write_atomic(out / SKIPPED, "".join(f"{p}\t{r}\n" for p, r in skipped).encode("utf-8"))
     else:
         (out / SKIPPED).unlink(missing_ok=True)
-    manifest = {"format": FORMAT, **meta, "count": count, "dim": dim, "captioned": captions is not None,
+    manifest = {"format": FORMAT, **meta, "content_sha256": content_sha256(paths, digests), "count": count,
+                "dim": dim, "captioned": captions is not None, "captions_sha256": captions_hash,
                 "skipped": len(skipped), "embeddings_sha256": sha256_file(out / EMBEDDINGS),
                 "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
     write_atomic(out / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
     return manifest
 
 
+MAX_MANIFEST_BYTES = 1 << 20  # the probe embedding is the manifest's largest field (a few KiB)
+MAX_PATH_BYTES = 4096  # per paths.txt line
+MAX_CAPTION_BYTES = 1 << 16  # per captions.jsonl line
+
+
 class ImageIndex:
-    """An index folder, checked on opening: manifest, embedding shape and checksum, paths, captions.
+    """An index folder, checked on opening (see the module docstring's Trust): manifest, embedding shape and
+    checksum, the rows (paths and image digests) against the content hash, captions against theirs.
 
     ``embeddings`` is the memory-mapped float32 ``[count, dim]`` array, mapped on first use (and dropped
     when the object is pickled, e.g. into DataLoader workers, which only need the paths).
@@ -221,16 +325,21 @@ class ImageIndex:
             raise ImageIndexError(f"{where}: no {MANIFEST}{hint}; build one with python -m models.images.index "
                                   "build --images DIR --out INDEX_DIR")
         try:
-            manifest = json.loads((self.dir / MANIFEST).read_text(encoding="utf-8"))
+            manifest = json.loads(_read_bounded(self.dir / MANIFEST, MAX_MANIFEST_BYTES).decode("utf-8"))
             self.count, self.dim = int(manifest["count"]), int(manifest["dim"])
             self.vision_encoder, self.probe = str(manifest["vision_encoder"]), list(manifest["probe"])
             self.root = Path(manifest["image_root"])
-            if manifest.get("format") != FORMAT:
+            if manifest.get("format") not in READABLE_FORMATS:
                 raise ValueError(f"format {manifest.get('format')!r}, expected {FORMAT}")
-        except (ValueError, KeyError, TypeError) as err:
+            if self.count < 0 or self.dim < 1 or not isinstance(manifest.get("content_sha256"), str):
+                raise ValueError("count, dim or content_sha256 out of range")
+        except (OSError, ValueError, KeyError, TypeError) as err:
             raise ImageIndexError(f"{where}: corrupt {MANIFEST} ({err}); rebuild the index") from None
         self.manifest = manifest
+        self._root_real = os.path.realpath(self.root)
         try:
+            if not _stat.S_ISREG(os.stat(self.dir / EMBEDDINGS).st_mode):
+                raise ValueError("not a regular file")
             header = np.load(self.dir / EMBEDDINGS, mmap_mode="r")
         except (OSError, ValueError) as err:
             raise ImageIndexError(f"{where}: cannot read {EMBEDDINGS} ({str(err).splitlines()[0]}); "
@@ -244,25 +353,76 @@ class ImageIndex:
                                   "changed); rebuild the index")
         from data.packed_strings import PackedStrings
 
-        paths = self._lines(PATHS)
+        paths = self._lines(PATHS, MAX_PATH_BYTES)
+        for i, rel in enumerate(paths):
+            why = unsafe_relative(rel)
+            if why is not None:
+                raise ImageIndexError(f"{where}: {PATHS} line {i + 1} ({rel!r}) {why}: an index row names a file "
+                                      "under the image root; rebuild the index")
+        self.digests = self._digests(paths)
+        if content_sha256(paths, self.digests) != manifest["content_sha256"]:
+            raise ImageIndexError(f"{where}: {PATHS} does not match the manifest's content hash (rows edited, "
+                                  "reordered or swapped); rebuild the index")
         self.paths = PackedStrings(paths)
         self.captions = None
         if manifest.get("captioned"):
+            lines = self._lines(CAPTIONS, MAX_CAPTION_BYTES)
+            want = manifest.get("captions_sha256")
+            if want is not None and sha256_file(self.dir / CAPTIONS) != want:
+                raise ImageIndexError(f"{where}: {CAPTIONS} does not match its manifest checksum (edited); rebuild "
+                                      "the index")
             try:
-                self.captions = [list(json.loads(line)) for line in self._lines(CAPTIONS)]
-            except ValueError as err:
+                self.captions = [list(json.loads(line)) for line in lines]
+                if not all(isinstance(c, str) for row in self.captions for c in row):
+                    raise ValueError("a caption is not text")
+            except (ValueError, TypeError) as err:
                 raise ImageIndexError(f"{where}: corrupt {CAPTIONS} ({err}); rebuild the index") from None
         self._embeddings = None
 
-    def _lines(self, name: str) -> list[str]:
+    def _lines(self, name: str, per_line: int) -> list[str]:
         try:
-            lines = (self.dir / name).read_text(encoding="utf-8").splitlines()
-        except (OSError, UnicodeDecodeError) as err:
+            data = _read_bounded(self.dir / name, max(1, self.count) * per_line)
+            lines = data.decode("utf-8").split("\n")
+        except (OSError, ValueError) as err:
             raise ImageIndexError(f"image index {self.dir}: cannot read {name} ({err}); rebuild the index") from None
+        if lines and lines[-1] == "":
+            lines.pop()
         if len(lines) != self.count:
             raise ImageIndexError(f"image index {self.dir}: {name} has {len(lines)} lines, the manifest says "
                                   f"{self.count} images; rebuild the index")
         return lines
+
+    def _digests(self, paths: list[str]) -> np.ndarray:
+        """Each row's image digest: ``digests.npy`` (format 2), or the images' bytes hashed now (format 1)."""
+        if self.manifest.get("format") == 1 and not (self.dir / DIGESTS).exists():
+            out = np.zeros((len(paths), 32), np.uint8)
+            for i, rel in enumerate(paths):
+                try:
+                    data = read_image_bytes(self._inside(i, rel))
+                except (OSError, ValueError) as err:
+                    raise ImageIndexError(f"image index {self.dir}: row {i} ({rel}) cannot be read "
+                                          f"({getattr(err, 'strerror', None) or err}); rebuild the index") from None
+                out[i] = np.frombuffer(hashlib.sha256(data).digest(), np.uint8)
+            return out
+        try:
+            data = _read_bounded(self.dir / DIGESTS, 4096 + 32 * self.count)
+            digests = np.load(io.BytesIO(data), allow_pickle=False)
+        except (OSError, ValueError, EOFError) as err:
+            raise ImageIndexError(f"image index {self.dir}: cannot read {DIGESTS} ({err}); rebuild the "
+                                  "index") from None
+        if digests.dtype != np.uint8 or digests.shape != (self.count, 32):
+            raise ImageIndexError(f"image index {self.dir}: {DIGESTS} holds {digests.dtype} {tuple(digests.shape)}, "
+                                  f"expected uint8 ({self.count}, 32); rebuild the index")
+        return digests
+
+    def _inside(self, row: int, rel: str) -> str:
+        """The path of a row's image, refused unless it resolves inside the image root."""
+        path = str(self.root / rel)
+        inside, real = resolve_inside(self._root_real, path)
+        if not inside:
+            raise ImageIndexError(f"image index {self.dir}: row {row} ({rel}) resolves outside the image root "
+                                  f"{self.root} (to {real}); refusing to read it")
+        return path
 
     def __len__(self) -> int:
         return self.count
@@ -277,7 +437,22 @@ class ImageIndex:
         return self._embeddings
 
     def path(self, row: int) -> str:
-        return str(self.root / self.paths[row])
+        """The file of row ``row`` (inside the image root, symlinks followed; else ImageIndexError)."""
+        return self._inside(row, self.paths[row])
+
+    def read_image_bytes(self, row: int) -> bytes:
+        """The bytes of row ``row``'s image, refused (one-line ImageIndexError) when it resolves outside the
+        image root, is unreadable, or holds other bytes than the row was built from."""
+        path = self.path(row)
+        try:
+            data = read_image_bytes(path)
+        except (OSError, ValueError) as err:
+            raise ImageIndexError(f"image index {self.dir}: row {row} ({path}) cannot be read "
+                                  f"({getattr(err, 'strerror', None) or err}); rebuild the index") from None
+        if hashlib.sha256(data).digest() != self.digests[row].tobytes():
+            raise ImageIndexError(f"image index {self.dir}: row {row} ({path}) is not the image the index was built "
+                                  "from (its bytes changed); rebuild the index")
+        return data
 
     def check_encoder(self, encoder) -> None:
         """Refuse an encoder other than the one that built the index (compared by its probe embedding)."""
@@ -304,7 +479,8 @@ class _BatchImages:
     """Decodes and preprocesses batch ``b`` of the collection (picklable: runs in DataLoader workers).
 
     Returns the pixel tensor of the readable images, their positions in the collection, the SHA-256 of
-    each one's bytes, and ``(position, reason)`` for each unreadable one.
+    each one's bytes, ``(position, reason)`` for each unreadable one, and the SHA-256 of every image of
+    the batch (zeros where the file could not be read), by which a resumed build checks the batch.
     """
 
     def __init__(self, collection: Collection, batch_size: int, preprocess):
@@ -315,19 +491,24 @@ class _BatchImages:
         from PIL import Image
 
         start = b * self.batch_size
-        pixels, kept, digests, skipped = [], [], [], []
+        pixels, kept, digests, skipped, every = [], [], [], [], []
         for pos in range(start, min(start + self.batch_size, len(self.collection.paths))):
+            data = None
             try:
-                data = (self.collection.root / self.collection.paths[pos]).read_bytes()
+                data = read_image_bytes(self.collection.root / self.collection.paths[pos])
+                every.append(np.frombuffer(hashlib.sha256(data).digest(), dtype=np.uint8))
                 with Image.open(io.BytesIO(data)) as image:
                     pixels.append(self.preprocess(image.convert("RGB")))
             except Exception as err:  # PIL reports broken files with many exception types
+                if data is None:
+                    every.append(np.zeros(32, np.uint8))
                 skipped.append((pos, unreadable_reason(err)))
                 continue
             kept.append(pos)
             digests.append(np.frombuffer(hashlib.sha256(data).digest(), dtype=np.uint8))
         return {"batch": b, "pixels": torch.stack(pixels) if pixels else None, "kept": np.asarray(kept, np.int64),
-                "digests": np.stack(digests) if digests else np.zeros((0, 32), np.uint8), "skipped": skipped}
+                "digests": np.stack(digests) if digests else np.zeros((0, 32), np.uint8), "skipped": skipped,
+                "all_digests": np.stack(every) if every else np.zeros((0, 32), np.uint8)}
 
 
 class _Loader:
@@ -356,14 +537,56 @@ def _save_batch(partial: Path, item: dict, embeds: np.ndarray) -> None:
     buf = io.BytesIO()
     skipped = item["skipped"]
     np.savez(buf, embeddings=embeds.astype(np.float32), kept=item["kept"], digests=item["digests"],
+             all_digests=item["all_digests"],
              skipped_pos=np.asarray([p for p, _ in skipped], np.int64),
              skipped_reason=np.asarray([r for _, r in skipped] or [""])[:len(skipped)].astype(str))
     write_atomic(path, buf.getvalue())
 
 
+BATCH_ARRAYS = ("embeddings", "kept", "digests", "all_digests", "skipped_pos", "skipped_reason")
+
+
 def _load_batch(partial: Path, b: int) -> dict:
     with np.load(_batch_file(partial, b), allow_pickle=False) as z:
         return {k: z[k] for k in z.files}
+
+
+def _digest_of(collection: Collection, pos: int) -> bytes:
+    """The SHA-256 of an image's bytes now (32 zero bytes when it cannot be read)."""
+    try:
+        return hashlib.sha256(read_image_bytes(collection.root / collection.paths[pos])).digest()
+    except (OSError, ValueError):
+        return bytes(32)
+
+
+def _batch_problem(partial: Path, b: int, collection: Collection, batch_size: int, dim: int) -> str | None:
+    """Why finished batch ``b`` cannot be kept (unreadable, malformed, or made from images whose bytes
+    have changed since), or None."""
+    try:
+        z = _load_batch(partial, b)
+    except Exception as err:  # noqa: BLE001 - zipfile, numpy and the OS raise their own types
+        return f"cannot be read ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+    positions = list(range(b * batch_size, min((b + 1) * batch_size, len(collection.paths))))
+    if set(z) != set(BATCH_ARRAYS):
+        return "written by another version (no per-image digests)"
+    emb, kept, every = z["embeddings"], z["kept"], z["all_digests"]
+    if (every.shape != (len(positions), 32) or emb.dtype != np.float32 or emb.shape != (len(kept), dim)
+            or not np.isfinite(emb).all() or not set(kept.tolist()) <= set(positions)):
+        return "malformed"
+    for pos, digest in zip(positions, every):
+        if _digest_of(collection, pos) != digest.tobytes():
+            return f"made from another version of {collection.paths[pos]} (the image changed since)"
+    return None
+
+
+def _drop_bad_batches(partial: Path, batches: list[int], collection: Collection, batch_size: int, dim: int) -> None:
+    """Remove the finished batches among ``batches`` that cannot be kept, each named in one warning."""
+    for b in batches:
+        why = _batch_problem(partial, b, collection, batch_size, dim)
+        if why is not None:
+            print(f"warning: index build: {_batch_file(partial, b)} {why}; dropping it and embedding its images "
+                  "again", file=sys.stderr)
+            _batch_file(partial, b).unlink(missing_ok=True)
 
 
 def _plan(collection: Collection, encoder, batch_size: int, probe: list[float]) -> dict:
@@ -444,6 +667,11 @@ def build(args, batch_callback=None, state=None) -> dict | None:
     if not (partial / "plan.json").is_file():  # the same plan from every process: written atomically
         write_atomic(partial / "plan.json", json.dumps(plan, indent=2).encode())
     n_batches = -(-len(collection.paths) // args.batch_size)
+    if resume:  # each process checks its share of the finished batches against the images' bytes now
+        _drop_bad_batches(partial, [b for b in range(n_batches) if _batch_file(partial, b).is_file()
+                                    and b % state.num_processes == state.process_index],
+                          collection, args.batch_size, len(plan["probe"]))
+        state.wait_for_everyone()
     todo = [b for b in range(n_batches) if not _batch_file(partial, b).is_file()]
     mine = [b for b in todo if b % state.num_processes == state.process_index]
     loader = torch.utils.data.DataLoader(_Loader(mine, _BatchImages(collection, args.batch_size, encoder.preprocess)),
@@ -473,12 +701,16 @@ def _merge(out: Path, partial: Path, collection: Collection, plan: dict, n_batch
     missing = [b for b in range(n_batches) if not _batch_file(partial, b).is_file()]
     if missing:
         raise RuntimeError(f"index build: batch {missing[0]} was not embedded by any process")
-    kept, skipped, content = [], [], hashlib.sha256()
+    kept, skipped, digests = [], [], []
     for b in range(n_batches):
-        z = _load_batch(partial, b)
+        try:
+            z = _load_batch(partial, b)
+        except Exception as err:  # noqa: BLE001 - zipfile, numpy and the OS raise their own types
+            raise ImageIndexError(f"index build: {_batch_file(partial, b)} cannot be read ({type(err).__name__}); "
+                                  "rerun the build command to embed it again") from None
         for pos, digest in zip(z["kept"].tolist(), z["digests"]):
             kept.append(pos)
-            content.update(collection.paths[pos].encode("utf-8") + b"\0" + digest.tobytes())
+            digests.append(digest)
         skipped += [(collection.paths[p], r) for p, r in zip(z["skipped_pos"].tolist(), z["skipped_reason"].tolist())]
     if not kept:
         shutil.rmtree(partial)
@@ -488,10 +720,10 @@ def _merge(out: Path, partial: Path, collection: Collection, plan: dict, n_batch
         raise ImageIndexError(f"none of the {len(collection.paths)} images of {collection.source} could be read{first}")
     blocks = (_load_batch(partial, b)["embeddings"] for b in range(n_batches))
     meta = {"vision_encoder": plan["vision_encoder"], "probe": plan["probe"], "image_root": plan["image_root"],
-            "source": collection.source, "batch_size": plan["batch_size"], "content_sha256": content.hexdigest()}
+            "source": collection.source, "batch_size": plan["batch_size"]}
     captions = [collection.captions[p] for p in kept] if collection.captions is not None else None
     manifest = write_index(out, blocks, len(kept), len(plan["probe"]), [collection.paths[p] for p in kept],
-                           captions, meta, skipped)
+                           captions, meta, skipped, digests=np.stack(digests))
     shutil.rmtree(partial)
     if skipped:  # reported once, with where to find the whole list
         print(f"skipped {len(skipped)} unreadable image(s) (first: {skipped[0][0]}: {skipped[0][1]}); "
@@ -536,8 +768,11 @@ def main(argv=None, *, batch_callback=None, state=None) -> dict | None:
     args = parse(BUILD_OPTIONS, argv, parser=build_parser())
     try:
         return build(args, batch_callback, state)
-    except (ImageIndexError, FileNotFoundError) as err:
+    except ImageIndexError as err:
         print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except OSError as err:  # a full disk, an unwritable --out: one line naming the file
+        print(f"error: {os_error_line(err)}", file=sys.stderr)
         raise SystemExit(2) from None
 
 

@@ -76,7 +76,10 @@ def pregenerate(args: argparse.Namespace) -> dict:
     texts = read_texts(args.prompts_file)
     if not texts:
         raise ValueError(f"prompts file {args.prompts_file} holds no text")
+    from models import write_behind
+
     state = PartialState()
+    failed_before = write_behind.writer().failed
     # the cache is created only once every input is known to be good
     provider = build_image_source(args, device or state.device, name="generate", dtype=args.dtype)
     shard = texts[state.process_index :: state.num_processes]
@@ -91,6 +94,10 @@ def pregenerate(args: argparse.Namespace) -> dict:
             bar.update(len(texts_chunk))
             bar.set_postfix(provider.stats())
     provider.flush()
+    writer = write_behind.writer()
+    if writer.failed > failed_before:  # the PNGs are what this command makes: a write that failed is an error
+        raise OSError(f"{writer.failed - failed_before} image(s) could not be written to the cache "
+                      f"{provider.cache.root} (first: {writer.first_failure}); those written are kept")
     where = f"process {state.process_index}/{state.num_processes}: " if state.num_processes > 1 else ""
     stats = provider.stats()
     print(

@@ -153,6 +153,7 @@ class ImageRetriever:
         self._matrix = self._faiss = self._bm25 = None
         self.counts = {"slots": 0, "generated": 0, "from_cache": 0, "reused": 0}
         self._seen: set[str] = set()  # keys (image paths) this retriever has served
+        self._rows: dict[str, int] = {}  # path -> row of the refs served (a plain ImageRef carries no row)
         if encoder is not None:
             self.bind(encoder)
 
@@ -265,11 +266,15 @@ class ImageRetriever:
 
     # ------------------------------------------------------------------ the source interface
     def _open(self, row: int, path=None):
+        """Row ``row``'s image, its bytes checked against the index (:meth:`ImageIndex.read_image_bytes`)."""
+        import io
+
         from PIL import Image
 
-        path = self.index.path(row) if path is None else path
+        path = self.index.path(row)  # inside the image root, or refused
+        data = self.index.read_image_bytes(row)
         try:
-            with Image.open(path) as image:
+            with Image.open(io.BytesIO(data)) as image:
                 return image.convert("RGB")
         except Exception as err:  # PIL reports broken files with many exception types
             raise ImageIndexError(f"image index {self.index.dir}: row {row} ({path}) cannot be read "
@@ -287,6 +292,7 @@ class ImageRetriever:
                 row, score = self.rankings[p][seen.get(p, 0)]
                 seen[p] = seen.get(p, 0) + 1
                 path = str(self.index.path(row))
+                self._rows[path] = row
                 item.append(RetrievedRef(path, p, path, row=row, similarity=score))
             out.append(item)
         return out
@@ -299,8 +305,19 @@ class ImageRetriever:
         out = {}
         for ref in refs:
             if ref.key not in out:
-                out[ref.key] = (self._open(getattr(ref, "row", "?"), ref.path), "disk", os.stat(ref.path))
+                out[ref.key] = (self._open(self._row_of(ref), ref.path), "disk", os.stat(ref.path))
         return out
+
+    def _row_of(self, ref) -> int:
+        """The index row a ref's file belongs to (the feature cache asks with plain ``ImageRef``s)."""
+        row = getattr(ref, "row", -1)
+        if isinstance(row, int) and 0 <= row < len(self.index):
+            return row
+        if ref.path not in self._rows:
+            self._rows.update({str(self.index.root / self.index.paths[r]): r for r in range(len(self.index))})
+        if ref.path not in self._rows:
+            raise ImageIndexError(f"image index {self.index.dir}: {ref.path} is no row of the index")
+        return self._rows[ref.path]
 
     def write_later(self, key: str, image, then=None):
         """The image's file is the index's own, on disk already: only ``then(its stat)`` runs, in the
