@@ -13,7 +13,8 @@ Registers the model ``late_fusion`` with lm-eval (0.4.13) and runs lm-eval's own
     import lm_eval
     from eval_scripts.harness import LateFusionHarnessLM
     lm = LateFusionHarnessLM(model_name="gpt2", pretrained_model="...", k=6, device="cuda:0")
-    lm_eval.simple_evaluate(model=lm, tasks=["arc_easy"])
+    with recorded_outputs():  # from eval_scripts.harness_outputs: the run's name and per-request images
+        lm_eval.simple_evaluate(model=lm, tasks=["arc_easy"])
 
 ``--model_args`` take the project's flag names (see ``MODEL_ARGS``); ``k`` switches images on
 (without it the adapter is exactly the base LM). Under ``accelerate launch`` each process takes
@@ -37,6 +38,12 @@ disk cache; with ``image_source=retrieve`` (and ``image_index=INDEX_DIR``, ``ret
 ``dedup_threshold``) they are the best images of an image index instead, ranked up front. A context
 with no text (an empty context) is scored text-only. With few-shot contexts the prompt is derived from
 the whole context, demonstrations included.
+
+Outputs (:mod:`eval_scripts.harness_outputs`): a run is named after the base LM and the checkpoint, as
+lm-eval's ``hf`` model is after ``pretrained=`` (which is accepted here as another spelling of
+``model_name=``): ``model_name`` in the results and the folder under ``--output_path``. With
+``--log_samples`` each logged sample carries its requests' image prompts, image paths (relative to the
+``image_root`` of the results' ``config.late_fusion``) and weights (``late_fusion_images``).
 
 Not supported (one clear error before any model loads): sampling or beam search in generation
 kwargs, tasks that feed images or audio, chat templates, ``batch_size=auto``.

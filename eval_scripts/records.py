@@ -1,9 +1,10 @@
 """Run records: where a task's results go, resuming a killed run, sharding over processes, and the
 result files.
 
-* ``<output_dir>/<run_name>/<task>.json``: metrics, config, counts, timing, versions, git commit, date;
+* ``<output_dir>/<run_name>/<task>.json``: metrics, config, counts, timing, versions, git commit, date (and
+  for an image run ``image_root``, the image cache or indexed collection: :mod:`eval_scripts.image_paths`);
 * ``<output_dir>/<run_name>/<task>_samples.jsonl``: one line per example (and template), exactly the
-  examples the metrics were computed from;
+  examples the metrics were computed from; image paths are relative to ``image_root``;
 * ``<task>.run.json``: the settings a re-run must share to resume; ``<task>_samples.part<rank>.jsonl``:
   what each process has scored so far, merged at the end into ``<task>_samples.cache.jsonl``: every
   row ever computed under this run name (also those of examples beyond a smaller ``--limit``, or of

@@ -18,6 +18,9 @@ text-only run among the RUN_DIRs, else from the ``text_only_prediction`` an imag
 The page needs no network (inline style, script and pictures). Each example takes at most 50 KB
 (thumbnails shrink to fit); ``--max_examples`` (default 200, 0 for all) caps the examples shown
 per task, flips first. ``report.md`` (beside ``--out``) holds the tables in Markdown.
+Images are found through the run's recorded ``image_root`` (:mod:`eval_scripts.image_paths`), from any
+working directory; those not found are counted in one line (on the page and the terminal) saying where
+the report looked.
 """
 from __future__ import annotations
 
