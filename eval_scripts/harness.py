@@ -487,7 +487,7 @@ class LateFusionHarnessLM(TemplateLM):
             if self._runtime.source is not None:  # what the logged samples' image paths are relative to
                 from eval_scripts.image_paths import root_record
 
-                root = self._runtime.source.image_root
+                root = self._runtime.source.image_root()
                 info["image_root"] = (root_record(root, self.results_dir) if self.results_dir is not None
                                       else {"path": root.path, "absolute": root.path, "kind": root.kind})
         return {"late_fusion": info}

@@ -45,7 +45,7 @@ class Scorer:
     @torch.no_grad()
     def images_for(self, prompt_lists: list[list[str]]):
         """Patches ``[B, k, n_v, d]``, weights ``[B, k]`` and per-item image records, or Nones. A record's
-        ``path`` is relative to the image source's :attr:`~models.images.source.ImageSource.image_root`.
+        ``path`` is relative to the image source's :meth:`~models.images.source.ImageSource.image_root`.
 
         Only the image keys are computed here; images are read, generated and encoded only when their
         vision features are neither in memory nor in the feature cache (:meth:`Runtime.image_features`).
@@ -62,7 +62,7 @@ class Scorer:
         weights = clip_weights(cos, self.args.clip_temperature, self.args.uniform_weights).to(self.device)
         if not bool(torch.isfinite(weights).all()):
             raise NonFiniteScores("the vision encoder gave NaN or infinite image weights")
-        root = self.rt.source.image_root  # paths are recorded relative to it (the results record it once)
+        root = self.rt.source.image_root()  # paths are recorded relative to it (the results record it once)
         records = [[{"path": root.relative(r.path), "prompt": r.prompt, "weight": round(float(w), 6),
                      **getattr(r, "provenance", {})}  # retrieved images: index row and similarity
                     for r, w in zip(item, row)] for item, row in zip(refs, weights.tolist())]

@@ -84,7 +84,6 @@ class ImageProvider:
     def check_k(self, k: int) -> None:
         check_k(k)
 
-    @property
     def image_root(self) -> ImageRoot:
         """The PNG cache: every image path handed out lies under it."""
         return ImageRoot.of(self.cache.root, "cache")

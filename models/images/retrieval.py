@@ -156,7 +156,6 @@ class ImageRetriever:
         if encoder is not None:
             self.bind(encoder)
 
-    @property
     def image_root(self) -> ImageRoot:
         """The collection the index was built from: every image path handed out lies under it."""
         return ImageRoot.of(self.index.root, "index")

@@ -121,7 +121,6 @@ class ImageSource(Protocol):
     def check_k(self, k: int) -> None:
         """Raise a one-line ValueError if this source cannot serve ``k`` images per prompt list."""
 
-    @property
     def image_root(self) -> ImageRoot:
         """The folder every image path this source hands out lies under (what results are relative to)."""
 
