@@ -217,3 +217,39 @@ def test_a_checkpoint_naming_a_folder_outside_itself_is_one_line(moved, lm_dirs,
     assert done.stderr.strip().splitlines()[-1].endswith("vision_encoder 'local-dir:../clip' leaves the checkpoint "
                                                         "folder")
     assert not (tmp_path / "out").exists()
+
+
+def test_rows_of_an_earlier_version_are_made_relative_when_a_resumed_run_finishes(tmp_path, monkeypatch):
+    from eval_scripts.records import ROOT_PATHS, _sample, root_relative_row
+
+    monkeypatch.chdir(tmp_path)
+    root = ImageRoot.of("cache", "cache")
+    old = {"id": "a", "images": [{"path": "cache/ab/x.png", "weight": 1.0}, {"path": str(tmp_path / "cache/cd/y.png")},
+                                 {"path": "/elsewhere/z.png"}]}
+    new = root_relative_row(old, root)
+    assert [im["path"] for im in new["images"]] == ["ab/x.png", "cd/y.png", "/elsewhere/z.png"]  # the last: left
+    assert old["images"][0]["path"] == "cache/ab/x.png" and new[ROOT_PATHS] is True
+    assert root_relative_row(new, root) == new and ROOT_PATHS not in _sample(new)  # done once; bookkeeping only
+    options = {"id": "b", "images": [[{"path": "cache/ab/x.png"}], [{"path": "cache/ab/x.png"}]]}  # per answer option
+    assert [o[0]["path"] for o in root_relative_row(options, root)["images"]] == ["ab/x.png", "ab/x.png"]
+
+
+def test_demo_page_finds_images_through_the_recorded_root(tmp_path):
+    import demo
+    from PIL import Image
+
+    key = "ab" + "1" * 62
+    (tmp_path / "cache" / "ab").mkdir(parents=True)
+    Image.new("RGB", (4, 4), "red").save(tmp_path / "cache" / "ab" / f"{key}.png")
+    row = {"id": "color-0/t1", "prompt": "q", "answer": "red", "candidates": ["red", "blue"], "scores": [1.0, 0.0]}
+    for run, images in (("text_only", []), ("probs_k1", [{"path": f"ab/{key}.png", "prompt": "q", "weight": 0.5}])):
+        d = tmp_path / "out" / "results" / run
+        d.mkdir(parents=True)
+        (d / "imagenetvc_samples.jsonl").write_text(json.dumps({**row, "images": images}) + "\n")
+        (d / "imagenetvc.json").write_text(json.dumps({"image_root": root_record(ImageRoot.of(tmp_path / "cache",
+                                                                                             "cache"), d)}))
+    (tmp_path / "b").mkdir()
+    for name in ("out", "cache"):  # moved together: only the relative root holds
+        os.rename(tmp_path / name, tmp_path / "b" / name)
+    demo.write_html(tmp_path / "b" / "out", 1, 0.3, tmp_path / "page.html")
+    assert (tmp_path / "page.html").read_text().count("data:image/png;base64,") == 1
