@@ -97,8 +97,6 @@ def recorded_outputs():
     from lm_eval.loggers.evaluation_tracker import GeneralConfigTracker
     from lm_eval.utils import sanitize_model_name
 
-    from eval_scripts.harness import LateFusionHarnessLM
-
     logged: list = []
     original_log, original_evaluate = GeneralConfigTracker.log_experiment_args, evaluator.evaluate
 
@@ -109,7 +107,7 @@ def recorded_outputs():
     def evaluate(*args, **kwargs):
         lm = kwargs["lm"] if "lm" in kwargs else args[0]
         model = lm.lm if isinstance(lm, CachingLM) else lm
-        if not isinstance(model, LateFusionHarnessLM):
+        if not callable(getattr(model, "gathered_request_images", None)):  # not the adapter
             return original_evaluate(*args, **kwargs)
         name = model.config._name_or_path
         while logged:  # the tracker of this run (logged just before lm-eval evaluates)
