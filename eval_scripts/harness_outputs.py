@@ -115,9 +115,10 @@ def recorded_outputs():
             tracker.model_name, tracker.model_name_sanitized = name, sanitize_model_name(name)
             model.results_dir = results_folder(tracker)
         results = original_evaluate(*args, **kwargs)
-        records = model.gathered_request_images()
-        if isinstance(results, dict) and results.get("samples") and model.use_images:
-            attach_image_records(results["samples"], records)
+        if model.use_images:  # every process takes part in the gathering (use_images is the same on all)
+            records = model.gathered_request_images()
+            if isinstance(results, dict) and results.get("samples"):
+                attach_image_records(results["samples"], records)
         return results
 
     GeneralConfigTracker.log_experiment_args, evaluator.evaluate = log_experiment_args, evaluate
