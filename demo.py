@@ -230,6 +230,10 @@ def _top(row: dict) -> str:
 def write_html(out: Path, k: int, noise: float, path: Path, n_per_subset: int = 4) -> None:
     """A few questions: the k generated images with their weights, text-only vs fused answers."""
     text, fused = _samples(out, "text_only"), _samples(out, f"probs_k{k}")
+    from eval_scripts.image_paths import KEY, SampleImages
+
+    run_dir = out / "results" / f"probs_k{k}"
+    files = SampleImages(run_dir, json.loads((run_dir / "imagenetvc.json").read_text()).get(KEY))
     parts = ["<!doctype html><meta charset='utf-8'><title>late fusion demo</title>",
              "<style>body{font-family:sans-serif;max-width:1000px;margin:auto}img{width:96px;image-rendering:pixelated;"
              "margin:2px}figure{display:inline-block;margin:2px;text-align:center;font-size:12px}"
@@ -244,7 +248,7 @@ def write_html(out: Path, k: int, noise: float, path: Path, n_per_subset: int = 
         for i in ids:
             f, t = fused[i], text[i]
             figs = "".join(
-                f"<figure><img src='data:image/png;base64,{base64.b64encode(Path(im['path']).read_bytes()).decode()}'>"
+                f"<figure><img src='data:image/png;base64,{base64.b64encode(files.resolve(im['path']).read_bytes()).decode()}'>"
                 f"<figcaption>w = {im['weight']:.2f}</figcaption></figure>" for im in f["images"])
             cls = lambda ans: "ok" if ans == f["answer"] else "bad"  # noqa: E731
             parts.append(

@@ -174,4 +174,5 @@ class Evaluator:
         stats = {}
         for part in ("images", "seconds", "passes"):
             stats[part] = {k: now[part][k] - before[part][k] for k in now[part]}
-        return self.records.finish(metrics, stats, self.t0, table, show_images=self.use_images)
+        root = self.source.image_root() if self.use_images and self.source is not None else None
+        return self.records.finish(metrics, stats, self.t0, table, show_images=self.use_images, image_root=root)

@@ -13,7 +13,8 @@ Registers the model ``late_fusion`` with lm-eval (0.4.13) and runs lm-eval's own
     import lm_eval
     from eval_scripts.harness import LateFusionHarnessLM
     lm = LateFusionHarnessLM(model_name="gpt2", pretrained_model="...", k=6, device="cuda:0")
-    lm_eval.simple_evaluate(model=lm, tasks=["arc_easy"])
+    with recorded_outputs():  # from eval_scripts.harness_outputs: the run's name and per-request images
+        lm_eval.simple_evaluate(model=lm, tasks=["arc_easy"])
 
 ``--model_args`` take the project's flag names (see ``MODEL_ARGS``); ``k`` switches images on
 (without it the adapter is exactly the base LM). Under ``accelerate launch`` each process takes
@@ -37,6 +38,12 @@ disk cache; with ``image_source=retrieve`` (and ``image_index=INDEX_DIR``, ``ret
 ``dedup_threshold``) they are the best images of an image index instead, ranked up front. A context
 with no text (an empty context) is scored text-only. With few-shot contexts the prompt is derived from
 the whole context, demonstrations included.
+
+Outputs (:mod:`eval_scripts.harness_outputs`): a run is named after the base LM and the checkpoint, as
+lm-eval's ``hf`` model is after ``pretrained=`` (which is accepted here as another spelling of
+``model_name=``): ``model_name`` in the results and the folder under ``--output_path``. With
+``--log_samples`` each logged sample carries its requests' image prompts, image paths (relative to the
+``image_root`` of the results' ``config.late_fusion``) and weights (``late_fusion_images``).
 
 Not supported (one clear error before any model loads): sampling or beam search in generation
 kwargs, tasks that feed images or audio, chat templates, ``batch_size=auto``.
@@ -107,6 +114,11 @@ def parse_model_args(kwargs: dict):
     from models.options.dtypes import canonical
 
     kwargs = {k: v for k, v in kwargs.items() if k not in IGNORED_ARGS}
+    if "pretrained" in kwargs:  # lm-eval's hf spelling of the base LM
+        if "model_name" in kwargs and str(kwargs["model_name"]) != str(kwargs["pretrained"]):
+            raise EvalError(f"{WHERE}: pretrained={kwargs['pretrained']} and model_name={kwargs['model_name']} "
+                            "name two base LMs; give one (pretrained is another spelling of model_name)")
+        kwargs["model_name"] = kwargs.pop("pretrained")
     if str(kwargs.get("batch_size", "")).startswith("auto"):
         raise EvalError("late_fusion: batch_size auto is not supported; give a number (--batch_size 8)")
     if isinstance(kwargs.get("dtype"), str):
@@ -169,6 +181,8 @@ class LateFusionHarnessLM(TemplateLM):
         self._device = torch.device(device) if device else state.device
         self.args = args.replace(device=str(self._device))  # what this adapter runs on
         self._runtime = None
+        self._request_images: dict = {}  # context -> its image prompts and images (eval_scripts/harness_outputs.py)
+        self.results_dir = None  # where lm-eval writes the results, once known (recorded_outputs)
 
     @classmethod
     def create_from_arg_obj(cls, arg_dict, additional_config=None):
@@ -181,6 +195,25 @@ class LateFusionHarnessLM(TemplateLM):
         from lm_eval.utils import simple_parse_args_string
 
         return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
+
+    # ------------------------------------------------------------------ the name lm-eval gives the run
+    @property
+    def config(self):
+        """What lm-eval names a model object's results after (``config._name_or_path``): the base LM and the
+        checkpoint (:func:`eval_scripts.harness_outputs.harness_model_name`); nothing loads."""
+        from types import SimpleNamespace
+
+        from eval_scripts.harness_outputs import harness_model_name
+
+        return SimpleNamespace(_name_or_path=harness_model_name(self.args.model_name, self.args.pretrained_model,
+                                                                self.use_images))
+
+    def gathered_request_images(self) -> dict:
+        """Every request's images scored so far, by context, from all processes (a collective call)."""
+        merged: dict = {}
+        for part in self.gather_object(self._request_images) or []:
+            merged.update(part or {})
+        return merged
 
     # ------------------------------------------------------------------ models, loaded on first use
     def _load(self) -> None:
@@ -344,8 +377,10 @@ class LateFusionHarnessLM(TemplateLM):
         with tqdm(total=len(pairs), desc="late_fusion loglikelihood", disable=disable_tqdm or self.rank != 0) as bar:
             for has_images, rows in batches:
                 scorer = self.scorer if has_images else self.text_scorer
-                out, _ = scorer.pair_logprobs([pairs[i] for i in rows], [prompts[i] for i in rows],
-                                              [names[i] or f"request {i}" for i in rows])
+                out, records = scorer.pair_logprobs([pairs[i] for i in rows], [prompts[i] for i in rows],
+                                                    [names[i] or f"request {i}" for i in rows])
+                if has_images:
+                    self._keep_images([texts[i] for i in rows], [prompts[i] for i in rows], records)
                 for i, (lps, greedy) in zip(rows, out):  # summed in float32, as lm-eval's hf model does
                     results[i] = (float(torch.tensor(lps, dtype=torch.float32).sum()), greedy)
                 bar.update(len(rows))
@@ -404,7 +439,7 @@ class LateFusionHarnessLM(TemplateLM):
             for start in range(0, len(rows), self.batch_size):
                 chunk = rows[start:start + self.batch_size]
                 texts = self._generate([encoded[i] for i in chunk], [prompts[i] for i in chunk], until,
-                                       max_gen, eos_ids, has_images)
+                                       max_gen, eos_ids, has_images, [contexts[i] for i in chunk])
                 for i, text in zip(chunk, texts):
                     results[i] = postprocess_generated_text(text, until, None)
                     self.cache_hook.add_partial("generate_until", requests[i].args, results[i])
@@ -413,13 +448,15 @@ class LateFusionHarnessLM(TemplateLM):
         return results
 
     @torch.no_grad()
-    def _generate(self, seqs, prompt_lists, until, max_gen, eos_ids, has_images) -> list[str]:
+    def _generate(self, seqs, prompt_lists, until, max_gen, eos_ids, has_images, contexts=None) -> list[str]:
         """Decoded new text of each left-padded context, up to its first EOS (stop strings are cut by
         the caller; a row stops decoding once one appears)."""
         rt, tok = self.runtime, self.tokenizer
         scorer = self.scorer if has_images else self.text_scorer
         ids, mask = rt.pad(seqs, left=True)
-        patches, weights, _ = scorer.images_for(prompt_lists)
+        patches, weights, records = scorer.images_for(prompt_lists)
+        if has_images and contexts is not None:
+            self._keep_images(contexts, prompt_lists, records)
         stops = [u for u in until if u]
 
         def stop(new_ids):
@@ -431,6 +468,13 @@ class LateFusionHarnessLM(TemplateLM):
             cut = next((j for j, t in enumerate(row) if t in eos_ids), len(row))
             texts.append(tok.decode(row[:cut], skip_special_tokens=True))
         return texts
+
+    def _keep_images(self, contexts, prompt_lists, records) -> None:
+        """Remember each request's image prompts and images, for the logged samples."""
+        from eval_scripts.harness_outputs import request_records
+
+        if self.use_images:
+            self._request_images.update(request_records(contexts, prompt_lists, records))
 
     # ------------------------------------------------------------------ results
     def get_model_info(self) -> dict:
@@ -450,6 +494,12 @@ class LateFusionHarnessLM(TemplateLM):
             info.update(images_generated=stats["generated"] + ahead.get("generated", 0),
                         vision_features_computed=stats["features_computed"],
                         vision_features_read=stats["features_read"])
+            if self._runtime.source is not None:  # what the logged samples' image paths are relative to
+                from eval_scripts.image_paths import root_record
+
+                root = self._runtime.source.image_root()
+                info["image_root"] = (root_record(root, self.results_dir) if self.results_dir is not None
+                                      else {"path": root.path, "absolute": root.path, "kind": root.kind})
         return {"late_fusion": info}
 
 
@@ -508,7 +558,9 @@ def main(argv: list[str] | None = None) -> None:
     if getattr(args, "command", None) == "run" and getattr(args, "model", None) == "late_fusion":
         settings, _ = parse_model_args(dict(getattr(args, "model_args", None) or {}))  # fail fast, before
         refuse_masked_lm(settings)  # lm-eval's task index is built
-    with tasks_checked_before_run():
+    from eval_scripts.harness_outputs import recorded_outputs
+
+    with tasks_checked_before_run(), recorded_outputs():
         cli.execute(args)
 
 

@@ -1,9 +1,10 @@
 """Run records: where a task's results go, resuming a killed run, sharding over processes, and the
 result files.
 
-* ``<output_dir>/<run_name>/<task>.json``: metrics, config, counts, timing, versions, git commit, date;
+* ``<output_dir>/<run_name>/<task>.json``: metrics, config, counts, timing, versions, git commit, date (and
+  for an image run ``image_root``, the image cache or indexed collection: :mod:`eval_scripts.image_paths`);
 * ``<output_dir>/<run_name>/<task>_samples.jsonl``: one line per example (and template), exactly the
-  examples the metrics were computed from;
+  examples the metrics were computed from; image paths are relative to ``image_root``;
 * ``<task>.run.json``: the settings a re-run must share to resume; ``<task>_samples.part<rank>.jsonl``:
   what each process has scored so far, merged at the end into ``<task>_samples.cache.jsonl``: every
   row ever computed under this run name (also those of examples beyond a smaller ``--limit``, or of
@@ -41,6 +42,9 @@ from typing import Callable
 from eval_scripts.cli import EvalError, NonFiniteScores
 
 ITEM_HASH = "item_hash"
+# rows whose image paths are relative to the run's image root carry this (bookkeeping, not in the samples file);
+# rows of earlier versions named their images as written (absolute, or relative to the working directory)
+ROOT_PATHS = "image_paths_root_relative"
 
 
 def read_jsonl_rows(path: Path) -> list[dict]:
@@ -94,7 +98,35 @@ def item_hash(item: dict) -> str:
 
 def _sample(row: dict) -> dict:
     """A row as the samples file shows it (without the resume bookkeeping)."""
-    return {k: v for k, v in row.items() if k != ITEM_HASH}
+    return {k: v for k, v in row.items() if k not in (ITEM_HASH, ROOT_PATHS)}
+
+
+def _image_records(images):
+    """The image records of a row's ``images`` (a list, or one list per answer option)."""
+    for im in images if isinstance(images, list) else ():
+        if isinstance(im, list):
+            yield from (x for x in im if isinstance(x, dict))
+        elif isinstance(im, dict):
+            yield im
+
+
+def root_relative_row(row: dict, root) -> dict:
+    """A row with its image paths relative to ``root`` (a :class:`models.images.source.ImageRoot`). A row of
+    an earlier version names its images as they were written (absolute, or relative to the working
+    directory): those under the root are made relative to it; others are left as they are (the report
+    counts them missing)."""
+    if row.get(ROOT_PATHS) or not row.get("images"):
+        return row
+    import copy
+
+    row = copy.deepcopy(row)
+    for im in _image_records(row["images"]):
+        try:
+            im["path"] = root.relative(im["path"])
+        except (ValueError, TypeError, KeyError):
+            pass
+    row[ROOT_PATHS] = True
+    return row
 
 
 def non_finite_field(value, where: str = "") -> str | None:
@@ -268,6 +300,8 @@ class RunRecords:
                 recs, failure = self._compute_checked(compute, todo[start:start + bs])
                 for r in recs:
                     r[ITEM_HASH] = hashes[r["id"]]
+                    if r.get("images"):
+                        r[ROOT_PATHS] = True  # the scorer records image paths relative to the image root
                     f.write(json.dumps(r, allow_nan=False) + "\n")
                     correct += bool(r.get("correct"))
                     total += 1
@@ -323,9 +357,13 @@ class RunRecords:
             pass
 
     def finish(self, metrics: dict, stats: dict, t0: float, table: list[tuple[str, str]] | None = None,
-               show_images: bool = False) -> dict | None:
+               show_images: bool = False, image_root=None) -> dict | None:
         """Merge what the processes scored into the cache file, write the samples of exactly the
         examples scored and ``<task>.json`` (main process), and print a short table.
+
+        ``image_root``: the image source's root (:class:`models.images.source.ImageRoot`) when images
+        were used: recorded once in ``<task>.json`` (:mod:`eval_scripts.image_paths`), and every image path
+        of the samples file is relative to it.
 
         ``stats``: this process's ``{"images": {counter: n}, "seconds": {...}, "passes": {...}}`` (image
         counters: :data:`eval_scripts.runtime.IMAGE_COUNTERS`).
@@ -353,7 +391,13 @@ class RunRecords:
             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "num_processes": self.state.num_processes,
         }
+        if image_root is not None:
+            from eval_scripts.image_paths import KEY, root_record
+
+            result[KEY] = root_record(image_root, self.out_dir)
         rows = self.rows()
+        if image_root is not None:
+            rows = {key: root_relative_row(row, image_root) for key, row in rows.items()}
         write_atomic(self.cache_path(), "".join(json.dumps(row) + "\n" for row in rows.values()))
         write_atomic(self.samples_path(), "".join(json.dumps(_sample(rows[key])) + "\n" for key in self.keys))
         for p in [*self.out_dir.glob(f"{self.task}_samples.part*.jsonl"), *self.out_dir.glob(f"{self.task}.stats*.json")]:

@@ -18,6 +18,9 @@ text-only run among the RUN_DIRs, else from the ``text_only_prediction`` an imag
 The page needs no network (inline style, script and pictures). Each example takes at most 50 KB
 (thumbnails shrink to fit); ``--max_examples`` (default 200, 0 for all) caps the examples shown
 per task, flips first. ``report.md`` (beside ``--out``) holds the tables in Markdown.
+Images are found through the run's recorded ``image_root`` (:mod:`eval_scripts.image_paths`), from any
+working directory; those not found are counted in one line (on the page and the terminal) saying where
+the report looked.
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ from pathlib import Path
 
 from eval_scripts.cli import EvalError, run_main
 from models.options import Option
+from eval_scripts.image_paths import KEY as IMAGE_ROOT, SampleImages
 from eval_scripts.records import write_atomic
 from eval_scripts.report_media import k_plot, subset_chart, thumbnail
 from eval_scripts.results import FLIPS, Comparison, TaskRun, compare
@@ -166,7 +170,9 @@ def _image_groups(images) -> list[tuple[str, list[dict]]]:
     return [("", images)]
 
 
-def _images(images, size: int) -> str:
+def _images(images, size: int, files: SampleImages | None = None) -> str:
+    """The thumbnails of a record's images; ``files`` resolves their paths (the run's image root)."""
+    files = files if files is not None else SampleImages(".")
     out, seen = [], set()
     for label, group in _image_groups(images):
         figs = []
@@ -178,7 +184,8 @@ def _images(images, size: int) -> str:
             prompt, weight = str(im.get("prompt", "")), im.get("weight")
             shown = prompt if len(prompt) <= 70 else prompt[:70] + "…"
             caption = f"w = {fmt(weight)}<br><span class='ip'>{esc(shown)}</span>"
-            uri = thumbnail(path, size)
+            found = files.resolve(im.get("path"))
+            uri = thumbnail(str(found), size) if found is not None else None
             pic = (f"<img src='{uri}' alt='image {i + 1}' title='{esc(prompt)}'>" if uri
                    else f"<div class='noimg' title='{esc(path)}'>image not found</div>")
             figs.append(f"<figure>{pic}<figcaption>{caption}</figcaption></figure>")
@@ -188,7 +195,7 @@ def _images(images, size: int) -> str:
 
 
 def example_card(rec: dict, flip: str | None, text: dict | None, others: list[tuple[str, dict]],
-                 lower_wins: bool) -> str:
+                 lower_wins: bool, files: SampleImages | None = None) -> str:
     """One example as an ``<article>``, with thumbnails shrunk until it fits the budget."""
     meta = " · ".join(f"{k} {esc(rec[k])}" for k in ("subset", "set", "template", "protocol") if k in rec)
     badge = f"<span class='flip {flip}'>{flip}</span>" if flip else ""
@@ -210,15 +217,17 @@ def example_card(rec: dict, flip: str | None, text: dict | None, others: list[tu
     attrs = f"class='ex' data-flip='{flip or 'none'}'"
     card = ""
     for size in THUMB_SIZES:
-        card = f"<article {attrs}>{''.join(parts)}{_images(rec.get('images'), size)}</article>"
+        card = f"<article {attrs}>{''.join(parts)}{_images(rec.get('images'), size, files)}</article>"
         if len(card.encode("utf-8")) <= EXAMPLE_BUDGET:
             break
     return card
 
 
-def task_section(c: Comparison, max_examples: int) -> tuple[str, int]:
-    """The examples of one task's focus run; returns the HTML and how many were shown."""
+def task_section(c: Comparison, max_examples: int, notes: list[str] | None = None) -> tuple[str, int]:
+    """The examples of one task's focus run; returns the HTML and how many were shown. A line on images
+    not found is added to the section and to ``notes``."""
     run = c.focus
+    files = SampleImages(run.run_dir, run.result.get(IMAGE_ROOT))
     records = run.samples or []
     flips = c.flips(run)
     text = c.text_only_of(run)
@@ -238,8 +247,13 @@ def task_section(c: Comparison, max_examples: int) -> tuple[str, int]:
     source = ("the baseline run" if c.baseline is not None and run is not c.baseline
               else "the run's own text-only predictions" if text else "none recorded")
     cards = [example_card(r, flips.get(str(r["id"])), text.get(str(r["id"])),
-                          [(name, o[str(r["id"])]) for name, o in others if str(r["id"]) in o], lower_wins)
+                          [(name, o[str(r["id"])]) for name, o in others if str(r["id"]) in o], lower_wins, files)
              for r in shown]
+    missing = files.missing_line()
+    if missing:
+        note += f"<p class='missing'>{esc(missing)}</p>"
+        if notes is not None:
+            notes.append(f"{c.task} ({run.label}): {missing}")
     html_ = (f"<section class='task' id='task-{esc(c.task)}'><h2>{esc(c.task)}: {esc(run_label(run))}</h2>"
              f"<p class='src'>text-only answers: {source}. ▶ fused prediction, ▷ text-only prediction, "
              f"green row: the answer.</p>{note}<div class='filters'>{''.join(buttons)}</div>"
@@ -317,11 +331,12 @@ def charts(comparisons: list[Comparison]) -> list[str]:
     return out
 
 
-def render_html(comparisons: list[Comparison], max_examples: int, title: str) -> tuple[str, dict[str, int]]:
+def render_html(comparisons: list[Comparison], max_examples: int, title: str,
+                notes: list[str] | None = None) -> tuple[str, dict[str, int]]:
     rows = summary_rows(comparisons)
     sections, shown = [], {}
     for c in comparisons:
-        section, n = task_section(c, max_examples)
+        section, n = task_section(c, max_examples, notes)
         sections.append(section)
         shown[c.task] = n
     pics = charts(comparisons)
@@ -376,11 +391,14 @@ def main(argv=None) -> dict:
     _check_writable(out, MARK_HTML, args.force)
     _check_writable(md, MARK_MD, args.force)
     title = "Late-fusion report: " + ", ".join(Path(d).name for d in args.run_dirs)
-    page, shown = render_html(comparisons, args.max_examples, title)
+    notes: list[str] = []
+    page, shown = render_html(comparisons, args.max_examples, title, notes)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(out, page)
     write_atomic(md, render_markdown(comparisons, title))
     total = sum(shown.values())
+    for line in notes:
+        print(f"report: {line}")
     print(f"report: {out} ({len(page.encode('utf-8')) / 1024:.0f} KB, {total} examples shown); summary: {md}")
     return {"html": str(out), "md": str(md), "shown": shown,
             "flips": {c.task: {r.label: c.flip_counts(r) for r in c.runs if r is not c.baseline} for c in comparisons}}

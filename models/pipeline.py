@@ -74,6 +74,10 @@ class GivenImages:
     def refs(self, prompt_lists):
         return self.slots
 
+    def image_root(self):
+        """None: given images lie wherever the caller keeps them, and their records name them as given."""
+        return None
+
 
 def _image_key(image) -> str:
     """Content key of a PIL image (its size, mode and pixels): the feature memo knows it by this."""
@@ -301,7 +305,9 @@ class LateFusionPipeline:
         source.flush()  # the files of images generated now are on disk
         refs = source.refs(prompt_lists)
         found = source.images([r for item in refs for r in item])
-        return [[{"image": found[ref.key][0], "prompt": r["prompt"], "weight": r["weight"], "path": r["path"],
+        root = source.image_root()  # the records name files relative to it; the API hands out full paths
+        return [[{"image": found[ref.key][0], "prompt": r["prompt"], "weight": r["weight"],
+                  "path": str(Path(root.path) / r["path"]),
                   **{k: v for k, v in r.items() if k not in ("path", "prompt", "weight")}}
                  for ref, r in zip(item, recs)] for item, recs in zip(refs, records)]
 

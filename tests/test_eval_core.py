@@ -104,7 +104,7 @@ def test_clip_weights_are_tau_times_positive_cosine(zoo):
         assert [im["path"] for im in rec2["images"]] == [im["path"] for im in rec1["images"]]
         for im2, im1 in zip(rec2["images"], rec1["images"]):
             with torch.no_grad():
-                img = model.encode_image(preprocess(Image.open(im2["path"]).convert("RGB"))[None])
+                img = model.encode_image(preprocess(Image.open(Path(zoo["cache"]) / im2["path"]).convert("RGB"))[None])
                 txt = model.encode_text(tokenizer([im2["prompt"]]))
             cos = float(torch.nn.functional.cosine_similarity(img, txt)[0])
             assert im2["weight"] == pytest.approx(2 * max(0.0, cos), abs=1e-4)

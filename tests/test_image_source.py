@@ -48,7 +48,7 @@ def protocol_methods() -> list[str]:
 @pytest.mark.parametrize("cls", [ImageProvider, ImageRetriever], ids=lambda c: c.__name__)
 def test_both_sources_implement_every_method_of_the_protocol(cls):
     assert issubclass(cls, ImageSource)
-    assert protocol_methods() == ["check_k", "bind", "refs", "images", "write_later", "get", "prefetch", "flush",
+    assert protocol_methods() == ["check_k", "image_root", "bind", "refs", "images", "write_later", "get", "prefetch", "flush",
                                   "stats"]
     for name in protocol_methods():
         wanted = list(inspect.signature(getattr(ImageSource, name)).parameters.values())

@@ -96,6 +96,11 @@ def test_released_command_writes_result_files(released_run, zoo):
             "vision_features_computed", "vision_features_read", "pngs_decoded", "pipeline_loads"} <= set(on_disk["counts"])
     assert {"generation", "clip", "lm", "fusion", "total"} <= set(on_disk["timing"])
     assert on_disk["config"]["generate_images"] is True and on_disk["config"]["k"] == K
+    # the image cache, recorded once: relative to the results folder and absolute
+    cache = Path(zoo["cache"]).resolve()
+    assert on_disk["image_root"] == {"path": os.path.relpath(cache, (Path(zoo["out"]) / "r").resolve()),
+                                     "absolute": str(cache), "kind": "cache"}
+    assert ((Path(zoo["out"]) / "r" / on_disk["image_root"]["path"]).resolve()) == cache
     assert on_disk["counts"]["examples"] == len(samples) == len(SUBSETS) * LIMIT * len(TEMPLATES)
     questions = first_questions()
     for rec in samples:
@@ -110,7 +115,8 @@ def test_released_command_writes_result_files(released_run, zoo):
         assert len(rec["images"]) == K
         for im in rec["images"]:
             assert set(im) == {"path", "prompt", "weight"}
-            assert Path(im["path"]).is_file() and im["prompt"] == question  # --image_prompt question
+            # relative to the image cache the results record once
+            assert (Path(zoo["cache"]) / im["path"]).is_file() and im["prompt"] == question  # --image_prompt question
             assert isinstance(im["weight"], float) and im["weight"] >= 0.0
 
 

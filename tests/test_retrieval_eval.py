@@ -58,6 +58,8 @@ def direct_cosines(vision, image, prompts):
 def test_imagenetvc_fuses_retrieved_images_with_their_clip_weights(zoo):
     result = main(args_for(zoo, "retrieved", "--dedup_threshold", "1"))  # --generate_images implied
     assert result["config"]["generate_images"] is True and result["counts"]["images_generated"] == 0
+    assert result["image_root"]["kind"] == "index" and result["image_root"]["absolute"] == str(
+        ImageIndex(zoo["index"]).root.resolve())
     rows = read_jsonl(zoo["out"] / "retrieved" / "imagenetvc_samples.jsonl")
     assert len(rows) == 10 and all(len(r["images"]) == 2 for r in rows)
     from models.vision import load_vision_encoder
@@ -72,8 +74,8 @@ def test_imagenetvc_fuses_retrieved_images_with_their_clip_weights(zoo):
         best = retriever.rank([question], 2)[0]
         assert [im["row"] for im in r["images"]] == [row for row, _ in best]  # its 2 best images, in order
         for im, (row, score) in zip(r["images"], best):
-            assert im["path"] == str(index.root / index.paths[row]) and im["similarity"] == pytest.approx(score, abs=1e-6)
-            cos = direct_cosines(vision, Image.open(im["path"]).convert("RGB"), [question])[0]
+            assert im["path"] == index.paths[row] and im["similarity"] == pytest.approx(score, abs=1e-6)  # root-relative
+            cos = direct_cosines(vision, Image.open(index.root / im["path"]).convert("RGB"), [question])[0]
             assert im["weight"] == pytest.approx(2.0 * max(0.0, cos), abs=1e-5)
 
 

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from models.checkpoints.config_file import CONFIG_NAME, FORMAT, CheckpointError, read_checkpoint_config  # noqa: F401
+from models.checkpoints.config_file import (CONFIG_NAME, FORMAT, CheckpointError, portable_ref,  # noqa: F401
+                                            read_checkpoint_config)
 
 WEIGHTS_NAME = "model.safetensors"
 TRAINABLE_PREFIXES = ("mm_proj.", "fusion_layer.")
@@ -44,6 +45,8 @@ def save_trainable(model, out_dir: str | os.PathLike, *, base_model: str, vision
     tmp.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.trainable_state_dict().items()}
     save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+    # other models by hub id, absolute path, or relative to this folder: the config holds from anywhere
+    base_model, vision_encoder = portable_ref(base_model, out), portable_ref(vision_encoder, out)
     config = {"format": FORMAT, "base_model": base_model, "model_type": model.model_type,
               "vision_encoder": vision_encoder, "vision_dim": model.vision_dim,
               "proj_hidden": model.proj_hidden, "hidden_size": model.hidden_size, **(extra or {})}

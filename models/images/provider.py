@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Iterable
 from models import write_behind
 from models.images.cache import ImageCache
 from models.images.generators import ImageGenerator
-from models.images.source import SLOT_ORIGINS, ImageRef, ServedImage, check_k, tally
+from models.images.source import SLOT_ORIGINS, ImageRef, ImageRoot, ServedImage, check_k, tally
 
 if TYPE_CHECKING:  # PIL loads on first use
     from PIL import Image
@@ -83,6 +83,10 @@ class ImageProvider:
 
     def check_k(self, k: int) -> None:
         check_k(k)
+
+    def image_root(self) -> ImageRoot:
+        """The PNG cache: every image path handed out lies under it."""
+        return ImageRoot.of(self.cache.root, "cache")
 
     def bind(self, encoder) -> "ImageProvider":
         """Generated images need no vision encoder (the source interface)."""

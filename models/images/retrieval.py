@@ -31,7 +31,7 @@ import torch
 from models import write_behind
 from models.options.catalog import DEFAULT_DEDUP, DEFAULT_FAISS_THRESHOLD, RETRIEVE_BY_CHOICES as RETRIEVE_BY
 from models.images.index import ImageIndex, ImageIndexError, unreadable_reason
-from models.images.source import ImageRef, ServedImage, check_k, tally
+from models.images.source import ImageRef, ImageRoot, ServedImage, check_k, tally
 
 
 class _Provenance:
@@ -156,6 +156,10 @@ class ImageRetriever:
         self._rows: dict[str, int] = {}  # path -> row of the refs served (a plain ImageRef carries no row)
         if encoder is not None:
             self.bind(encoder)
+
+    def image_root(self) -> ImageRoot:
+        """The collection the index was built from: every image path handed out lies under it."""
+        return ImageRoot.of(self.index.root, "index")
 
     def bind(self, encoder) -> "ImageRetriever":
         """Use ``encoder`` for the prompts, after checking that it built the index."""

@@ -48,6 +48,28 @@ class ImageRef:
     path: str
 
 
+@dataclass(frozen=True)
+class ImageRoot:
+    """The folder a source's image files lie under: ``path`` (absolute) and ``kind`` (``cache``: the PNG
+    cache of generated images; ``index``: the image collection an index was built from). Results name
+    their images relative to it (:meth:`relative`), so a run folder moved with its cache still finds them."""
+
+    path: str
+    kind: str
+
+    @classmethod
+    def of(cls, folder: "str | os.PathLike", kind: str) -> "ImageRoot":
+        return cls(os.path.abspath(os.path.expanduser(os.fspath(folder))), kind)
+
+    def relative(self, file: "str | os.PathLike") -> str:
+        """``file`` relative to the root, with POSIX separators; a ValueError if it is not under the root."""
+        full = os.path.abspath(os.fspath(file))
+        prefix = self.path.rstrip(os.sep) + os.sep
+        if not full.startswith(prefix):
+            raise ValueError(f"image {full} is not under the image {self.kind} {self.path}")
+        return full[len(prefix):].replace(os.sep, "/")
+
+
 @dataclass
 class ServedImage:
     """One image slot with its image (what :meth:`ImageSource.get` returns)."""
@@ -98,6 +120,9 @@ class ImageSource(Protocol):
 
     def check_k(self, k: int) -> None:
         """Raise a one-line ValueError if this source cannot serve ``k`` images per prompt list."""
+
+    def image_root(self) -> ImageRoot:
+        """The folder every image path this source hands out lies under (what results are relative to)."""
 
     def bind(self, encoder) -> "ImageSource":
         """Take the run's vision encoder once it is loaded (a retriever embeds prompts with it and checks

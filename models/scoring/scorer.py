@@ -73,7 +73,9 @@ class Scorer:
         weights = clip_weights(cos, self.args.clip_temperature, self.args.uniform_weights).to(self.device)
         if not bool(torch.isfinite(weights).all()):
             raise NonFiniteScores("the vision encoder gave NaN or infinite image weights")
-        records = [[{"path": r.path, "prompt": r.prompt, "weight": round(float(w), 6),
+        root = self.source.image_root()  # paths are recorded relative to it (the results record it once)
+        records = [[{"path": root.relative(r.path) if root is not None else r.path, "prompt": r.prompt,
+                     "weight": round(float(w), 6),
                      **getattr(r, "provenance", {})}  # retrieved images: index row and similarity
                     for r, w in zip(item, row)] for item, row in zip(refs, weights.tolist())]
         return patches, weights, records
