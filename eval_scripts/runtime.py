@@ -17,6 +17,7 @@ import torch
 
 from eval_scripts.cli import EvalError, NonFiniteScores, resolve_args
 from models.fusion.memo import HiddenStateMemo
+from models.fusion.prefix import VisualPrefixCache
 from models.options import SHARED, keys
 from models.options.dtypes import AUTO_LM, resolve as resolve_dtype, torch_dtype
 
@@ -26,11 +27,14 @@ RUNTIME_KEYS = keys(SHARED.values(), "runtime")
 # image counters of a run, each with one meaning: image slots (k x prompts) = generated + from_cache + reused;
 # PNGs decoded; distinct images run through the vision tower vs read from the feature cache; pipeline loads
 IMAGE_COUNTERS = ("slots", "generated", "from_cache", "reused", "pngs_decoded", "features_computed",
-                  "features_read", "pipeline_loads")
+                  "features_read", "pipeline_loads", "prefix_computed", "prefix_reused")
 
 # The frozen LM's hidden states per token sequence, shared by every runtime in this process (e.g. the
 # demo's text-only, k=1, k=3 and k=6 runs score the same prompts). Bounded in bytes.
 _HIDDEN_MEMO = HiddenStateMemo()
+# The fusion block's keys and values per image's visual prefix (models/fusion/prefix.py), process-wide too;
+# each entry is keyed by the trained weights, dtype, device and vision encoder as well as the image
+_PREFIX_CACHE = VisualPrefixCache()
 
 
 # lm-evaluation-harness's fallbacks for the context window: a tokenizer's model_max_length when none
@@ -52,8 +56,10 @@ def context_window(config, tokenizer=None) -> int:
 
 
 def clear_memos() -> None:
-    """Forget memoised LM hidden states (benchmarks call this to start each way from a clean state)."""
+    """Forget memoised LM hidden states and visual prefixes (benchmarks call this to start each way from a
+    clean state)."""
     _HIDDEN_MEMO.clear()
+    _PREFIX_CACHE.clear()
 
 
 class Stopwatch:
@@ -179,6 +185,10 @@ class Runtime:
             store = FeatureStore(features_root, encoder_identity(
                 args.vision_encoder, dtype_name(self.dtype), memo_path=features_root / "file-hashes.json"))
             self.features = VisionFeatures(self.vision, self.source, store, watch=self.watch)
+        # image slots whose visual prefix was run through the fusion block / taken from the prefix cache
+        self.prefix_counts = {"prefix_computed": 0, "prefix_reused": 0}
+        self.prefix_cache = (_PREFIX_CACHE if use_images and getattr(args, "prefix_cache", True)
+                             and self.model.kind == "causal" and self.model.prefix_cacheable else None)
         self._max_text: dict[int, int | None] = {}
         self.setup_seconds = time.perf_counter() - self.t0
 
@@ -216,7 +226,18 @@ class Runtime:
         s = dict.fromkeys(IMAGE_COUNTERS, 0)
         if self.features is not None:
             s.update(self.features.counts, pipeline_loads=self.source.stats()["pipeline_loads"])
+        s.update(self.prefix_counts)
         return s
+
+    def visual_prefix(self, patches: torch.Tensor, keys: list[str]):
+        """The fusion block's keys and values of the visual prefixes of ``patches`` ``[N, n_v, d]`` (image keys
+        ``keys``) from the prefix cache, or None when it is off (``--prefix_cache False``, a masked LM)."""
+        if self.prefix_cache is None:
+            return None
+        kv, computed, reused = self.prefix_cache(self.model, patches, keys, (self.features.store.slug,))
+        self.prefix_counts["prefix_computed"] += computed
+        self.prefix_counts["prefix_reused"] += reused
+        return kv
 
     def flush(self) -> None:
         """Wait until every image and feature file handed to the background writer is on disk."""

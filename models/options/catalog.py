@@ -8,7 +8,8 @@ Groups, in the order ``--help`` shows them:
 * ``RETRIEVAL``: images retrieved from an index instead (evaluation, training);
 * ``MIXING``: how the k fused predictions are mixed with the text-only one;
 * ``EVAL_RUN``: what an evaluation reads and where it writes;
-* ``DEVICE``/``SEED``/``DTYPE``: shared with training and the image tools.
+* ``DEVICE``/``SEED``/``DTYPE``: shared with training and the image tools;
+* ``SPEED``: how an evaluation computes, not what (the visual prefix cache).
 
 An option that exists for one entry point only is declared next to it (a benchmark's ``--subsets`` in its
 script; training's optimiser settings in :mod:`models.training.options`).
@@ -153,13 +154,20 @@ RUN_NAME = Option("run_name", check=plain_name_problem, group="run",
                   help="results go to OUTPUT_DIR/RUN_NAME (default: a timestamp)")
 EVAL_RUN = (LIMIT, BATCH_SIZE, DEVICE, DTYPE, SEED, DATA_DIR, DATA_FILE, OUTPUT_DIR, RUN_NAME)
 
+# ---------------------------------------------------------------------------------------------- speed
+PREFIX_CACHE = Option("prefix_cache", kind="switch", default=True, images_only=True, runtime=True, group="speed",
+                      help="compute the fusion block's keys and values of each image's visual prefix once and "
+                           "reuse them for every text (causal LMs; '--prefix_cache False' runs [V ; H] whole each "
+                           "time; scores agree to float rounding)")
+SPEED = (PREFIX_CACHE,)
+
 
 def eval_options(image_prompt_choices=("sentences", "full", "question"), default_image_prompt: str = "sentences",
                  default_k: int = 10) -> tuple[Option, ...]:
     """The options every eval script shares, with the script's image-prompt strategies and default k."""
     images = (GENERATE_IMAGES, K.replace(default=default_k),
               IMAGE_PROMPT.replace(choices=tuple(image_prompt_choices), default=default_image_prompt))
-    return (*MODEL, *images, *GENERATION, *RETRIEVAL, *MIXING, *EVAL_RUN)
+    return (*MODEL, *images, *GENERATION, *RETRIEVAL, *MIXING, *EVAL_RUN, *SPEED)
 
 
-SHARED = {opt.name: opt for opt in (*MODEL, *IMAGES, *GENERATION, *RETRIEVAL, *MIXING, *EVAL_RUN)}
+SHARED = {opt.name: opt for opt in (*MODEL, *IMAGES, *GENERATION, *RETRIEVAL, *MIXING, *EVAL_RUN, *SPEED)}
