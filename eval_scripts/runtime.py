@@ -144,6 +144,11 @@ class Runtime:
                 raise EvalError(str(e)) from None
         if before_load is not None:
             before_load(self)
+        if getattr(args, "compile", False):  # refused in one line before any model loads where it cannot run
+            from models.compiling import compile_problem
+            problem = compile_problem(self.device.type)
+            if problem:
+                raise EvalError(f"--compile: torch.compile is unavailable here ({problem})")
         self.vision = None
         if use_images:
             from models.vision import load_vision_encoder
@@ -169,6 +174,8 @@ class Runtime:
             load_trainable(self.model, args.pretrained_model, loaded=(ckpt_state, ckpt_cfg))
             del ckpt_state
         self.model.to(self.device, self.dtype).eval()
+        if getattr(args, "compile", False):
+            self.model.fusion_layer.compile(dynamic=True)
         self.model_key = (args.model_name, str(self.dtype), str(self.device))
         self.watch.hook(self.model.lm.base_model, "lm")
         self.watch.hook(self.model.fusion_layer, "fusion")

@@ -9,7 +9,7 @@ Groups, in the order ``--help`` shows them:
 * ``MIXING``: how the k fused predictions are mixed with the text-only one;
 * ``EVAL_RUN``: what an evaluation reads and where it writes;
 * ``DEVICE``/``SEED``/``DTYPE``: shared with training and the image tools;
-* ``SPEED``: how an evaluation computes, not what (the visual prefix cache).
+* ``SPEED``: how an evaluation computes, not what (the visual prefix cache, torch.compile).
 
 An option that exists for one entry point only is declared next to it (a benchmark's ``--subsets`` in its
 script; training's optimiser settings in :mod:`models.training.options`).
@@ -100,8 +100,13 @@ GEN_BATCH_SIZE = Option("gen_batch_size", kind="int", low=1, default=8, runtime=
 TOYWORLD_NOISE = Option("toyworld_noise", kind="float", low=0.0, high=1.0, default=0.3, results=True,
                         images_only=True, runtime=True, group="image generation",
                         help="error rate of the toyworld generator")
+VAE = Option("vae", results=True, images_only=True, runtime=True, path=True, group="image generation",
+             metavar="DIR", help="swap the pipeline's VAE for this diffusers AutoencoderTiny (e.g. TAESD) or "
+                                 "AutoencoderKL folder (default: the pipeline's own)")
+CHANNELS_LAST = Option("channels_last", kind="flag", default=False, images_only=True, runtime=True,
+                       group="image generation", help="run the UNet in channels-last memory format")
 GENERATION = (IMAGE_GENERATOR, IMAGE_CACHE, IMAGE_SIZE, NUM_INFERENCE_STEPS, GUIDANCE_SCALE, GEN_BATCH_SIZE,
-              TOYWORLD_NOISE)
+              TOYWORLD_NOISE, VAE, CHANNELS_LAST)
 
 # ---------------------------------------------------------------------------------------------- retrieval
 IMAGE_SOURCE = Option("image_source", kind="choice", choices=image_source_names, default="generate", results=True,
@@ -159,7 +164,10 @@ PREFIX_CACHE = Option("prefix_cache", kind="switch", default=True, images_only=T
                       help="compute the fusion block's keys and values of each image's visual prefix once and "
                            "reuse them for every text (causal LMs; '--prefix_cache False' runs [V ; H] whole each "
                            "time; scores agree to float rounding)")
-SPEED = (PREFIX_CACHE,)
+COMPILE = Option("compile", kind="flag", default=False, runtime=True, group="speed",
+                 help="torch.compile the UNet and the fusion block (refused in one line where torch.compile "
+                      "cannot run)")
+SPEED = (PREFIX_CACHE, COMPILE)
 
 
 def eval_options(image_prompt_choices=("sentences", "full", "question"), default_image_prompt: str = "sentences",
