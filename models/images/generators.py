@@ -61,10 +61,6 @@ def check_vae(vae_dir: str, model_id: str) -> str:
     """The content identity of a ``--vae`` folder, after checking it: a diffusers ``AutoencoderTiny`` or
     ``AutoencoderKL`` folder (``config.json`` naming the class, weights beside it) whose latent channels are
     those of the pipeline's. Raises ValueError (one line naming the folder) otherwise."""
-    import hashlib
-
-    from models.images.features import hash_files
-
     path = Path(vae_dir).expanduser()
     if not path.is_dir():
         raise ValueError(f"--vae {vae_dir!r}: no such directory")
@@ -80,7 +76,21 @@ def check_vae(vae_dir: str, model_id: str) -> str:
     if wanted is not None and latent != wanted:
         raise ValueError(f"--vae {vae_dir!r}: {latent} latent channels, but the pipeline {model_id!r} "
                          f"works in {wanted}")
-    return f"{name}:{hashlib.sha256(hash_files(path).encode()).hexdigest()[:16]}"
+    return f"{name}:{_folder_hash(path)[:16]}"
+
+
+def _folder_hash(folder: Path) -> str:
+    """sha256 over the names and contents of the regular files directly in ``folder`` (read in chunks)."""
+    import hashlib
+
+    total = hashlib.sha256()
+    for entry in sorted((e for e in folder.iterdir() if e.is_file()), key=lambda e: e.name):
+        total.update(entry.name.encode() + b"\0")
+        with open(entry, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                total.update(chunk)
+        total.update(b"\0")
+    return total.hexdigest()
 
 
 def default_device() -> "torch.device":
