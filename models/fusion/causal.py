@@ -74,7 +74,7 @@ class LateFusionLM(nn.Module):
                              and not self._softcap)
         self._lm_cache_kw = _cache_kwarg(self.lm.base_model)
         self._fusion_cache_kw = _cache_kwarg(self.fusion_layer)
-        self.calls = {"lm": 0, "fusion": 0}  # pass counters, for tests and benchmarks
+        self.calls = {"lm": 0, "fusion": 0, "prefix": 0}  # pass counters, for tests and benchmarks
 
     # ------------------------------------------------------------------ training mode and weights
     def train(self, mode: bool = True):
@@ -150,6 +150,56 @@ class LateFusionLM(nn.Module):
         text_out = out.last_hidden_state[:, seq.shape[1] - hidden.shape[1]:]
         return text_out, _output_cache(out), full_mask
 
+    # ------------------------------------------------------------------ the visual prefix
+    @property
+    def prefix_cacheable(self) -> bool:
+        """Whether the fusion block's keys and values over a visual prefix can be computed apart from the text
+        and reused (:mod:`models.fusion.prefix`): a causal block with full attention. A sliding-window block
+        would cut the prefix differently with and without a cache, so it keeps the one-pass path."""
+        if self.kind != "causal":  # a masked LM's block attends both ways: the prefix sees the text
+            return False
+        cfg = self.fusion_layer.config
+        types = getattr(cfg, "layer_types", None)
+        if isinstance(types, (list, tuple)) and types:
+            return types[0] == "full_attention"
+        return not getattr(cfg, "sliding_window", None) or getattr(cfg, "use_sliding_window", True) is False
+
+    @torch.no_grad()
+    def visual_prefix(self, visual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The fusion block's keys and values over projected visual prefixes ``[N, n_v, d]`` alone:
+        ``(keys, values)``, each ``[N, kv_heads, n_v, head_dim]`` (positions 0 .. n_v - 1, rotary applied).
+
+        In a causal block the prefix comes first, so these do not depend on any text that follows:
+        :meth:`fuse_after_prefix` continues from them exactly as :meth:`fuse` runs ``[V ; H]`` in one pass."""
+        from transformers import DynamicCache
+
+        self.calls["prefix"] += 1
+        seq = visual.to(self.fusion_dtype)
+        if self.fusion_input_scale != 1.0:
+            seq = seq * torch.tensor(self.fusion_input_scale, dtype=seq.dtype)
+        n, n_v = seq.shape[:2]
+        mask = torch.ones(n, n_v, dtype=torch.long, device=seq.device)
+        positions = torch.arange(n_v, device=seq.device).expand(n, -1)
+        cache = DynamicCache(config=self.fusion_layer.config)
+        self.fusion_layer(inputs_embeds=seq, attention_mask=mask, position_ids=positions, use_cache=True,
+                          **{self._fusion_cache_kw: cache})
+        layer = cache.layers[0]
+        return layer.keys, layer.values
+
+    def fuse_after_prefix(self, prefix: tuple[torch.Tensor, torch.Tensor], hidden: torch.Tensor,
+                          attention_mask: torch.Tensor, keep_cache: bool = False):
+        """:meth:`fuse` over ``[V ; H]`` with the prefix's keys and values given (:meth:`visual_prefix`),
+        so that only the text positions run. Returns what :meth:`fuse` returns; the cache (a fresh one per
+        call: the prefix tensors are never changed) holds prefix and text, for decoding on."""
+        from transformers import DynamicCache
+
+        keys, values = prefix
+        cache = DynamicCache(config=self.fusion_layer.config)
+        cache.update(keys, values, 0)
+        past_mask = attention_mask.new_ones(keys.shape[0], keys.shape[-2])
+        text_out, cache, full_mask = self.fuse(None, hidden, attention_mask, cache=cache, past_mask=past_mask)
+        return text_out, (cache if keep_cache else None), full_mask
+
     # ------------------------------------------------------------------ training
     def forward(self, input_ids, attention_mask, image_patches, labels=None, hidden=None,
                 return_logits: bool | None = None) -> FusionOutput:
@@ -181,7 +231,7 @@ class LateFusionLM(nn.Module):
     @torch.no_grad()
     def mixed_logprobs(self, input_ids, attention_mask, image_patches=None, weights=None, mode="logits",
                        positions: torch.Tensor | None = None, hidden: torch.Tensor | None = None,
-                       return_text: bool = False):
+                       return_text: bool = False, prefix: tuple[torch.Tensor, torch.Tensor] | None = None):
         """Mixed next-token log-probabilities.
 
         Args:
@@ -196,6 +246,9 @@ class LateFusionLM(nn.Module):
             return_text: also return the text-only log-probabilities ``log_softmax(L0)`` (same
                 shape): what the base LM alone predicts, from the ``L0`` the mixing already has
                 (no extra LM pass).
+            prefix: the fusion block's keys and values of the ``B*k`` visual prefixes (row ``b*k + i``:
+                image i of text b), from :meth:`visual_prefix` or a :class:`models.fusion.prefix.VisualPrefixCache`;
+                the projector and the prefix positions of the block are not run then.
         Returns:
             ``[B, P, V]`` (or ``[B, T, V]``) float32 log-probabilities, or ``(mixed, text_only)``
             with ``return_text``. The LM runs once per text whatever k is; the k images of all
@@ -217,8 +270,12 @@ class LateFusionLM(nn.Module):
         if weights is None or tuple(weights.shape) != (b, k):
             raise ValueError(f"weights must have shape {(b, k)}, got "
                              f"{None if weights is None else tuple(weights.shape)}")
-        visual = self.project(image_patches.flatten(0, 1))                       # [B*k, n_v, d]
-        fused, _, _ = self.fuse(visual, hidden.repeat_interleave(k, 0), attention_mask.repeat_interleave(k, 0))
+        if prefix is not None:
+            fused, _, _ = self.fuse_after_prefix(prefix, hidden.repeat_interleave(k, 0),
+                                                 attention_mask.repeat_interleave(k, 0))
+        else:
+            visual = self.project(image_patches.flatten(0, 1))                   # [B*k, n_v, d]
+            fused, _, _ = self.fuse(visual, hidden.repeat_interleave(k, 0), attention_mask.repeat_interleave(k, 0))
         if positions is not None:
             fused = fused.gather(1, positions.to(fused.device).repeat_interleave(k, 0)
                                  .unsqueeze(-1).expand(-1, -1, fused.shape[-1]))
@@ -244,12 +301,13 @@ class LateFusionLM(nn.Module):
     @torch.no_grad()
     def generate(self, input_ids, attention_mask, image_patches=None, weights=None, mode="logits",
                  max_new_tokens: int = 50, eos_token_id=None, pad_token_id: int = 0,
-                 stop=None) -> torch.Tensor:
+                 stop=None, prefix: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """Greedy generation with every decoding step fused.
 
         ``input_ids`` must be LEFT-padded. Both the LM's and the fusion block's KV caches are local
         to this call (never stored on the module); the visual prefix stays in the fusion cache.
         ``stop(row_token_ids) -> bool`` ends a row early (e.g. at a newline); EOS ends it too.
+        ``prefix``: the visual prefixes' keys and values, as for :meth:`mixed_logprobs`.
         Returns the new tokens ``[B, n]`` (rows that stopped are padded with ``pad_token_id``).
         """
         from transformers import DynamicCache
@@ -262,7 +320,10 @@ class LateFusionLM(nn.Module):
         fusion_cache = DynamicCache(config=self.fusion_layer.config) if use_images else None
         mask = attention_mask
         hidden, lm_cache = self.text_hidden(input_ids, mask, cache=lm_cache, use_cache=True)
-        if use_images:
+        if use_images and prefix is not None:
+            fused, fusion_cache, fmask = self.fuse_after_prefix(prefix, hidden.repeat_interleave(k, 0),
+                                                                mask.repeat_interleave(k, 0), keep_cache=True)
+        elif use_images:
             visual = self.project(image_patches.flatten(0, 1))
             fused, fusion_cache, fmask = self.fuse(visual, hidden.repeat_interleave(k, 0),
                                                    mask.repeat_interleave(k, 0), cache=fusion_cache)

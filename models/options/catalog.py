@@ -8,7 +8,8 @@ Groups, in the order ``--help`` shows them:
 * ``RETRIEVAL``: images retrieved from an index instead (evaluation, training);
 * ``MIXING``: how the k fused predictions are mixed with the text-only one;
 * ``EVAL_RUN``: what an evaluation reads and where it writes;
-* ``DEVICE``/``SEED``/``DTYPE``: shared with training and the image tools.
+* ``DEVICE``/``SEED``/``DTYPE``: shared with training and the image tools;
+* ``SPEED``: how an evaluation computes, not what (the visual prefix cache, torch.compile).
 
 An option that exists for one entry point only is declared next to it (a benchmark's ``--subsets`` in its
 script; training's optimiser settings in :mod:`models.training.options`).
@@ -95,8 +96,13 @@ GEN_BATCH_SIZE = Option("gen_batch_size", kind="int", low=1, default=8, runtime=
 TOYWORLD_NOISE = Option("toyworld_noise", kind="float", low=0.0, high=1.0, default=0.3, results=True,
                         images_only=True, runtime=True, group="image generation",
                         help="error rate of the toyworld generator")
+VAE = Option("vae", results=True, images_only=True, runtime=True, path=True, group="image generation",
+             metavar="DIR", help="swap the pipeline's VAE for this diffusers AutoencoderTiny (e.g. TAESD) or "
+                                 "AutoencoderKL folder (default: the pipeline's own)")
+CHANNELS_LAST = Option("channels_last", kind="flag", default=False, images_only=True, runtime=True,
+                       group="image generation", help="run the UNet in channels-last memory format")
 GENERATION = (IMAGE_GENERATOR, IMAGE_CACHE, IMAGE_SIZE, NUM_INFERENCE_STEPS, GUIDANCE_SCALE, GEN_BATCH_SIZE,
-              TOYWORLD_NOISE)
+              TOYWORLD_NOISE, VAE, CHANNELS_LAST)
 
 # ---------------------------------------------------------------------------------------------- retrieval
 IMAGE_SOURCE = Option("image_source", kind="choice", choices=image_source_names, default="generate", results=True,
@@ -151,13 +157,23 @@ RUN_NAME = Option("run_name", check=run_name_problem, group="run",
                   help="results go to OUTPUT_DIR/RUN_NAME (default: a timestamp)")
 EVAL_RUN = (LIMIT, BATCH_SIZE, DEVICE, DTYPE, SEED, DATA_DIR, DATA_FILE, OUTPUT_DIR, RUN_NAME)
 
+# ---------------------------------------------------------------------------------------------- speed
+PREFIX_CACHE = Option("prefix_cache", kind="switch", default=True, images_only=True, runtime=True, group="speed",
+                      help="compute the fusion block's keys and values of each image's visual prefix once and "
+                           "reuse them for every text (causal LMs; '--prefix_cache False' runs [V ; H] whole each "
+                           "time; scores agree to float rounding)")
+COMPILE = Option("compile", kind="flag", default=False, runtime=True, group="speed",
+                 help="torch.compile the UNet and the fusion block (refused in one line where torch.compile "
+                      "cannot run)")
+SPEED = (PREFIX_CACHE, COMPILE)
+
 
 def eval_options(image_prompt_choices=("sentences", "full", "question"), default_image_prompt: str = "sentences",
                  default_k: int = 10) -> tuple[Option, ...]:
     """The options every eval script shares, with the script's image-prompt strategies and default k."""
     images = (GENERATE_IMAGES, K.replace(default=default_k),
               IMAGE_PROMPT.replace(choices=tuple(image_prompt_choices), default=default_image_prompt))
-    return (*MODEL, *images, *GENERATION, *RETRIEVAL, *MIXING, *EVAL_RUN)
+    return (*MODEL, *images, *GENERATION, *RETRIEVAL, *MIXING, *EVAL_RUN, *SPEED)
 
 
-SHARED = {opt.name: opt for opt in (*MODEL, *IMAGES, *GENERATION, *RETRIEVAL, *MIXING, *EVAL_RUN)}
+SHARED = {opt.name: opt for opt in (*MODEL, *IMAGES, *GENERATION, *RETRIEVAL, *MIXING, *EVAL_RUN, *SPEED)}

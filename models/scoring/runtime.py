@@ -20,6 +20,7 @@ import torch
 
 from models.errors import InputError, NonFiniteScores
 from models.fusion.memo import HiddenStateMemo
+from models.fusion.prefix import VisualPrefixCache
 
 # lm-evaluation-harness's fallbacks for the context window: a tokenizer's model_max_length when none
 # is set (transformers' int(1e30)), and the window when neither config nor tokenizer names one
@@ -29,6 +30,9 @@ DEFAULT_WINDOW = 2048
 # The frozen LM's hidden states per token sequence, shared by every runtime in this process (e.g. the
 # demo's text-only, k=1, k=3 and k=6 runs score the same prompts). Bounded in bytes.
 HIDDEN_MEMO = HiddenStateMemo()
+# The fusion block's keys and values per image's visual prefix (models/fusion/prefix.py), process-wide too;
+# each entry is keyed by the trained weights, dtype, device and vision encoder as well as the image
+PREFIX_CACHE = VisualPrefixCache()
 
 
 def context_window(config, tokenizer=None) -> int:
@@ -44,8 +48,10 @@ def context_window(config, tokenizer=None) -> int:
 
 
 def clear_memos() -> None:
-    """Forget memoised LM hidden states (benchmarks call this to start each way from a clean state)."""
+    """Forget memoised LM hidden states and visual prefixes (benchmarks call this to start each way from a
+    clean state)."""
     HIDDEN_MEMO.clear()
+    PREFIX_CACHE.clear()
 
 
 def trained_widths(state: dict, config: dict, proj_hidden: int | None) -> tuple[int | None, int | None]:
@@ -101,6 +107,11 @@ class ModelRuntime:
                 raise InputError(str(e)) from None
         if before_load is not None:
             before_load(self)
+        if getattr(args, "compile", False):  # refused in one line before any model loads where it cannot run
+            from models.compiling import compile_problem
+            problem = compile_problem(self.device.type)
+            if problem:
+                raise InputError(f"{flag}compile: torch.compile is unavailable here ({problem})")
         self.vision = None
         if use_images:
             from models.vision import load_vision_encoder
@@ -120,6 +131,8 @@ class ModelRuntime:
             load_trainable(self.model, pretrained, loaded=(ckpt_state, ckpt_cfg))
             del ckpt_state
         self.model.to(self.device, self.dtype).eval()
+        if getattr(args, "compile", False):
+            self.model.fusion_layer.compile(dynamic=True)
         self.model_key = (args.model_name, str(self.dtype), str(self.device))
         # every logit the LM head produces (text-only and fused, every decoding step) is checked
         self._non_finite = None
@@ -132,7 +145,23 @@ class ModelRuntime:
             store = FeatureStore(features_root, encoder_identity(
                 args.vision_encoder, dtype_name(self.dtype), memo_path=features_root / "file-hashes.json"))
             self.features = VisionFeatures(self.vision, self.source, store, watch=watch)
+        # image slots whose visual prefix was run through the fusion block / taken from the prefix cache
+        self.prefix_counts = {"prefix_computed": 0, "prefix_reused": 0}
+        self.prefix_cache = (PREFIX_CACHE if use_images and getattr(args, "prefix_cache", True)
+                             and self.model.kind == "causal" and self.model.prefix_cacheable else None)
         self._max_text: dict = {}
+
+    def visual_prefix(self, patches: torch.Tensor, keys: list[str], features=None):
+        """The fusion block's keys and values of the visual prefixes of ``patches`` ``[N, n_v, d]`` (image keys
+        ``keys``) from the prefix cache, or None when it is off (``--prefix_cache False``, a masked LM).
+        ``features``: the feature store the keys belong to (its encoder slug is part of the cache key)."""
+        features = features if features is not None else self.features
+        if self.prefix_cache is None or features is None or getattr(features, "store", None) is None:
+            return None
+        kv, computed, reused = self.prefix_cache(self.model, patches, keys, (features.store.slug,))
+        self.prefix_counts["prefix_computed"] += computed
+        self.prefix_counts["prefix_reused"] += reused
+        return kv
 
     def _watch_logits(self, _module, _inputs, logits) -> None:
         bad = ~torch.isfinite(logits).all()  # no device sync here: read once per scoring call

@@ -52,6 +52,8 @@ class Scorer:
         self.model, self.tokenizer, self.device = runtime.model, runtime.tokenizer, runtime.device
         self.source = source if source is not None else runtime.source
         self.features = features if features is not None else runtime.image_features
+        # the visual prefix cache knows images by the runtime's feature store (caller-given images: no cache)
+        self.own_images = source is None and features is None
 
     # ------------------------------------------------------------------ images
     @torch.no_grad()
@@ -61,8 +63,14 @@ class Scorer:
         Only the image keys are computed here; images are read, generated and encoded only when their
         vision features are neither in memory nor in the feature cache (:meth:`ModelRuntime.image_features`).
         """
+        return self.images_and_prefix(prompt_lists, with_prefix=False)[:3]
+
+    @torch.no_grad()
+    def images_and_prefix(self, prompt_lists: list[list[str]], with_prefix: bool = True):
+        """:meth:`images_for` and the fusion block's keys and values of the ``B*k`` visual prefixes (from the
+        runtime's prefix cache; None when it is off, there are no images or ``with_prefix`` is False)."""
         if not self.use_images:
-            return None, None, [[] for _ in prompt_lists]
+            return None, None, [[] for _ in prompt_lists], None
         from models.fusion.mixing import clip_weights
         refs = self.source.refs(prompt_lists)
         flat = [r for item in refs for r in item]
@@ -78,7 +86,9 @@ class Scorer:
                      "weight": round(float(w), 6),
                      **getattr(r, "provenance", {})}  # retrieved images: index row and similarity
                     for r, w in zip(item, row)] for item, row in zip(refs, weights.tolist())]
-        return patches, weights, records
+        prefix = (self.rt.visual_prefix(patches.flatten(0, 1), [r.key for r in flat])
+                  if k and with_prefix and self.own_images else None)
+        return patches, weights, records, prefix
 
     # ------------------------------------------------------------------ tokens
     def answer_prompt(self, prompt: str) -> str:
@@ -102,10 +112,10 @@ class Scorer:
         seqs = [self.fit(self.encode(t))[0] for t in texts]
         ids, mask = self.rt.pad(seqs)
         last = torch.tensor([[len(s) - 1] for s in seqs], device=self.device)
-        patches, weights, records = self.images_for(prompt_lists)
+        patches, weights, records, prefix = self.images_and_prefix(prompt_lists)
         with self.rt.finite_guard():
             logp = self.model.mixed_logprobs(ids, mask, patches, weights, self.args.mix, positions=last,
-                                             hidden=self.text_hidden(seqs), return_text=with_text)
+                                             hidden=self.text_hidden(seqs), return_text=with_text, prefix=prefix)
         if with_text:
             return logp[0][:, 0].float().cpu(), records, logp[1][:, 0].float().cpu()
         return logp[:, 0].float().cpu(), records
@@ -133,10 +143,10 @@ class Scorer:
         span = max(len(t) for t in targets)
         pos = torch.tensor([[min(f + j, len(s) - 1) for j in range(span)] for s, f in zip(inputs, first)],
                            device=self.device)
-        patches, weights, records = self.images_for(prompt_lists)
+        patches, weights, records, prefix = self.images_and_prefix(prompt_lists)
         with self.rt.finite_guard():
             logp = self.model.mixed_logprobs(ids, mask, patches, weights, self.args.mix, positions=pos,
-                                             hidden=self.text_hidden(inputs), return_text=with_text)
+                                             hidden=self.text_hidden(inputs), return_text=with_text, prefix=prefix)
         logp, text = logp if with_text else (logp, None)
         tgt = torch.tensor([[t[min(j, len(t) - 1)] for j in range(span)] for t in targets], device=self.device)
         picked = logp.float().gather(-1, tgt.unsqueeze(-1))[..., 0].cpu()
@@ -265,14 +275,15 @@ class Scorer:
     def generate(self, prompts: list[str], prompt_lists: list[list[str]], max_new_tokens: int = 50):
         """Fused greedy generation, cut at the first newline (cut from the generated ids)."""
         ids, mask = self.rt.pad([self.fit(self.encode(p), reserve=max_new_tokens)[0] for p in prompts], left=True)
-        patches, weights, records = self.images_for(prompt_lists)
+        patches, weights, records, prefix = self.images_and_prefix(prompt_lists)
         tok = self.tokenizer
 
         def stop(new_ids):
             return "\n" in tok.decode(new_ids[-1:], skip_special_tokens=True)
         with self.rt.finite_guard():
             out = self.model.generate(ids, mask, patches, weights, self.args.mix, max_new_tokens=max_new_tokens,
-                                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, stop=stop)
+                                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, stop=stop,
+                                      prefix=prefix)
         texts = []
         for row in out.tolist():
             keep = []

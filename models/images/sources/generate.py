@@ -11,8 +11,10 @@ def build(args, device, *, dtype=None, encoder=None):
     from models.images.cache import ImageCache
     from models.images.provider import ImageProvider
 
+    knobs = {"vae": getattr(args, "vae", None), "channels_last": getattr(args, "channels_last", False),
+             "compile": getattr(args, "compile", False)}
     generator = generators.build_generator(args.image_generator, device=device, dtype=dtype,
-                                           noise=args.toyworld_noise)
+                                           noise=args.toyworld_noise, **knobs)
     return ImageProvider(generator, ImageCache(args.image_cache), image_size=args.image_size,
                          num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
                          seed=args.seed, gen_batch_size=args.gen_batch_size)
