@@ -81,7 +81,8 @@ def test_score_equals_what_imagenetvc_records(zoo, pipe, tmp_path):
         assert got.text_only_scores == pytest.approx(rec["text_only_scores"], abs=1e-5)
         assert got.prediction == rec["prediction"] and got.text_only_prediction == rec["text_only_prediction"]
         assert [im["weight"] for im in got.images] == pytest.approx([im["weight"] for im in rec["images"]], abs=1e-5)
-        assert [im["path"] for im in got.images] == [im["path"] for im in rec["images"]]
+        root = Path(json.loads((out / "vc" / "imagenetvc.json").read_text())["image_root"]["absolute"])
+        assert [im["path"] for im in got.images] == [str(root / im["path"]) for im in rec["images"]]
     # a batch gives what single calls give
     pair = records[:2]
     batch = pipe.score([r["prompt"] for r in pair], [r["candidates"] for r in pair],

@@ -57,7 +57,7 @@ class ImageCache:
     """
 
     def __init__(self, root: "str | os.PathLike"):
-        self.root = Path(root).expanduser()
+        self.root = Path(root).expanduser().absolute()  # absolute: the background writer outlives a chdir
         self._root = str(self.root)
         try:
             self.root.mkdir(parents=True, exist_ok=True)

@@ -130,7 +130,7 @@ class FeatureStore:
     def __init__(self, root: str | os.PathLike, identity: dict):
         self.identity = identity
         self.slug = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:20]
-        self.dir = Path(root).expanduser() / self.slug
+        self.dir = Path(root).expanduser().absolute() / self.slug  # absolute: writes outlive a chdir
         self._dir = str(self.dir)
         self.dtype = identity["dtype"]
         try:
