@@ -1,0 +1,141 @@
+"""Every rank stops together: an error on one rank of a two-process torchrun run (a bad item only that rank
+scores, a full disk on one rank) ends both ranks at once, with one line from rank 0 and one exit status.
+
+Each run goes through ``tests/rank_exit_check.py``, which records every rank's exit status and end time;
+the subprocess timeout turns a hang into a failure instead of a blocked suite.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from models import distributed
+from tests.paths import TEST_DATA
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = dict(vocab_size=50257, bos_token_id=50256, eos_token_id=50256, pad_token_id=50256)
+WINDOW = 24
+
+
+def torchrun(out: Path, module: str, args: list[str], env_extra=None, cwd=REPO) -> tuple[subprocess.CompletedProcess, dict]:
+    """``torchrun --nproc_per_node 2`` of ``python -m module args``; returns the process and
+    ``{rank: (status, end time, stderr)}``."""
+    logs = out / "logs"
+    out.mkdir(parents=True, exist_ok=True)
+    runner = Path(sys.executable).with_name("torchrun")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO),
+           "TOKENIZERS_PARALLELISM": "false", **(env_extra or {})}
+    proc = subprocess.run([str(runner), "--standalone", "--nproc_per_node", "2", "--log-dir", str(logs),
+                           "--redirects", "3", "-m", "tests.rank_exit_check", str(out), module, *args],
+                          cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+    errs = {int(p.parent.name): p.read_text() for p in logs.rglob("stderr.log")}
+    ranks = {}
+    for r in (0, 1):
+        path = out / f"exit{r}.json"
+        assert path.is_file(), f"rank {r} left no exit record:\n{proc.stderr[-3000:]}\n{errs.get(r, '')[-3000:]}"
+        ended = json.loads(path.read_text())
+        ranks[r] = (ended["status"], ended["time"], errs.get(r, ""))
+    return proc, ranks
+
+
+def assert_stopped_together(ranks: dict, status: int, expected: str) -> str:
+    """Both ranks ended with ``status`` within 60 s of each other; rank 0 printed one ``error:`` line
+    holding ``expected``, rank 1 none. Returns the line."""
+    assert [ranks[r][0] for r in (0, 1)] == [status, status], {r: ranks[r][2][-2000:] for r in ranks}
+    assert abs(ranks[0][1] - ranks[1][1]) < 60
+    lines = [line for line in ranks[0][2].splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and expected in lines[0], ranks[0][2][-3000:]
+    assert "error:" not in ranks[1][2], ranks[1][2][-3000:]
+    for _, _, text in ranks.values():
+        assert "Traceback" not in text, text[-3000:]
+    return lines[0]
+
+
+# ----------------------------------------------------------------------------- one process
+
+def test_one_process_passes_exceptions_through_and_check_in_returns_the_value():
+    with pytest.raises(KeyError):
+        with distributed.step():
+            raise KeyError("x")
+    assert distributed.check_in(value=7) == 7
+    with pytest.raises(distributed.RankFailure) as failure:
+        distributed.check_in(("a bad row", 2))
+    assert (failure.value.message, failure.value.status) == ("a bad row", 2)
+    agreed = distributed.agree_on(OSError(28, "No space left on device", "/x"))
+    assert (agreed.status, agreed.message) == (2, "[Errno 28] No space left on device: '/x'")
+    assert distributed.agree_on(RuntimeError("boom\nmore")).message == "RuntimeError: boom more"
+    assert distributed.agree_on(RuntimeError("boom")).status == 1
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+@pytest.fixture(scope="module")
+def short_window_lm(tmp_path_factory, tokenizer_dir):
+    """A GPT-2 with a 24-token window: a PIQA example whose solution is longer cannot be scored."""
+    import transformers as tf
+
+    d = tmp_path_factory.mktemp("gpt2-window")
+    tf.AutoModelForCausalLM.from_config(tf.GPT2Config(n_embd=32, n_layer=1, n_head=4, n_positions=WINDOW,
+                                                      **TINY)).save_pretrained(d)
+    tf.AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(d)
+    return d
+
+
+def piqa_with_one_long_example(root: Path, lm_dir: Path) -> tuple[Path, str]:
+    """A PIQA folder of four examples in which only the second (rank 1's share) has a solution longer than
+    the window; returns the folder and that example's id."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(lm_dir)
+    rows = [json.loads(line) for line in (TEST_DATA / "piqa" / "valid.jsonl").read_text().splitlines()]
+    labels = (TEST_DATA / "piqa" / "valid-labels.lst").read_text().split()
+
+    def longest(row):
+        return max(len(tok(" " + row[s])["input_ids"]) for s in ("sol1", "sol2"))
+
+    def fits(row):
+        return longest(row) + len(tok(row["goal"])["input_ids"]) + 4 < WINDOW
+
+    short = [i for i, r in enumerate(rows) if fits(r)][:3]
+    long_one = next(i for i, r in enumerate(rows) if longest(r) > WINDOW + 4)
+    order = [short[0], long_one, short[1], short[2]]
+    root.mkdir(parents=True)
+    (root / "valid.jsonl").write_text("".join(json.dumps(rows[i]) + "\n" for i in order))
+    (root / "valid-labels.lst").write_text("".join(labels[i] + "\n" for i in order))
+    return root, order
+
+
+@pytest.mark.xdist_group("torchrun")  # one torchrun at a time: concurrent launches can meet on one port
+def test_eval_an_item_only_rank_1_scores_stops_both_ranks(tmp_path, short_window_lm):
+    data, _ = piqa_with_one_long_example(tmp_path / "piqa", short_window_lm)
+    out = tmp_path / "out"
+    proc, ranks = torchrun(tmp_path / "run", "eval_scripts.commonsenseQA", [
+        "--model_name", str(short_window_lm), "--testset", "piqa", "--protocol", "harness",
+        "--data_dir", str(data), "--device", "cpu", "--batch_size", "1", "--output_dir", str(out),
+        "--run_name", "r"])
+    assert proc.returncode != 0
+    line = assert_stopped_together(ranks, 2, f"more than the model's window of {WINDOW}")
+    assert ":1" in line or "piqa" in line  # the example is named
+    # what rank 0 scored before the stop is kept for a resume; no metrics were written
+    assert not (out / "r" / "commonsense_piqa.json").exists()
+
+
+@pytest.mark.xdist_group("torchrun")
+def test_eval_a_full_disk_on_rank_1_at_the_end_stops_both_ranks(tmp_path, short_window_lm):
+    """The per-process statistics file of rank 1 cannot be written (a stand-in for ENOSPC)."""
+    data, order = piqa_with_one_long_example(tmp_path / "piqa", short_window_lm)
+    rows = (data / "valid.jsonl").read_text().splitlines()
+    (data / "valid.jsonl").write_text("\n".join(rows[:1] + rows[2:]) + "\n")
+    labels = (data / "valid-labels.lst").read_text().split()
+    (data / "valid-labels.lst").write_text("\n".join(labels[:1] + labels[2:]) + "\n")
+    out = tmp_path / "out"
+    proc, ranks = torchrun(tmp_path / "run", "eval_scripts.commonsenseQA", [
+        "--model_name", str(short_window_lm), "--testset", "piqa", "--protocol", "harness",
+        "--data_dir", str(data), "--device", "cpu", "--batch_size", "1", "--output_dir", str(out),
+        "--run_name", "r"], env_extra={"RANK_FAIL_AT": "1:eval_scripts.records.RunRecords.finish"})
+    assert proc.returncode != 0
+    assert_stopped_together(ranks, 2, "No space left on device")
+    assert not (out / "r" / "commonsense_piqa.json").exists()
