@@ -82,6 +82,24 @@ def main(argv=None, *, step_callback=None) -> dict:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()  # every rank is here: exit cleanly, not in gloo's teardown
         raise SystemExit(2) from None
+    except Exception as err:  # noqa: BLE001 - under torchrun, every rank must hear of it
+        stop_every_rank(err)
+        raise
+
+
+def stop_every_rank(err: Exception) -> None:
+    """Under torchrun: end every rank for ``err``, which escaped this one (a peer's failure agreed at a
+    check-in, or this rank's own, offered at its peers' next check-in): rank 0 prints one line, every rank
+    exits with the agreed status (2 for bad input). With one process: returns (the caller re-raises)."""
+    from models.checkpoints.weights import CheckpointError
+    from models.distributed import RankFailure, agree_on, close, report, world
+
+    if world()[1] == 1 and not isinstance(err, RankFailure):
+        return
+    failure = agree_on(err, (InputError, CheckpointError))
+    report(failure)
+    close()
+    raise SystemExit(failure.status) from None
 
 
 if __name__ == "__main__":

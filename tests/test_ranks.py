@@ -139,3 +139,32 @@ def test_eval_a_full_disk_on_rank_1_at_the_end_stops_both_ranks(tmp_path, short_
     assert proc.returncode != 0
     assert_stopped_together(ranks, 2, "No space left on device")
     assert not (out / "r" / "commonsense_piqa.json").exists()
+
+
+# ----------------------------------------------------------------------------- training
+
+@pytest.fixture(scope="module")
+def vg(tmp_path_factory):
+    from tests.test_captions import make_vg_dir
+
+    return make_vg_dir(tmp_path_factory.mktemp("vg") / "v1.2")
+
+
+def train_flags(out: Path, lm: str, clip: str, vg: Path, **extra) -> list[str]:
+    from tests.test_train import flags
+
+    return flags(out, lm, clip, vg, max_train_samples=8, per_device_train_batch_size=2, max_train_steps=2,
+                 learning_rate=1e-3, **extra)
+
+
+@pytest.mark.xdist_group("torchrun")
+@pytest.mark.parametrize("case", ["unreadable images on rank 1", "full disk on rank 0 saving the weights"])
+def test_training_a_failure_on_one_rank_stops_both(case, tmp_path, lm_dirs, tiny_clip_spec, vg):
+    target = {"unreadable images on rank 1": "1:data.captions.CaptionCollator.__call__",
+              "full disk on rank 0 saving the weights": "0:models.checkpoints.weights.save_trainable"}[case]
+    out = tmp_path / "out"
+    proc, ranks = torchrun(tmp_path / "run", "train", train_flags(out, lm_dirs["gpt2"], tiny_clip_spec, vg),
+                           env_extra={"RANK_FAIL_AT": target, "WANDB_MODE": "offline"})
+    assert proc.returncode != 0
+    assert_stopped_together(ranks, 2, "No space left on device")
+    assert not list(out.glob("test_*"))
