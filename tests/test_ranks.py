@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from models import distributed
 from tests.paths import TEST_DATA
@@ -168,3 +169,67 @@ def test_training_a_failure_on_one_rank_stops_both(case, tmp_path, lm_dirs, tiny
     assert proc.returncode != 0
     assert_stopped_together(ranks, 2, "No space left on device")
     assert not list(out.glob("test_*"))
+
+
+# ----------------------------------------------------------------------------- FSDP2 checkpoints
+
+def test_checkpoints_are_refused_only_where_they_cannot_be_written():
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from models.training.setup import checkpoint_refusal
+
+    def accelerator(kind, version=None):
+        return SimpleNamespace(distributed_type=kind, state=SimpleNamespace(
+            fsdp_plugin=SimpleNamespace(fsdp_version=version)))
+
+    assert checkpoint_refusal(accelerator(DistributedType.NO)) is None
+    assert checkpoint_refusal(accelerator(DistributedType.MULTI_CPU)) is None
+    assert checkpoint_refusal(accelerator(DistributedType.MULTI_GPU)) is None
+    assert checkpoint_refusal(accelerator(DistributedType.FSDP, 2)) is None
+    assert checkpoint_refusal(accelerator(DistributedType.FSDP, 1)) == "FSDP version 1"
+    assert "DEEPSPEED" in checkpoint_refusal(accelerator(DistributedType.DEEPSPEED)).upper()
+
+
+def fsdp2_torchrun(*args) -> None:
+    runner = Path(sys.executable).with_name("torchrun")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([str(runner), "--standalone", "--nproc_per_node", "2", "-m", "tests.fsdp2_check",
+                           *map(str, args)], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+@pytest.mark.xdist_group("torchrun")
+def test_fsdp2_checkpoints_gather_the_shards_and_resume_exactly(tmp_path, lm_dirs):
+    """The projector and fusion block sharded by FSDP2 over two CPU processes (gloo): 4 steps straight equal
+    2 steps, a checkpoint, and 2 resumed steps; the checkpoint holds the whole trainable weights and
+    optimizer state (gathered from the shards) in safetensors + JSON, as a one-process run's does."""
+    from safetensors.torch import load_file
+
+    from models.checkpoints.training_state import read_training_checkpoint
+
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    straight.mkdir()
+    resumed.mkdir()
+    fsdp2_torchrun(lm_dirs["gpt2"], straight, 4, "--save_at", 2)
+    run = json.loads((straight / "run.json").read_text())
+    assert run["sharded"] and run["world_size"] == 2 and len(run["losses"]) == 4
+    final = load_file(straight / "final.safetensors")
+
+    ckpt = read_training_checkpoint(straight / "checkpoint-2", 1)
+    assert {k: tuple(v.shape) for k, v in ckpt["weights"].items()} == {k: tuple(v.shape) for k, v in final.items()}
+    weight_names = [k for k in final if "weight" in k or "bias" in k]
+    moments = [s["exp_avg"] for s in ckpt["optimizer"]["state"].values()]
+    assert len(moments) == len(weight_names) and all(m.abs().sum() > 0 for m in moments)
+    assert sorted(tuple(m.shape) for m in moments) == sorted(tuple(final[k].shape) for k in weight_names)
+    assert not [p.name for p in (straight / "checkpoint-2").iterdir() if p.suffix not in (".json", ".safetensors")]
+    assert not any(torch.equal(ckpt["weights"][k], final[k]) for k in weight_names)  # it is the step-2 state
+
+    fsdp2_torchrun(lm_dirs["gpt2"], resumed, 4, "--resume_from", straight / "checkpoint-2")
+    again = json.loads((resumed / "run.json").read_text())
+    assert again["losses"] == pytest.approx(run["losses"][2:], rel=1e-6)
+    assert again["lrs"] == pytest.approx(run["lrs"][2:])
+    final_resumed = load_file(resumed / "final.safetensors")
+    for k in final:
+        assert torch.allclose(final[k], final_resumed[k], atol=1e-6, rtol=0), k

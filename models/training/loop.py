@@ -62,13 +62,18 @@ class TrainingLoop:
     def save_weights(self, epoch: int) -> Path:
         """The trainable weights as ``<run_name>_<epoch>/``, the run's arguments in its config.json."""
         args, accelerator = self.args, self.accelerator
+        from models.checkpoints.training_state import gathered_state
+
         path = self.output_dir / f"{args.run_name}_{epoch}"
-        with step(BAD_INPUT):  # the main process writes; a full disk there stops every process
+        # FSDP2: every process takes part in gathering the shards; the main process writes
+        state = gathered_state(accelerator.unwrap_model(self.model).trainable_state_dict(),
+                               keep=accelerator.is_main_process)
+        with step(BAD_INPUT):  # a full disk there stops every process
             if accelerator.is_main_process:
-                self._write_weights(path)
+                self._write_weights(path, state)
         return path
 
-    def _write_weights(self, path: Path) -> None:
+    def _write_weights(self, path: Path, state: dict) -> None:
         from models.checkpoints.weights import save_trainable
 
         args, accelerator = self.args, self.accelerator
@@ -78,7 +83,7 @@ class TrainingLoop:
                         resumed_from=None if self.resume_path is None else str(self.resume_path))
         save_trainable(accelerator.unwrap_model(self.model), path, base_model=args.model_name_or_path,
                        vision_encoder=args.vision_encoder, extra={"run_args": run_args},
-                       files={TRAIN_CONFIG: config_yaml(args)})
+                       files={TRAIN_CONFIG: config_yaml(args)}, state=state)
         logger.info("saved trainable weights to %s", path)
 
     def count_images(self, seen: int, bad: int) -> None:
