@@ -233,3 +233,20 @@ def test_fsdp2_checkpoints_gather_the_shards_and_resume_exactly(tmp_path, lm_dir
     final_resumed = load_file(resumed / "final.safetensors")
     for k in final:
         assert torch.allclose(final[k], final_resumed[k], atol=1e-6, rtol=0), k
+
+
+# ----------------------------------------------------------------------------- index building
+
+@pytest.mark.xdist_group("torchrun")
+def test_index_build_a_full_disk_on_rank_1_stops_both_ranks(tmp_path, tiny_clip_spec):
+    from tests.test_image_index import coco_names, draw_stand_ins
+
+    images = draw_stand_ins(tmp_path / "images", coco_names()[:12])
+    out = tmp_path / "index"
+    proc, ranks = torchrun(tmp_path / "run", "models.images.index", [
+        "build", "--images", str(images), "--out", str(out), "--vision_encoder", tiny_clip_spec,
+        "--batch_size", "2", "--num_workers", "0", "--device", "cpu"],
+        env_extra={"RANK_FAIL_AT": "1:numpy.savez"})  # rank 1 writing its first batch
+    assert proc.returncode != 0
+    assert_stopped_together(ranks, 2, "No space left on device")
+    assert not (out / "manifest.json").exists()
