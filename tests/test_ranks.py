@@ -21,7 +21,8 @@ TINY = dict(vocab_size=50257, bos_token_id=50256, eos_token_id=50256, pad_token_
 WINDOW = 24
 
 
-def torchrun(out: Path, module: str, args: list[str], env_extra=None, cwd=REPO) -> tuple[subprocess.CompletedProcess, dict]:
+def torchrun(out: Path, module: str, args: list[str], env_extra=None, cwd=REPO,
+             timeout=120) -> tuple[subprocess.CompletedProcess, dict]:
     """``torchrun --nproc_per_node 2`` of ``python -m module args``; returns the process and
     ``{rank: (status, end time, stderr)}``."""
     logs = out / "logs"
@@ -31,7 +32,7 @@ def torchrun(out: Path, module: str, args: list[str], env_extra=None, cwd=REPO) 
            "TOKENIZERS_PARALLELISM": "false", **(env_extra or {})}
     proc = subprocess.run([str(runner), "--standalone", "--nproc_per_node", "2", "--log-dir", str(logs),
                            "--redirects", "3", "-m", "tests.rank_exit_check", str(out), module, *args],
-                          cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+                          cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     errs = {int(p.parent.name): p.read_text() for p in logs.rglob("stderr.log")}
     ranks = {}
     for r in (0, 1):
@@ -159,7 +160,8 @@ def train_flags(out: Path, lm: str, clip: str, vg: Path, **extra) -> list[str]:
 
 
 @pytest.mark.xdist_group("torchrun")
-@pytest.mark.parametrize("case", ["unreadable images on rank 1", "full disk on rank 0 saving the weights"])
+@pytest.mark.parametrize("case", ["unreadable images on rank 1", pytest.param(
+    "full disk on rank 0 saving the weights", marks=pytest.mark.slow)])
 def test_training_a_failure_on_one_rank_stops_both(case, tmp_path, lm_dirs, tiny_clip_spec, vg):
     target = {"unreadable images on rank 1": "1:data.captions.CaptionCollator.__call__",
               "full disk on rank 0 saving the weights": "0:models.checkpoints.weights.save_trainable"}[case]
@@ -237,6 +239,7 @@ def test_fsdp2_checkpoints_gather_the_shards_and_resume_exactly(tmp_path, lm_dir
 
 # ----------------------------------------------------------------------------- index building
 
+@pytest.mark.slow
 @pytest.mark.xdist_group("torchrun")
 def test_index_build_a_full_disk_on_rank_1_stops_both_ranks(tmp_path, tiny_clip_spec):
     from tests.test_image_index import coco_names, draw_stand_ins
@@ -250,3 +253,22 @@ def test_index_build_a_full_disk_on_rank_1_stops_both_ranks(tmp_path, tiny_clip_
     assert proc.returncode != 0
     assert_stopped_together(ranks, 2, "No space left on device")
     assert not (out / "manifest.json").exists()
+
+
+# ----------------------------------------------------------------------------- the harness
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("torchrun")
+def test_harness_a_failure_on_rank_1_while_scoring_stops_both_ranks(tmp_path, lm_dirs, tmp_path_factory):
+    from tests.test_harness import TASKS, convert_arc
+
+    data = tmp_path / "data"
+    data.mkdir()
+    convert_arc(TEST_DATA / "arc" / "ARC-Easy-Dev.jsonl", data / "arc_easy.jsonl")
+    proc, ranks = torchrun(tmp_path / "run", "eval_scripts.harness", [
+        "--tasks", "arc_easy", "--include_path", str(TASKS), "--limit", "6", "--batch_size", "2",
+        "--model_args", f"model_name={lm_dirs['gpt2']},device=cpu"],
+        env_extra={"RANK_FAIL_AT": "1:eval_scripts.scoring.Scorer.pair_logprobs"}, cwd=data,
+        timeout=300)  # importing lm-eval is slow on a busy machine: the stop itself is checked below
+    assert proc.returncode != 0
+    assert_stopped_together(ranks, 2, "No space left on device")
