@@ -33,7 +33,13 @@ Outputs under ``--output_dir``:
   records the run's settings and how many training images were unreadable and skipped (``bad_images``).
 
 Bad input is one ``error: ...`` line (exit status 2), found before anything is written; under torchrun
-rank 0 prints it and every rank exits with it (a failure on one rank is shared with the others).
+rank 0 prints it and every rank exits with it (a failure on one rank is shared with the others). Mid-run,
+every micro-batch is a step of every rank (``models/distributed.py``): unreadable images or a full disk on
+one rank stop every rank at that step, with one line and the same exit status.
+
+Multi-process runs: DDP, or FSDP2 (``accelerate config`` with ``fsdp_version: 2``), whose checkpoints gather
+the sharded trainable part and optimizer state into the same files; FSDP1, DeepSpeed and Megatron-LM train
+but refuse ``--checkpointing_steps``/``--resume_from_checkpoint``.
 
 Wiki images: each WikiText chunk's image is generated from one of its sentences and stored in the
 content-addressed ``--image_cache``. Fill the cache first (sharded over processes, then exit) with the
@@ -52,7 +58,8 @@ Where the code lives (``models/training/``):
 * ``state.py``: where training stands (:class:`TrainState`), saved in each checkpoint;
 * ``run_folder.py``: ``--output_dir`` policy: resuming, refusing or clearing a previous run;
 * ``run_config.py``: what a run records (checkpoint config, saved weights' run arguments, tracker config);
-* ``ranks.py`` and ``errors.py``: bad input as one ``InputError`` line, agreed across ranks.
+* ``ranks.py`` and ``errors.py``: bad input as one ``InputError`` line, agreed across ranks (on top of
+  ``models/distributed.py``, which also stops every rank together mid-run).
 """
 from __future__ import annotations
 

@@ -22,7 +22,7 @@ WINDOW = 24
 
 
 def torchrun(out: Path, module: str, args: list[str], env_extra=None, cwd=REPO,
-             timeout=120) -> tuple[subprocess.CompletedProcess, dict]:
+             timeout=240) -> tuple[subprocess.CompletedProcess, dict]:
     """``torchrun --nproc_per_node 2`` of ``python -m module args``; returns the process and
     ``{rank: (status, end time, stderr)}``."""
     logs = out / "logs"
