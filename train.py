@@ -43,7 +43,13 @@ model's mean loss over every caption token (``validation_loss``) and the frozen 
 (``validation_loss_text_only``), logged to the trackers.
 
 Bad input is one ``error: ...`` line (exit status 2), found before anything is written; under torchrun
-rank 0 prints it and every rank exits with it (a failure on one rank is shared with the others).
+rank 0 prints it and every rank exits with it (a failure on one rank is shared with the others). Mid-run,
+every micro-batch is a step of every rank (``models/distributed.py``): unreadable images or a full disk on
+one rank stop every rank at that step, with one line and the same exit status.
+
+Multi-process runs: DDP, or FSDP2 (``accelerate config`` with ``fsdp_version: 2``), whose checkpoints gather
+the sharded trainable part and optimizer state into the same files; FSDP1, DeepSpeed and Megatron-LM train
+but refuse ``--checkpointing_steps``/``--resume_from_checkpoint``.
 
 Wiki images: each WikiText chunk's image is generated from one of its sentences and stored in the
 content-addressed ``--image_cache``. Fill the cache first (sharded over processes, then exit) with the
@@ -63,7 +69,8 @@ Where the code lives (``models/training/``):
 * ``run_folder.py``: ``--output_dir`` policy: resuming, refusing or clearing a previous run;
 * ``run_config.py``: what a run records (checkpoint config, saved weights' run arguments, tracker config);
 * ``validation.py``: the validation captions and losses;
-* ``ranks.py`` and ``errors.py``: bad input as one ``InputError`` line, agreed across ranks.
+* ``ranks.py`` and ``errors.py``: bad input as one ``InputError`` line, agreed across ranks (on top of
+  ``models/distributed.py``, which also stops every rank together mid-run).
 """
 from __future__ import annotations
 
@@ -96,6 +103,24 @@ def main(argv=None, *, step_callback=None) -> dict:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()  # every rank is here: exit cleanly, not in gloo's teardown
         raise SystemExit(2) from None
+    except Exception as err:  # noqa: BLE001 - under torchrun, every rank must hear of it
+        stop_every_rank(err)
+        raise
+
+
+def stop_every_rank(err: Exception) -> None:
+    """Under torchrun: end every rank for ``err``, which escaped this one (a peer's failure agreed at a
+    check-in, or this rank's own, offered at its peers' next check-in): rank 0 prints one line, every rank
+    exits with the agreed status (2 for bad input). With one process: returns (the caller re-raises)."""
+    from models.checkpoints.weights import CheckpointError
+    from models.distributed import RankFailure, agree_on, close, report, world
+
+    if world()[1] == 1 and not isinstance(err, RankFailure):
+        return
+    failure = agree_on(err, (InputError, CheckpointError))
+    report(failure)
+    close()
+    raise SystemExit(failure.status) from None
 
 
 def publish(args, result: dict) -> None:

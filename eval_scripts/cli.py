@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Callable
 # (models/errors.py), so an error raised while scoring is an EvalError here.
 from models.errors import InputError as EvalError
 from models.errors import NonFiniteScores  # noqa: F401
+from models.distributed import RankFailure
 
 if TYPE_CHECKING:
     from models.options import Settings
@@ -184,12 +185,31 @@ def run_main(main: Callable[[list[str] | None], dict], argv=None) -> dict:
     """
     try:
         result = main(argv)
-    except (EvalError, ValueError, OSError) as e:
-        print(f"error: {one_line(e)}", file=sys.stderr)
-        raise SystemExit(2) from None
+    except (EvalError, ValueError, OSError, RankFailure) as e:
+        stop_every_rank(e)
+    except Exception as e:
+        from models.distributed import world
+
+        if world()[1] == 1:
+            raise  # one process: a bug keeps its traceback
+        import traceback
+
+        traceback.print_exc()
+        stop_every_rank(e)
     if argv is None and getattr(sys.modules.get("__main__"), "main", None) is main:
         exit_now(0)
     return result
+
+
+def stop_every_rank(err: BaseException):
+    """End this process for ``err`` with the line and exit status every rank agrees on
+    (:mod:`models.distributed`): rank 0 prints it, the others exit quietly with the same status."""
+    from models.distributed import agree_on, close, report
+
+    failure = agree_on(err, (EvalError,))
+    report(failure)
+    close()
+    raise SystemExit(failure.status) from None
 
 
 def exit_now(status: int = 0) -> None:

@@ -63,6 +63,7 @@ from lm_eval.api.registry import register_model
 from tqdm.auto import tqdm
 
 from eval_scripts.cli import EvalError, resolve_args, run_main
+from models.distributed import check_in, step
 from models.options import catalog
 
 logger = logging.getLogger(__name__)
@@ -290,7 +291,9 @@ class LateFusionHarnessLM(TemplateLM):
 
     def barrier(self):
         if self.world_size > 1:
-            self._state.wait_for_everyone()
+            from models.distributed import barrier
+
+            barrier()  # a check-in: a peer's failure is heard here
 
     # ------------------------------------------------------------------ what this model cannot do
     def chat_template(self, chat_template=False):
@@ -375,15 +378,21 @@ class LateFusionHarnessLM(TemplateLM):
             batches += [(has_images, rows[s:s + bs]) for s in range(0, len(rows), bs)]
         results: list = [None] * len(pairs)
         with tqdm(total=len(pairs), desc="late_fusion loglikelihood", disable=disable_tqdm or self.rank != 0) as bar:
-            for has_images, rows in batches:
-                scorer = self.scorer if has_images else self.text_scorer
-                out, records = scorer.pair_logprobs([pairs[i] for i in rows], [prompts[i] for i in rows],
-                                                    [names[i] or f"request {i}" for i in rows])
-                if has_images:
-                    self._keep_images([texts[i] for i in rows], [prompts[i] for i in rows], records)
-                for i, (lps, greedy) in zip(rows, out):  # summed in float32, as lm-eval's hf model does
-                    results[i] = (float(torch.tensor(lps, dtype=torch.float32).sum()), greedy)
-                bar.update(len(rows))
+            # every process runs as many batches as the longest share, each a step (models.distributed): a
+            # failure on one process stops all of them there, before lm-eval's gathers could wait for it
+            for n in range(check_in(value=len(batches))):
+                with step((EvalError,)):
+                    if n >= len(batches):
+                        continue
+                    has_images, rows = batches[n]
+                    scorer = self.scorer if has_images else self.text_scorer
+                    out, records = scorer.pair_logprobs([pairs[i] for i in rows], [prompts[i] for i in rows],
+                                                        [names[i] or f"request {i}" for i in rows])
+                    if has_images:
+                        self._keep_images([texts[i] for i in rows], [prompts[i] for i in rows], records)
+                    for i, (lps, greedy) in zip(rows, out):  # summed in float32, as lm-eval's hf model does
+                        results[i] = (float(torch.tensor(lps, dtype=torch.float32).sum()), greedy)
+                    bar.update(len(rows))
         return results
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
@@ -428,16 +437,23 @@ class LateFusionHarnessLM(TemplateLM):
             groups.setdefault((json.dumps(until), max_gen, bool(prompts[i])), []).append(i)
         results: list = [None] * len(requests)
         bar = tqdm(total=len(requests), desc="late_fusion generate_until", disable=disable_tqdm or self.rank != 0)
-        for (until_json, max_gen, has_images), rows in groups.items():
-            until = handle_stop_sequences(json.loads(until_json), eos=eos_text)
-            max_ctx = self.max_length - max_gen if has_images else self.text_scorer.window() - max_gen
-            if max_ctx < 1:
-                raise EvalError(f"max_gen_toks {max_gen} leaves no room for a context in the model's window "
-                                f"of {max_ctx + max_gen} tokens")
-            encoded = {i: self.tok_encode(contexts[i])[-max_ctx:] for i in rows}
-            rows = sorted(rows, key=lambda i: -len(encoded[i]))
-            for start in range(0, len(rows), self.batch_size):
-                chunk = rows[start:start + self.batch_size]
+        jobs = []  # (until, max_gen, has_images, rows of one batch, their encoded contexts)
+        with step((EvalError,)):
+            for (until_json, max_gen, has_images), rows in groups.items():
+                until = handle_stop_sequences(json.loads(until_json), eos=eos_text)
+                max_ctx = self.max_length - max_gen if has_images else self.text_scorer.window() - max_gen
+                if max_ctx < 1:
+                    raise EvalError(f"max_gen_toks {max_gen} leaves no room for a context in the model's window "
+                                    f"of {max_ctx + max_gen} tokens")
+                encoded = {i: self.tok_encode(contexts[i])[-max_ctx:] for i in rows}
+                rows = sorted(rows, key=lambda i: -len(encoded[i]))
+                jobs += [(until, max_gen, has_images, rows[start:start + self.batch_size], encoded)
+                         for start in range(0, len(rows), self.batch_size)]
+        for n in range(check_in(value=len(jobs))):  # steps of every process, as in _score
+            with step((EvalError,)):
+                if n >= len(jobs):
+                    continue
+                until, max_gen, has_images, chunk, encoded = jobs[n]
                 texts = self._generate([encoded[i] for i in chunk], [prompts[i] for i in chunk], until,
                                        max_gen, eos_ids, has_images, [contexts[i] for i in chunk])
                 for i, text in zip(chunk, texts):

@@ -26,6 +26,7 @@ part file, no folder it created), so a failed start never locks a run name.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime as _dt
 import hashlib
@@ -40,6 +41,7 @@ from pathlib import Path
 from typing import Callable
 
 from eval_scripts.cli import EvalError, NonFiniteScores
+from models.distributed import barrier, check_in, step
 
 ITEM_HASH = "item_hash"
 # rows whose image paths are relative to the run's image root carry this (bookkeeping, not in the samples file);
@@ -230,7 +232,7 @@ class RunRecords:
             except ValueError:
                 raise EvalError(f"{run_file} is not valid JSON; use another --run_name") from None
         locked = old is not None and self.has_results()
-        self.state.wait_for_everyone()  # every rank has read the old file before the main one writes
+        barrier()  # every rank has read the old file before the main one writes (and a peer's failure is heard)
         if write and not locked and old != mine and self.is_main:
             self._make_dir()
             write_atomic(run_file, json.dumps(mine, indent=2))
@@ -259,8 +261,8 @@ class RunRecords:
             raise EvalError(f"{self.task}: no examples to score")
         keys = [(it["id"], item_hash(it)) for it in items]
         try:
-            self.check_resume(write=True)
-            self.state.wait_for_everyone()
+            with step((EvalError,)):
+                self.check_resume(write=True)
             done = self.rows()
             hashes = {it["id"]: key[1] for it, key in zip(items, keys)}
             todo = [it for it, key in zip(items, keys) if key not in done]
@@ -269,7 +271,7 @@ class RunRecords:
         except BaseException:
             self._clean_up_if_nothing_scored()
             raise
-        self.state.wait_for_everyone()
+        barrier()
         done = self.rows()
         missing = [key[0] for key in keys if key not in done]
         if missing:
@@ -283,39 +285,56 @@ class RunRecords:
         from tqdm.auto import tqdm
 
         bs = self.args.batch_size
-        correct = total = 0
-        if not todo:
+        # every process takes part in as many batches as the longest share has (empty ones past its own end):
+        # each batch ends with a check-in, so a failure on one process stops them all at that batch
+        n_batches = check_in(value=-(-len(todo) // bs))
+        if not todo and not n_batches:
             return
+        self._tally = [0, 0]  # correct, total
+        t0 = time.perf_counter()
         part = self.part_path(self.state.process_index)
-        if part.is_file() and part.stat().st_size:  # a line cut short by a kill: end it first
+        # progress bars only on a terminal (disable=None); a log file gets one summary line instead
+        with (self._open_part(part) if todo else contextlib.nullcontext()) as f, \
+                tqdm(total=len(todo), desc=desc or self.task, unit="ex", disable=None if self.is_main else True) as bar:
+            for start in range(0, n_batches * bs, bs):
+                with step((EvalError,)):
+                    if start < len(todo):
+                        kept = self._score_batch(f, todo[start:start + bs], hashes, compute, kept, bar, postfix)
+            correct, total = self._tally
+            if bar.disable and self.is_main:
+                print(f"{desc or self.task}: {total} scored in {time.perf_counter() - t0:.1f} s"
+                      + (f", accuracy {correct / total:.4f}" if total else ""), flush=True)
+
+    @staticmethod
+    def _open_part(part: Path):
+        """This process's part file, for appending (a line cut short by a kill is ended first)."""
+        if part.is_file() and part.stat().st_size:
             with open(part, "rb+") as f:
                 f.seek(-1, os.SEEK_END)
                 if f.read(1) != b"\n":
                     f.write(b"\n")
-        t0 = time.perf_counter()
-        # progress bars only on a terminal (disable=None); a log file gets one summary line instead
-        with open(part, "a", encoding="utf-8") as f, \
-                tqdm(total=len(todo), desc=desc or self.task, unit="ex", disable=None if self.is_main else True) as bar:
-            for start in range(0, len(todo), bs):
-                recs, failure = self._compute_checked(compute, todo[start:start + bs])
-                for r in recs:
-                    r[ITEM_HASH] = hashes[r["id"]]
-                    if r.get("images"):
-                        r[ROOT_PATHS] = True  # the scorer records image paths relative to the image root
-                    f.write(json.dumps(r, allow_nan=False) + "\n")
-                    correct += bool(r.get("correct"))
-                    total += 1
-                f.flush()
-                kept += len(recs)
-                if failure is not None:
-                    saved = (f"{kept} scored example{'s' if kept != 1 else ''} kept in {self.out_dir} for a resume"
-                             if kept else "nothing was written")
-                    raise NonFiniteScores(f"{failure}; {saved}; no metrics were written")
-                bar.update(len(recs))
-                bar.set_postfix({"acc": f"{correct / max(total, 1):.3f}", **(postfix() if postfix else {})})
-            if bar.disable and self.is_main:
-                print(f"{desc or self.task}: {total} scored in {time.perf_counter() - t0:.1f} s"
-                      + (f", accuracy {correct / total:.4f}" if total else ""), flush=True)
+        return open(part, "a", encoding="utf-8")
+
+    def _score_batch(self, f, batch, hashes, compute, kept: int, bar, postfix) -> int:
+        """Score one batch into the part file ``f``; returns the examples of this run now on disk."""
+        recs, failure = self._compute_checked(compute, batch)
+        for r in recs:
+            r[ITEM_HASH] = hashes[r["id"]]
+            if r.get("images"):
+                r[ROOT_PATHS] = True  # the scorer records image paths relative to the image root
+            f.write(json.dumps(r, allow_nan=False) + "\n")
+            self._tally[0] += bool(r.get("correct"))
+            self._tally[1] += 1
+        f.flush()
+        kept += len(recs)
+        if failure is not None:
+            saved = (f"{kept} scored example{'s' if kept != 1 else ''} kept in {self.out_dir} for a resume"
+                     if kept else "nothing was written")
+            raise NonFiniteScores(f"{failure}; {saved}; no metrics were written")
+        correct, total = self._tally
+        bar.update(len(recs))
+        bar.set_postfix({"acc": f"{correct / max(total, 1):.3f}", **(postfix() if postfix else {})})
+        return kept
 
     def _compute_checked(self, compute, batch: list[dict]) -> tuple[list[dict], str | None]:
         """The records of a batch up to the first with a non-finite number, and what went wrong there
@@ -369,10 +388,16 @@ class RunRecords:
         counters: :data:`eval_scripts.runtime.IMAGE_COUNTERS`).
         """
         stats_path = self.out_dir / f"{self.task}.stats{self.state.process_index}.json"
-        stats_path.write_text(json.dumps(stats))
-        self.state.wait_for_everyone()
-        if not self.is_main:
-            return None
+        with step((EvalError,)):  # a full disk on any process stops them all here
+            stats_path.write_text(json.dumps(stats))
+        result = None
+        with step((EvalError,)):  # the main process writes; the others hear how that went
+            if self.is_main:
+                result = self._write_results(metrics, t0, table, show_images)
+        return result
+
+    def _write_results(self, metrics: dict, t0: float, table, show_images: bool) -> dict:
+        """The main process's part of :meth:`finish`: merge, write the result files, print the table."""
         all_stats = [json.loads(p.read_text()) for p in sorted(self.out_dir.glob(f"{self.task}.stats*.json"))]
         seconds = {k: round(sum(s["seconds"][k] for s in all_stats), 3) for k in all_stats[0]["seconds"]}
         seconds["total"] = round(time.perf_counter() - t0, 3)

@@ -12,6 +12,11 @@ A checkpoint folder holds:
                                       torch CPU and CUDA (one per device) as uint8 tensors
 ``checkpoint.json``                   the completion marker, written last: the size and SHA-256 of every file
 
+Under FSDP2 the trainable part and its optimizer state are DTensors sharded over the processes: a save
+gathers them whole (every process takes part), and a resume cuts each process's shards from the whole
+tensors, so a checkpoint is the same files whatever the sharding (and resumes under one process, DDP or
+FSDP2 alike, with the same number of processes for the RNG states).
+
 Nothing is unpickled: JSON and safetensors hold data only, and a file whose size or hash differs from the
 marker is refused before it is parsed. Every problem is one :class:`~models.checkpoints.weights.CheckpointError` line
 naming the file. A checkpoint is written into ``checkpoint-<step>.tmp/`` and renamed into place once its
@@ -290,36 +295,85 @@ class _Reader:
 def save_training_checkpoint(accelerator, output_dir: Path, step: int, *, model, optimizer, scheduler,
                              trainer_state: dict, total_limit: int | None) -> Path:
     """Write ``output_dir/checkpoint-<step>`` from every process (each adds its RNG state), atomically;
-    then delete the oldest complete checkpoints beyond ``total_limit`` and any interrupted save."""
+    then delete the oldest complete checkpoints beyond ``total_limit`` and any interrupted save.
+
+    Under FSDP2 every process first gathers the shards of the trainable weights and of their optimizer
+    state (:func:`gathered_state`), so the files are those of a one-process run. Each phase ends with a
+    check-in of every process (:func:`models.distributed.step`): a full disk on any process stops them all."""
+    from models.distributed import step as every_rank
+
     final = Path(output_dir) / f"{CHECKPOINT_PREFIX}{step}"
     tmp = final.with_name(final.name + TMP_SUFFIX)
     main = accelerator.is_main_process
-    if main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    write_component(tmp, f"rng_state_{accelerator.process_index}", rng_state())
-    if main:
-        _write_weights(tmp, accelerator.unwrap_model(model).trainable_state_dict())
-        write_component(tmp, "optimizer", optimizer.state_dict())
-        write_component(tmp, "scheduler", scheduler.state_dict())
-        scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
-        write_component(tmp, "trainer_state", {**trainer_state, "format": FORMAT, "scaler": scaler})
-    accelerator.wait_for_everyone()
-    if main:
-        files = {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in sorted(tmp.iterdir())}
-        marker = {"format": FORMAT, "version": VERSION, "step": step,
-                  "num_processes": accelerator.num_processes, "files": files}
-        _write_bytes(tmp / MARKER, (json.dumps(marker, indent=1) + "\n").encode("utf-8"))  # last
-        old = final.with_name(f".{final.name}.replaced")
-        if final.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-        _prune(Path(output_dir), total_limit, keep=final)
-    accelerator.wait_for_everyone()
+    with every_rank((CheckpointError,)):
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+    weights = gathered_state(accelerator.unwrap_model(model).trainable_state_dict(), keep=main)
+    optimizer_state = gathered_state(optimizer.state_dict(), keep=main)
+    with every_rank((CheckpointError,)):
+        write_component(tmp, f"rng_state_{accelerator.process_index}", rng_state())
+        if main:
+            _write_weights(tmp, weights)
+            write_component(tmp, "optimizer", optimizer_state)
+            write_component(tmp, "scheduler", scheduler.state_dict())
+            scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
+            write_component(tmp, "trainer_state", {**trainer_state, "format": FORMAT, "scaler": scaler})
+    with every_rank((CheckpointError,)):
+        if main:
+            _complete(tmp, final, step, accelerator.num_processes)
+            _prune(Path(output_dir), total_limit, keep=final)
     return final
+
+
+def _complete(tmp: Path, final: Path, step: int, num_processes: int) -> None:
+    """Write the marker (last) into ``tmp`` and rename it to ``final`` (a previous ``final`` stays whole until then)."""
+    files = {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in sorted(tmp.iterdir())}
+    marker = {"format": FORMAT, "version": VERSION, "step": step, "num_processes": num_processes, "files": files}
+    _write_bytes(tmp / MARKER, (json.dumps(marker, indent=1) + "\n").encode("utf-8"))  # last
+    old = final.with_name(f".{final.name}.replaced")
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- sharded (FSDP2) tensors
+
+def is_sharded(t) -> bool:
+    """Whether ``t`` is a DTensor (a parameter or optimizer state that FSDP2 shards over the processes)."""
+    return torch.is_tensor(t) and hasattr(t, "full_tensor") and hasattr(t, "placements")
+
+
+def gathered_state(obj, keep: bool = True):
+    """``obj`` (a state dict: nested dicts, lists, tuples) with every DTensor gathered whole and every tensor
+    on the CPU. Collective under FSDP2: every process calls it, on states of the same structure (the shards
+    are gathered in one order); ``keep=False`` takes part in the gathers and returns None."""
+    def walk(value):
+        if torch.is_tensor(value):
+            whole = value.full_tensor() if is_sharded(value) else value
+            return whole.detach().to("cpu").clone() if keep else None
+        if isinstance(value, dict):
+            return {k: walk(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return type(value)(walk(v) for v in value)
+        return value
+
+    result = walk(obj)
+    return result if keep else None
+
+
+def shard_like(whole: torch.Tensor, like) -> torch.Tensor:
+    """``whole`` as ``like`` holds it: for a DTensor, this process's shard of it (cut locally: every process
+    read the whole checkpoint), in ``like``'s dtype and device; otherwise ``whole`` itself."""
+    if not is_sharded(like):
+        return whole
+    from torch.distributed.tensor import distribute_tensor
+
+    local = like.to_local()
+    return distribute_tensor(whole.to(device=local.device, dtype=like.dtype), like.device_mesh, like.placements,
+                             src_data_rank=None)
 
 
 def _prune(output_dir: Path, total_limit: int | None, keep: Path) -> None:
@@ -388,7 +442,10 @@ def restore_training_checkpoint(ckpt: dict, accelerator, model, optimizer, sched
     from models.checkpoints.weights import load_trainable
 
     path = ckpt["path"]
-    load_trainable(accelerator.unwrap_model(model), path, loaded=(ckpt["weights"], {}))
+    current = accelerator.unwrap_model(model).trainable_state_dict()
+    weights = {k: shard_like(v, current[k]) if k in current and tuple(v.shape) == tuple(current[k].shape) else v
+               for k, v in ckpt["weights"].items()}  # FSDP2: each process's shards of the whole tensors
+    load_trainable(accelerator.unwrap_model(model), path, loaded=(weights, {}))
     params = [p for group in optimizer.param_groups for p in group["params"]]
     saved = ckpt["optimizer"]
     for index, values in saved["state"].items():
@@ -399,6 +456,8 @@ def restore_training_checkpoint(ckpt: dict, accelerator, model, optimizer, sched
     if not isinstance(saved["param_groups"], list) or len(saved["param_groups"]) != len(groups) or not all(
             _fits(s, c) for s, c in zip(saved["param_groups"], groups)):
         raise CheckpointError(f"{path / 'optimizer.json'}: its parameter groups do not fit this optimizer")
+    saved = {**saved, "state": {i: {n: shard_like(v, params[i]) if torch.is_tensor(v) and v.dim() > 0 else v
+                                    for n, v in values.items()} for i, values in saved["state"].items()}}
     try:
         optimizer.load_state_dict(saved)
     except (KeyError, TypeError, ValueError) as err:

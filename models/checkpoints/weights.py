@@ -35,15 +35,18 @@ class CheckpointMismatchError(CheckpointError):
 
 
 def save_trainable(model, out_dir: str | os.PathLike, *, base_model: str, vision_encoder: str,
-                   extra: dict | None = None, files: dict[str, str] | None = None) -> Path:
+                   extra: dict | None = None, files: dict[str, str] | None = None,
+                   state: dict | None = None) -> Path:
     """Write ``model.safetensors`` + ``config.json`` + ``README.md`` (the model card, :mod:`models.card`) and
-    the text ``files``, by name, atomically into ``out_dir``."""
+    the text ``files``, by name, atomically into ``out_dir``. ``state``: the trainable weights, when the caller
+    has gathered them (FSDP2's shards); by default ``model.trainable_state_dict()``."""
     from safetensors.torch import save_file
 
     out = Path(out_dir)
     tmp = out.with_name(out.name + ".tmp")
     tmp.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().to("cpu").contiguous() for k, v in model.trainable_state_dict().items()}
+    state = {k: v.detach().to("cpu").contiguous()
+             for k, v in (model.trainable_state_dict() if state is None else state).items()}
     save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
     # other models by hub id, absolute path, or relative to this folder: the config holds from anywhere
     base_model, vision_encoder = portable_ref(base_model, out), portable_ref(vision_encoder, out)

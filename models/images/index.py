@@ -54,6 +54,7 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
+from models.distributed import agree_on, barrier, check_in, close, report, step, world
 from models.options import Option, catalog
 from models.options.dtypes import AUTO_HALF, AUTO_RULES
 from models.write_behind import os_error_line, sha256_file, write_atomic
@@ -659,10 +660,10 @@ def build(args, batch_callback=None, state=None) -> dict | None:
     plan = _plan(collection, encoder, args.batch_size, encoder_probe(encoder))
     partial = out / PARTIAL
     resume = _check_partial(partial, plan, args.overwrite)
-    state.wait_for_everyone()  # every process has checked the old plan before the main one discards it
-    if state.is_main_process and not resume and partial.is_dir():
-        shutil.rmtree(partial)
-    state.wait_for_everyone()
+    barrier()  # every process has checked the old plan before the main one discards it (a check-in)
+    with step((ImageIndexError,)):
+        if state.is_main_process and not resume and partial.is_dir():
+            shutil.rmtree(partial)
     partial.mkdir(parents=True, exist_ok=True)
     if not (partial / "plan.json").is_file():  # the same plan from every process: written atomically
         write_atomic(partial / "plan.json", json.dumps(plan, indent=2).encode())
@@ -679,22 +680,31 @@ def build(args, batch_callback=None, state=None) -> dict | None:
     skipped = 0
     with tqdm(total=n_batches, initial=n_batches - len(todo), unit="batch", desc="index",
               disable=not state.is_local_main_process) as bar:
-        for item in loader:
-            if item["pixels"] is not None:
-                _, embeds = encoder.encode_images(item["pixels"].to(encoder.device, encoder.dtype))
-                embeds = torch.nn.functional.normalize(embeds.float(), dim=-1).cpu().numpy()
-            else:
-                embeds = np.zeros((0, len(plan["probe"])), np.float32)
-            _save_batch(partial, item, embeds)
-            skipped += len(item["skipped"])
-            bar.update(state.num_processes)
-            bar.set_postfix(skipped=skipped)
-            if batch_callback is not None:
-                batch_callback(item["batch"])
-    state.wait_for_everyone()
-    if not state.is_main_process:
-        return None
-    return _merge(out, partial, collection, plan, n_batches)
+        items = iter(loader)
+        # as many steps as the longest share, each a check-in of every process: a failure on one process (an
+        # unreadable file, a full disk) stops all of them at that batch
+        for _ in range(check_in(value=len(mine))):
+            with step((ImageIndexError,)):
+                item = next(items, None)
+                if item is None:
+                    continue
+                if item["pixels"] is not None:
+                    _, embeds = encoder.encode_images(item["pixels"].to(encoder.device, encoder.dtype))
+                    embeds = torch.nn.functional.normalize(embeds.float(), dim=-1).cpu().numpy()
+                else:
+                    embeds = np.zeros((0, len(plan["probe"])), np.float32)
+                _save_batch(partial, item, embeds)
+                skipped += len(item["skipped"])
+                bar.update(state.num_processes)
+                bar.set_postfix(skipped=skipped)
+                if batch_callback is not None:
+                    batch_callback(item["batch"])
+    barrier()
+    manifest = None
+    with step((ImageIndexError,)):  # a full disk while merging stops every process
+        if state.is_main_process:
+            manifest = _merge(out, partial, collection, plan, n_batches)
+    return manifest
 
 
 def _merge(out: Path, partial: Path, collection: Collection, plan: dict, n_batches: int) -> dict:
@@ -768,12 +778,23 @@ def main(argv=None, *, batch_callback=None, state=None) -> dict | None:
     args = parse(BUILD_OPTIONS, argv, parser=build_parser())
     try:
         return build(args, batch_callback, state)
-    except ImageIndexError as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
-    except OSError as err:  # a full disk, an unwritable --out: one line naming the file
-        print(f"error: {os_error_line(err)}", file=sys.stderr)
-        raise SystemExit(2) from None
+    except (ImageIndexError, OSError) as err:  # OSError: a full disk, an unwritable --out (named in one line)
+        if world()[1] == 1:
+            print(f"error: {err if isinstance(err, ImageIndexError) else os_error_line(err)}", file=sys.stderr)
+            raise SystemExit(2) from None
+        _stop_every_rank(err)
+    except Exception as err:  # noqa: BLE001 - under torchrun, every rank must hear of it
+        if world()[1] == 1:
+            raise
+        _stop_every_rank(err)
+
+
+def _stop_every_rank(err: BaseException):
+    """Under torchrun: the failure every rank agrees on (:mod:`models.distributed`), one line from rank 0."""
+    failure = agree_on(err, (ImageIndexError,))
+    report(failure)
+    close()
+    raise SystemExit(failure.status) from None
 
 
 if __name__ == "__main__":

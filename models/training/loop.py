@@ -6,10 +6,32 @@ import logging
 import time
 from pathlib import Path
 
+from models.distributed import step
 from models.training.errors import InputError
 from models.training.run_config import RECORDED_ARGS, TRAIN_CONFIG, config_yaml
 
 logger = logging.getLogger("train")  # one logger for the whole run: its lines read "train: ..."
+
+
+BAD_INPUT = (InputError,)  # with ValueError (CheckpointError included) and OSError: see models.distributed
+
+
+def together_batches(loader):
+    """The loader's batches, each fetched in a step of every rank (:func:`models.distributed.step`): an
+    unreadable run of images on one rank stops every rank at that batch. Every rank has as many batches
+    (Accelerate's ``even_batches``)."""
+    from data.captions import NoReadableImage
+
+    batches, end = iter(loader), object()
+    while True:
+        with step(BAD_INPUT):
+            try:
+                batch = next(batches, end)
+            except NoReadableImage as err:
+                raise InputError(NoReadableImage.message_of(err)) from None
+        if batch is end:
+            return
+        yield batch
 
 
 class TrainingLoop:
@@ -42,23 +64,33 @@ class TrainingLoop:
 
     def save_weights(self, epoch: int) -> Path:
         """The trainable weights as ``<run_name>_<epoch>/``, the run's arguments in its config.json."""
+        args, accelerator = self.args, self.accelerator
+        from models.checkpoints.training_state import gathered_state
+
+        path = self.output_dir / f"{args.run_name}_{epoch}"
+        # FSDP2: every process takes part in gathering the shards; the main process writes
+        state = gathered_state(accelerator.unwrap_model(self.model).trainable_state_dict(),
+                               keep=accelerator.is_main_process)
+        with step(BAD_INPUT):  # a full disk there stops every process
+            if accelerator.is_main_process:
+                self._write_weights(path, state)
+        return path
+
+    def _write_weights(self, path: Path, state: dict) -> None:
         from models.checkpoints.weights import save_trainable
 
         args, accelerator = self.args, self.accelerator
-        path = self.output_dir / f"{args.run_name}_{epoch}"
-        if accelerator.is_main_process:
-            run_args = {k: getattr(args, k) for k in RECORDED_ARGS}
-            run_args.update(completed_steps=self.state.completed_steps, num_processes=accelerator.num_processes,
-                            images_seen=self.budget.seen, bad_images=self.budget.bad,
-                            resumed_from=None if self.resume_path is None else str(self.resume_path))
-            extra = {"run_args": run_args}
-            if self.validator is not None:  # every measurement so far, the last one at these weights' step
-                extra["validation"] = list(self.validator.history)
-            save_trainable(accelerator.unwrap_model(self.model), path, base_model=args.model_name_or_path,
-                           vision_encoder=args.vision_encoder, extra=extra,
-                           files={TRAIN_CONFIG: config_yaml(args)})
-            logger.info("saved trainable weights to %s", path)
-        return path
+        run_args = {k: getattr(args, k) for k in RECORDED_ARGS}
+        run_args.update(completed_steps=self.state.completed_steps, num_processes=accelerator.num_processes,
+                        images_seen=self.budget.seen, bad_images=self.budget.bad,
+                        resumed_from=None if self.resume_path is None else str(self.resume_path))
+        extra = {"run_args": run_args}
+        if self.validator is not None:  # every measurement so far, the last one at these weights' step
+            extra["validation"] = list(self.validator.history)
+        save_trainable(accelerator.unwrap_model(self.model), path, base_model=args.model_name_or_path,
+                       vision_encoder=args.vision_encoder, extra=extra,
+                       files={TRAIN_CONFIG: config_yaml(args)}, state=state)
+        logger.info("saved trainable weights to %s", path)
 
     def count_images(self, seen: int, bad: int) -> None:
         """Add this optimizer step's image counts of every process; stop when too many images were bad."""
@@ -99,22 +131,24 @@ class TrainingLoop:
                 skip = state.batches_in_epoch if epoch == state.epoch else 0
                 loader = accelerator.skip_first_batches(train_dataloader, skip) if skip else train_dataloader
                 batch_index, micro_losses, seen, bad = skip, [], 0, 0
-                for batch in loader:
+                for batch in together_batches(loader):
                     batch_index += 1
-                    if self.masker is not None:  # seeded by the batch's place in the run: a resume masks it alike
-                        batch["input_ids"], batch["labels"] = self.masker(
-                            batch["input_ids"], batch["labels"],
-                            batch_seed(args.seed, epoch, batch_index, accelerator.process_index))
-                    skipped = batch.pop("bad_images")
-                    self.budget.log(skipped)
-                    seen, bad = seen + len(batch["input_ids"]) + len(skipped), bad + len(skipped)
-                    with accelerator.accumulate(model):
+                    with step(BAD_INPUT):  # this rank's own work, before the model's collectives
+                        if self.masker is not None:  # seeded by the batch's place in the run: a resume masks alike
+                            batch["input_ids"], batch["labels"] = self.masker(
+                                batch["input_ids"], batch["labels"],
+                                batch_seed(args.seed, epoch, batch_index, accelerator.process_index))
+                        skipped = batch.pop("bad_images")
+                        self.budget.log(skipped)
+                        seen, bad = seen + len(batch["input_ids"]) + len(skipped), bad + len(skipped)
                         with torch.no_grad():
                             patches, _ = encoder.encode_images(batch["pixel_values"].to(encoder.device, encoder.dtype))
-                        hidden = None if memo is None else memo(accelerator.unwrap_model(model), batch["input_ids"],
-                                                                batch["attention_mask"])
-                        loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                     image_patches=patches, labels=batch["labels"], hidden=hidden).loss
+                    with accelerator.accumulate(model):
+                        with step(BAD_INPUT):  # the forward pass, before the backward pass's gradient reduction
+                            hidden = None if memo is None else memo(accelerator.unwrap_model(model),
+                                                                    batch["input_ids"], batch["attention_mask"])
+                            loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                         image_patches=patches, labels=batch["labels"], hidden=hidden).loss
                         accelerator.backward(loss)
                         if accelerator.sync_gradients and args.max_grad_norm is not None:
                             accelerator.clip_grad_norm_(params, args.max_grad_norm)

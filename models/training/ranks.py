@@ -5,33 +5,22 @@ lowest failing rank's message is shared, so rank 0 prints it and every rank exit
 """
 from __future__ import annotations
 
+from models.distributed import BAD_INPUT
 from models.training.errors import InputError
 
 
 def share_error(accelerator, message: str | None) -> None:
     """Collective: when any process has an error ``message``, every process raises it as InputError.
 
-    The lowest failing rank's message is broadcast (as bytes in a tensor), so rank 0 can print it and no
-    process is left waiting in a collective for a peer that has exited."""
-    if accelerator.num_processes == 1:
-        if message is not None:
-            raise InputError(message)
-        return
-    import torch
-    import torch.distributed as dist
+    The lowest failing rank's message is shared (:func:`models.distributed.check_in`, the one collective of
+    every agreement), so rank 0 can print it and no process is left waiting in a collective for a peer that
+    has exited."""
+    from models.distributed import RankFailure, check_in
 
-    world, device = accelerator.num_processes, accelerator.device
-    first = torch.tensor([accelerator.process_index if message is not None else world], device=device)
-    dist.all_reduce(first, op=dist.ReduceOp.MIN)
-    source = int(first.item())
-    if source == world:
-        return
-    buffer = torch.zeros(2048, dtype=torch.uint8, device=device)
-    if accelerator.process_index == source:
-        data = message.encode("utf-8")[:buffer.numel()]
-        buffer[:len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(device)
-    dist.broadcast(buffer, src=source)
-    raise InputError(bytes(buffer.cpu().tolist()).rstrip(b"\0").decode("utf-8", "replace"))
+    try:
+        check_in(None if message is None else (message, BAD_INPUT))
+    except RankFailure as failure:
+        raise InputError(failure.message) from None
 
 
 def agreed(accelerator, fn, *args, main_first: bool = False, **kwargs):

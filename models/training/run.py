@@ -9,6 +9,7 @@ import logging
 import math
 from pathlib import Path
 
+from models.distributed import barrier
 from models.training.errors import InputError
 from models.training.loop import TrainingLoop
 from models.training.options import SCHEDULERS
@@ -127,7 +128,7 @@ def run_training(args, step_callback=None) -> dict:
         if args.overwrite_output_dir:
             clear_previous_run(args)
         output_dir.mkdir(parents=True, exist_ok=True)
-    accelerator.wait_for_everyone()
+    barrier()
     if args.with_tracking:
         accelerator.init_trackers(TRACKER_PROJECT, tracker_config(args), init_kwargs={
             "wandb": {"name": args.run_name, "dir": str(output_dir)}})
@@ -141,7 +142,7 @@ def run_training(args, step_callback=None) -> dict:
         result = loop.train(max_train_steps, num_epochs, total_batch, step_callback)
     except NoReadableImage as err:
         raise InputError(NoReadableImage.message_of(err)) from None
-    accelerator.wait_for_everyone()
+    barrier()
     accelerator.end_training()
     result["model"] = accelerator.unwrap_model(model)
     result["bad_images"] = budget.bad

@@ -24,7 +24,7 @@ logger = logging.getLogger("train")  # one logger for the whole run: its lines r
 def make_accelerator(args):
     import torch
     from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration, DistributedType
+    from accelerate.utils import DataLoaderConfiguration
 
     report_to = [r.strip() for r in args.report_to.split(",") if r.strip()]
     try:
@@ -39,11 +39,28 @@ def make_accelerator(args):
             dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed))
     except (ValueError, RuntimeError) as err:
         raise InputError(f"cannot set up Accelerate: {str(err).strip().splitlines()[0]}") from None
-    sharded = (DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM)
-    if accelerator.distributed_type in sharded and (args.checkpointing_steps or args.resume_from_checkpoint):
-        raise InputError(f"checkpoints are written for one process or DDP, not {accelerator.distributed_type}: "
-                         "drop --checkpointing_steps/--resume_from_checkpoint or use DDP")
+    refused = checkpoint_refusal(accelerator)
+    if refused and (args.checkpointing_steps or args.resume_from_checkpoint):
+        raise InputError(f"checkpoints are written for one process, DDP or FSDP2, not {refused}: drop "
+                         "--checkpointing_steps/--resume_from_checkpoint, or use DDP or FSDP2 (fsdp_version: 2)")
     return accelerator
+
+
+def checkpoint_refusal(accelerator) -> str | None:
+    """What this run's sharding is when its training checkpoints cannot be written or resumed, else None.
+
+    One process, DDP and FSDP2 checkpoint (FSDP2's shards of the trainable part and of its optimizer
+    state are gathered into the same files, :mod:`models.checkpoints.training_state`); FSDP1's flat
+    parameters, DeepSpeed (not installed here, so never tested) and Megatron-LM do not."""
+    from accelerate.utils import DistributedType
+
+    kind = accelerator.distributed_type
+    if kind == DistributedType.FSDP:
+        version = getattr(accelerator.state.fsdp_plugin, "fsdp_version", 1)
+        return None if version == 2 else f"FSDP version {version}"
+    if kind in (DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM):
+        return str(kind)
+    return None
 
 
 def prepare_data(args, accelerator):

@@ -26,6 +26,8 @@ def pregenerate_wiki_images(accelerator, dataset, provider) -> dict:
     """Fill the image cache for every wiki chunk of ``dataset``, each process taking its share."""
     from tqdm.auto import tqdm
 
+    from models.distributed import barrier
+
     for chunks in _wiki_parts(dataset):
         mine = list(range(accelerator.process_index, len(chunks), accelerator.num_processes))
         step = 8 * provider.gen_batch_size
@@ -36,7 +38,7 @@ def pregenerate_wiki_images(accelerator, dataset, provider) -> dict:
                 bar.update(len(batch))
                 bar.set_postfix(provider.stats())
     provider.flush()  # on disk before DataLoader workers (other processes) look for them
-    accelerator.wait_for_everyone()
+    barrier()  # a check-in: a rank that failed on its share is heard here
     return provider.stats()
 
 
