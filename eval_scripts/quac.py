@@ -49,10 +49,16 @@ def make_parser():
 BENCHMARKS = (Benchmark(TASK, results=TASK, metric="f1", group="RC", folders=("quac",)),)
 
 
-def evaluate(args, runtime=None) -> dict:
-    """Run the benchmark with parsed ``args`` (on a shared ``runtime``, if given: the suite's)."""
+def load_data(args) -> list[dict]:
+    """The questions of the file or split (what the suite reads and checks before its first task runs)."""
+    return load_quac(args.data_dir, path=args.data_file, split=args.split)
+
+
+def evaluate(args, runtime=None, data=None) -> dict:
+    """Run the benchmark with parsed ``args`` (on a shared ``runtime`` and ``load_data(args)``'s ``data``, if
+    given: the suite's)."""
     require_causal_lm(args, "quac.py")
-    ev, results, skipped = run_generation(args, "QuAC", load_quac(args.data_dir, path=args.data_file, split=args.split),
+    ev, results, skipped = run_generation(args, "QuAC", data if data is not None else load_data(args),
                                           quac_example_scores, runtime)
     official = quac_scores([quac_answer(r["prediction"]) for r in results], [r["answers"] for r in results])
     metrics = {**official, "exact_match": 100 * sum(r["exact_match"] for r in results) / len(results),

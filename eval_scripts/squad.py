@@ -157,10 +157,16 @@ BENCHMARKS = (Benchmark(TASK, results=TASK, metric="exact_match", group="RC", fo
                         subsets=answerable_split),)
 
 
-def evaluate(args, runtime=None) -> dict:
-    """Run the benchmark with parsed ``args`` (on a shared ``runtime``, if given: the suite's)."""
+def load_data(args) -> list[dict]:
+    """The questions of the file or split (what the suite reads and checks before its first task runs)."""
+    return load_squad(args.data_dir, path=args.data_file, split=args.split)
+
+
+def evaluate(args, runtime=None, data=None) -> dict:
+    """Run the benchmark with parsed ``args`` (on a shared ``runtime`` and ``load_data(args)``'s ``data``, if
+    given: the suite's)."""
     require_causal_lm(args, "squad.py")
-    records = load_squad(args.data_dir, path=args.data_file, split=args.split)
+    records = data if data is not None else load_data(args)
     v11 = bool(records) and records[0]["squad_version"] == "1.1"
     ev, results, skipped = run_generation(args, "SQuAD_v1.1" if v11 else "SQuAD", records,
                                           squad11_scores if v11 else squad_scores, runtime)
