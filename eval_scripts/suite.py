@@ -46,8 +46,6 @@ from pathlib import Path
 from eval_scripts import paper, registry
 from eval_scripts.benchmark import GROUPS
 from eval_scripts.cli import EvalError, one_line, resolve_args, run_main, validate_args
-from eval_scripts.intervals import gain_of, interval_of
-from eval_scripts.outcomes import headline_outcomes, item_outcomes, weighted
 from eval_scripts.records import read_jsonl_rows, write_atomic
 from eval_scripts.results import COSMETIC
 from models.options import Option, eval_options
@@ -301,6 +299,8 @@ def run_tasks(own, parsed: dict[str, argparse.Namespace]) -> dict:
 # ---------------------------------------------------------------------------------------------- summary
 def _value(outcomes: list[float] | None) -> dict | None:
     """A value (percent) and its 95% interval, from per-item outcomes."""
+    from eval_scripts.intervals import interval_of  # numpy and scipy: not for --help
+
     if not outcomes:
         return None
     return {"value": 100 * sum(outcomes) / len(outcomes), **interval_of(outcomes)}
@@ -309,6 +309,8 @@ def _value(outcomes: list[float] | None) -> dict | None:
 def _sides(pair, use_images: bool) -> dict:
     """``text_only``, ``fused`` (values with intervals) and ``gain`` (paired interval) of a row's outcomes;
     a text-only run has only ``text_only``; an image run without text-only predictions has no gain."""
+    from eval_scripts.intervals import gain_of
+
     fused, text = pair if pair is not None else (None, None)
     if not use_images:
         return {"text_only": _value(fused), "fused": None, "gain": None}
@@ -333,6 +335,8 @@ def _paper_cells(published: dict, why: dict, sides: dict) -> tuple[dict, dict]:
 def summarize(own, parsed: dict[str, argparse.Namespace], results: dict, state: dict, out_dir: Path,
               complete: bool) -> dict:
     """What ``suite.json`` holds (see the module docstring)."""
+    from eval_scripts.outcomes import headline_outcomes, item_outcomes, weighted
+
     first = next(iter(parsed.values()))
     use_images = bool(first.generate_images) and first.k > 0
     setting = "late_fusion" if use_images else "text_only"
