@@ -13,7 +13,8 @@ answer (CANNOTANSWER when at least half of them say it, the leave-one-out maximu
 CANNOTANSWER.
 
 Results: ``<output_dir>/<run_name>/quac.json``; each sample line holds ``id, prompt, prediction,
-answers, is_impossible, exact_match, f1, correct`` (exact match) and ``images``.
+answers, is_impossible, exact_match, f1, correct`` (exact match) and ``images``; with images also the
+LM's own answer and its scores (``text_only_generation``, ``text_only_exact_match``, ``text_only_f1``).
 
     python eval_scripts/quac.py --model_name meta-llama/Meta-Llama-3-8B \\
         --pretrained_model output/llama3/ft_wiki_laion_220_2 --generate_images True --k 10

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from eval_scripts import boolq, imagenetVC, object_commonsense, outcomes, squad
+from eval_scripts import boolq, imagenetVC, outcomes, squad
 from eval_scripts.intervals import gain_of, interval_of
 from tests.paths import TEST_DATA
 
@@ -91,3 +91,18 @@ def test_constructed_outcomes():
                  {"id": "b", "exact_match": 0.0, "f1": 0.2, "answers": ["red car", "blue boat", "green tree"]}]
     got = outcomes.summarize("quac", {"f1": 100.0, "exact_match": 50.0}, quac_recs)
     assert got["intervals"]["f1"]["n"] == 1 and got["intervals"]["exact_match"]["n"] == 2
+
+
+def test_squad_image_run_records_the_lms_own_answer(lm_dirs, tiny_clip_spec, tmp_path):
+    """The text-only answer of an image run is the answer a text-only run generates; its EM/F1 give the gain."""
+    extra = ["--data_dir", str(TEST_DATA / "squad_v2"), "--max_new_tokens", "4", "--limit", "3"]
+    squad.main(argv(lm_dirs["llama"], tiny_clip_spec, tmp_path, "qi", extra=extra))
+    squad.main(argv(lm_dirs["llama"], tiny_clip_spec, tmp_path, "qt", images=False, extra=extra))
+    result, rows = read(tmp_path, "qi", "squad")
+    _, text_rows = read(tmp_path, "qt", "squad")
+    assert [r["text_only_generation"] for r in rows] == [r["prediction"] for r in text_rows]
+    assert [r["text_only_f1"] for r in rows] == [r["f1"] for r in text_rows]
+    fused = [r["exact_match"] for r in rows]
+    text = [r["exact_match"] for r in text_rows]
+    assert result["gain"]["exact_match"] == pytest.approx(gain_of(fused, text))
+    assert result["text_only"]["intervals"]["f1"] == pytest.approx(interval_of([r["f1"] for r in text_rows]))
