@@ -110,8 +110,13 @@ def task_protocol(run, task: str) -> dict:
     facts = protocol()["tasks"].get(task, {})
     use_images = bool(getattr(run, "generate_images", False)) and int(getattr(run, "k", 0) or 0) > 0
     split = getattr(run, "split", None)
+    shown = split if split is not None else (facts.get("split") or ["default"])[0]
+    parts = getattr(run, "subsets", None) or getattr(run, "sets", None)  # ImageNetVC, object commonsense
+    if split is None and parts:
+        wanted = facts.get("settings", {}).get("subsets")
+        shown = "all subsets" if wanted and _same(parts, wanted) else ",".join(parts)
     return {
-        "task": task, "split": split if split is not None else (facts.get("split") or ["default"])[0],
+        "task": task, "split": shown,
         "split_given": split is not None, "limit": getattr(run, "limit", None),
         "data_file": getattr(run, "data_file", None),
         "k": int(run.k) if use_images else 0, "mix": run.mix if use_images else None,

@@ -318,10 +318,6 @@ def _sides(pair, use_images: bool) -> dict:
             "gain": gain_of(fused, text) if fused and text else None}
 
 
-def _samples(out_dir: Path, result: dict) -> list[dict]:
-    return read_jsonl_rows(out_dir / f"{result['task']}_samples.jsonl")
-
-
 def _paper_cells(published: dict, why: dict, sides: dict) -> tuple[dict, dict]:
     """The published number and our difference per setting, each only where the row is comparable."""
     shown, diff = {}, {}
@@ -350,19 +346,20 @@ def summarize(own, parsed: dict[str, argparse.Namespace], results: dict, state: 
         if not result:
             continue
         spec, ns = TASKS[t], parsed[t]
+        name = spec.result_name(ns)  # never a name read from a file: the samples read are this run's own
         metric, value = spec.headline(result["metrics"])
-        records = _samples(out_dir, result)
-        pair = headline_outcomes(result["task"], records) if records else None
+        records = read_jsonl_rows(out_dir / f"{name}_samples.jsonl")
+        pair = headline_outcomes(name, records) if records else None
         outcomes_of[t] = pair
         proto = paper.task_protocol(ns, t)
         counts = result.get("counts", {})
-        rows.append({"task": t, "result": f"{result['task']}.json", "metric": metric, "value": value,
+        rows.append({"task": t, "result": f"{name}.json", "metric": metric, "value": value,
                      "n": counts.get("examples"), "group": spec.group, **_sides(pair, use_images),
                      "protocol": {k: proto[k] for k in ("split", "limit", "k", "mix", "image_source",
                                                         "image_generator", "data_file", "settings")},
                      "counts": counts, "_proto": proto})
         if spec.paper_table is not None:
-            per_set = item_outcomes(result["task"], records) if records else {}
+            per_set = item_outcomes(name, records) if records else {}
             for name, v in spec.subset_values(result["metrics"]).items():
                 published = {s: paper.value(spec.paper_table, shown_model, s, name) for s in paper.SETTINGS}
                 sides = _sides(per_set.get((name,)), use_images)
