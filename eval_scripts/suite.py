@@ -416,6 +416,11 @@ def _paper_cell(entry: dict, setting: str) -> str:
     return "not comparable: " + "; ".join(why) if why else "–"
 
 
+def _items(r: dict) -> str:
+    side = r["fused"] or r["text_only"]
+    return str(side["n"]) if side else "–" if r["n"] is None else str(r["n"])
+
+
 def _protocol_cells(r: dict) -> list[str]:
     p = r["protocol"]
     images = "–" if not p["k"] else f"{p['image_source']} ({p['image_generator']})" \
@@ -438,7 +443,7 @@ def render_markdown(summary: dict) -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in summary["rows"]:
         lines.append("| " + " | ".join([r["task"], r["metric"], _ci(r["text_only"]), _ci(r["fused"]), _gain(r["gain"]),
-                                        "–" if r["n"] is None else str(r["n"]), *_protocol_cells(r),
+                                        _items(r), *_protocol_cells(r),
                                         r["group"] or "–"]) + " |")
     name = p["name"] if p else None
     if summary["groups"]:
@@ -467,7 +472,8 @@ def render_markdown(summary: dict) -> str:
     lines += ["", "Metrics: ImageNetVC accuracy (mean over its 5 templates of the macro average over subsets); "
               "commonsense sets accuracy; BoolQ accuracy, SQuAD 2.0 exact match, QuAC F1. A group is the mean of "
               "the tasks listed beside it. Text-only is the LM alone, from the image run's own pass (SQuAD and "
-              "QuAC record none: their text-only cells stay empty). The paper's number and Δ are shown only where "
+              "QuAC: its own greedy decode in the same run). n counts the items the intervals resample "
+              "(ImageNetVC and object commonsense: questions, each averaged over its templates). The paper's number and Δ are shown only where "
               "the row was measured as the paper measured it (its model by the recorded base model, the full "
               "official split, no --limit, its k and mixing); otherwise the cell says why."]
     if p:
