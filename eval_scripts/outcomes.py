@@ -101,9 +101,11 @@ def _generation(records: list[dict], quac: bool) -> dict[Path, Pair]:
 
 def item_outcomes(task: str, records: list[dict]) -> dict[Path, Pair]:
     """Every metric's per-item outcomes (see the module docstring), by its place in ``metrics``."""
-    if not records:
-        return {}
     family = _family(task)
+    needed = {"imagenetvc": ("subset", "correct"), "object_commonsense": ("set", "correct"),
+              "squad": ("exact_match", "f1"), "quac": ("exact_match", "f1", "answers")}.get(family, ("correct",))
+    if not records or not all(all(k in r for k in needed) for r in records):
+        return {}  # records of another shape (a task no script declares): no outcomes to draw on
     if family == "imagenetvc":
         out = _template_tables(records, "subset")
         out[("overall",)] = _macro(list(out.values()))

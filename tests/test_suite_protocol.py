@@ -128,3 +128,21 @@ def test_a_masked_lm_is_refused_before_the_first_task(mlm_dirs, tmp_path, capsys
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and len(err) == 1 and "boolq" in err[0] and "needs a causal LM" in err[0], err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_full_imagenetvc_recorded_as_gpt2_at_the_papers_k_shows_the_vc_difference(gpt2_checkpoint, lm_dirs,
+                                                                                  tiny_clip_spec):
+    """The issue's case itself: all 4,076 shipped questions x 5 templates, k = 6, probability mixing."""
+    root, ckpt = gpt2_checkpoint
+    summary = suite.main(["--model_name", lm_dirs["gpt2"], "--pretrained_model", str(ckpt), "--tasks", "imagenetvc",
+                          "--generate_images", "--k", "6", "--mix", "probs", "--vision_encoder", tiny_clip_spec,
+                          "--image_generator", "toyworld", "--image_size", "32", "--image_cache", str(root / "cache"),
+                          "--batch_size", "64", "--device", "cpu", "--output_dir", str(root / "out"),
+                          "--run_name", "vc"])
+    vc = summary["groups"]["VC"]
+    assert summary["rows"][0]["fused"]["n"] == 4076
+    assert vc["not_comparable"] == {"text_only": [], "late_fusion": []}
+    assert vc["paper"] == {"text_only": 30.3, "late_fusion": 38.6}  # Table 4, GPT-2
+    assert vc["diff"]["late_fusion"] == pytest.approx(vc["fused"]["value"] - 38.6)
+    assert vc["diff"]["text_only"] == pytest.approx(vc["text_only"]["value"] - 30.3)
