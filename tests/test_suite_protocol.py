@@ -133,7 +133,8 @@ def test_a_masked_lm_is_refused_before_the_first_task(mlm_dirs, tmp_path, capsys
 @pytest.mark.slow
 def test_full_imagenetvc_recorded_as_gpt2_at_the_papers_k_shows_the_vc_difference(gpt2_checkpoint, lm_dirs,
                                                                                   tiny_clip_spec):
-    """The issue's case itself: all 4,076 shipped questions x 5 templates, k = 6, probability mixing."""
+    """The issue's case itself: all 4,076 shipped questions x 5 templates, k = 6, probability mixing (about 15
+    minutes on two shared CPU cores, hence slow; the rule itself is tested above on constructed rows)."""
     root, ckpt = gpt2_checkpoint
     summary = suite.main(["--model_name", lm_dirs["gpt2"], "--pretrained_model", str(ckpt), "--tasks", "imagenetvc",
                           "--generate_images", "--k", "6", "--mix", "probs", "--vision_encoder", tiny_clip_spec,
