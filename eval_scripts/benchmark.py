@@ -18,7 +18,8 @@ Its functions read plain dicts, so a declaration imports no torch (``--help`` st
 Adding a benchmark: write ``eval_scripts/<name>.py`` with the names above, its metric
 function, a ``task_name(args)`` when its result name depends on flags, a ``__main__`` block, and
 ``BENCHMARKS`` after the metric code. The suite's ``--tasks``, its summary and the report then know
-it; ``tests/test_registry.py`` checks the declaration and ``tests/test_imports.py`` its ``--help``.
+it; a script also provides ``load_data(args)`` (the data ``evaluate(args, runtime, data)`` scores: the
+suite reads every task's data before its first task runs); ``tests/test_registry.py`` checks the declaration and ``tests/test_imports.py`` its ``--help``.
 """
 from __future__ import annotations
 
@@ -51,6 +52,8 @@ class Benchmark:
     from_samples: Callable[[dict, list[dict]], dict] | None = None
     # the table of data/paper_numbers.json that holds its published numbers per subset, if any
     paper_table: str | None = None
+    # whether its script also runs a masked LM (fill-mask); False: it needs a causal LM (the suite checks first)
+    masked_lm: bool = False
     script: str = ""             # the module that declares it (filled in by the registry)
 
     @property

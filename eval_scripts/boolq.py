@@ -102,10 +102,16 @@ BENCHMARKS = (Benchmark("boolq", results="boolq", metric="acc", group="RC", fold
                         from_samples=lambda config, records: metrics_from(records)),)
 
 
-def evaluate(args, runtime=None) -> dict:
-    """Run the benchmark with parsed ``args`` (on a shared ``runtime``, if given: the suite's)."""
+def load_data(args) -> list[dict]:
+    """The questions the run scores (what the suite reads and checks before its first task runs)."""
+    return load_boolq(args.data_dir, limit=args.limit, split=args.split, data_file=args.data_file)
+
+
+def evaluate(args, runtime=None, data=None) -> dict:
+    """Run the benchmark with parsed ``args`` (on a shared ``runtime`` and ``load_data(args)``'s ``data``, if
+    given: the suite's)."""
     require_causal_lm(args, "boolq.py")
-    data = load_boolq(args.data_dir, limit=args.limit, split=args.split, data_file=args.data_file)
+    data = data if data is not None else load_data(args)
     ev = Evaluator(args, task_name(args), OPTIONS, runtime=runtime)
     metrics = metrics_from(ev.run(build_items(ev, data), make_compute(ev)))
     return ev.finish(metrics, [("acc", f"{metrics['acc']:.2f}")])

@@ -205,11 +205,16 @@ BENCHMARKS = tuple(Benchmark(name, results=f"commonsense_{name}", metric="acc", 
                    for name in COMMONSENSE_TESTSETS)
 
 
-def evaluate(args, runtime=None) -> dict:
-    """Run the benchmark with parsed ``args`` (on a shared ``runtime``, if given: the suite's)."""
+def load_data(args) -> list[MCExample]:
+    """The questions the run scores (what the suite reads and checks before its first task runs)."""
+    return load_commonsense(args.testset, args.data_dir, split=args.split, limit=args.limit, data_file=args.data_file)
+
+
+def evaluate(args, runtime=None, data=None) -> dict:
+    """Run the benchmark with parsed ``args`` (on a shared ``runtime`` and ``load_data(args)``'s ``data``, if
+    given: the suite's)."""
     require_causal_lm(args, "commonsenseQA.py")
-    examples = load_commonsense(args.testset, args.data_dir, split=args.split, limit=args.limit,
-                                data_file=args.data_file)
+    examples = data if data is not None else load_data(args)
     ev = Evaluator(args, task_name(args), OPTIONS, runtime=runtime)
     records = ev.run(build_items(ev, examples), make_compute(ev), desc=ev.task)
     metrics = metrics_from(records, args.protocol)

@@ -152,8 +152,8 @@ class Evaluator:
     def candidate_records(self, batch: list[dict], keep: tuple[str, ...] = ()) -> list[dict]:
         return self.scorer.candidate_records(batch, keep)
 
-    def generate(self, prompts, prompt_lists, max_new_tokens: int = 50):
-        return self.scorer.generate(prompts, prompt_lists, max_new_tokens)
+    def generate(self, prompts, prompt_lists, max_new_tokens: int = 50, with_text: bool = False):
+        return self.scorer.generate(prompts, prompt_lists, max_new_tokens, with_text)
 
     # ------------------------------------------------------------------ running
     def run(self, items: list[dict], compute: Callable[[list[dict]], list[dict]], desc: str = "") -> list[dict]:

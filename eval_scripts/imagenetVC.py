@@ -141,15 +141,19 @@ def metrics_from(records_by_subset: dict[str, list[dict]]) -> dict:
 
 
 # the paper reports the mean over templates of the macro average over subsets
-BENCHMARKS = (Benchmark(TASK, results=TASK, metric="acc", group="VC", folders=("imagenetvc",),
+BENCHMARKS = (Benchmark(TASK, results=TASK, metric="acc", group="VC", folders=("imagenetvc",), masked_lm=True,
                         headline_value=lambda metrics: metrics.get("overall", {}).get("mean"),
                         subsets=template_means,
                         from_samples=lambda config, records: metrics_from(records_by(records, "subset"))),)
 
 
-def evaluate(args, runtime=None) -> dict:
-    """Run the benchmark with parsed ``args`` (on a shared ``runtime``, if given: the suite's)."""
-    examples = load_examples(args)
+load_data = load_examples  # what the suite reads and checks before its first task runs
+
+
+def evaluate(args, runtime=None, data=None) -> dict:
+    """Run the benchmark with parsed ``args`` (on a shared ``runtime`` and ``load_data(args)``'s ``data``, if
+    given: the suite's)."""
+    examples = data if data is not None else load_examples(args)
     ev = Evaluator(args, TASK, OPTIONS, runtime=runtime)
     compute = make_compute(ev)
     by_subset = {s: ev.run(build_items(ev, s, exs), compute, desc=f"imagenetvc/{s}") for s, exs in examples.items()}

@@ -206,15 +206,19 @@ def mean_over_sets(metrics: dict) -> float | None:
 
 
 # the paper's Table 1 (no group): accuracy per set, compared with the published numbers per set
-BENCHMARKS = (Benchmark(TASK, results=TASK, metric="acc", folders=("object_commonsense", "valm"),
+BENCHMARKS = (Benchmark(TASK, results=TASK, metric="acc", folders=("object_commonsense", "valm"), masked_lm=True,
                         headline_value=mean_over_sets, subsets=template_means, paper_table="object_commonsense",
                         from_samples=lambda config, records: {s: set_metrics(s, rows, None)
                                                               for s, rows in records_by(records, "set").items()}),)
 
 
-def evaluate(args, runtime=None) -> dict:
-    """Run the benchmark with parsed ``args`` (on a shared ``runtime``, if given: the suite's)."""
-    examples = load_examples(args)
+load_data = load_examples  # what the suite reads and checks before its first task runs
+
+
+def evaluate(args, runtime=None, data=None) -> dict:
+    """Run the benchmark with parsed ``args`` (on a shared ``runtime`` and ``load_data(args)``'s ``data``, if
+    given: the suite's)."""
+    examples = data if data is not None else load_examples(args)
     ev = Evaluator(args, TASK, OPTIONS, runtime=runtime)
     compute = make_compute(ev)
     metrics = {}

@@ -13,7 +13,8 @@ answer (CANNOTANSWER when at least half of them say it, the leave-one-out maximu
 CANNOTANSWER.
 
 Results: ``<output_dir>/<run_name>/quac.json``; each sample line holds ``id, prompt, prediction,
-answers, is_impossible, exact_match, f1, correct`` (exact match) and ``images``.
+answers, is_impossible, exact_match, f1, correct`` (exact match) and ``images``; with images also the
+LM's own answer and its scores (``text_only_generation``, ``text_only_exact_match``, ``text_only_f1``).
 
     python eval_scripts/quac.py --model_name meta-llama/Meta-Llama-3-8B \\
         --pretrained_model output/llama3/ft_wiki_laion_220_2 --generate_images True --k 10
@@ -49,10 +50,16 @@ def make_parser():
 BENCHMARKS = (Benchmark(TASK, results=TASK, metric="f1", group="RC", folders=("quac",)),)
 
 
-def evaluate(args, runtime=None) -> dict:
-    """Run the benchmark with parsed ``args`` (on a shared ``runtime``, if given: the suite's)."""
+def load_data(args) -> list[dict]:
+    """The questions of the file or split (what the suite reads and checks before its first task runs)."""
+    return load_quac(args.data_dir, path=args.data_file, split=args.split)
+
+
+def evaluate(args, runtime=None, data=None) -> dict:
+    """Run the benchmark with parsed ``args`` (on a shared ``runtime`` and ``load_data(args)``'s ``data``, if
+    given: the suite's)."""
     require_causal_lm(args, "quac.py")
-    ev, results, skipped = run_generation(args, "QuAC", load_quac(args.data_dir, path=args.data_file, split=args.split),
+    ev, results, skipped = run_generation(args, "QuAC", data if data is not None else load_data(args),
                                           quac_example_scores, runtime)
     official = quac_scores([quac_answer(r["prediction"]) for r in results], [r["answers"] for r in results])
     metrics = {**official, "exact_match": 100 * sum(r["exact_match"] for r in results) / len(results),

@@ -423,8 +423,10 @@ class RunRecords:
         rows = self.rows()
         if image_root is not None:
             rows = {key: root_relative_row(row, image_root) for key, row in rows.items()}
+        samples = [_sample(rows[key]) for key in self.keys]
+        result.update(outcome_summary(self.task, metrics, samples))
         write_atomic(self.cache_path(), "".join(json.dumps(row) + "\n" for row in rows.values()))
-        write_atomic(self.samples_path(), "".join(json.dumps(_sample(rows[key])) + "\n" for key in self.keys))
+        write_atomic(self.samples_path(), "".join(json.dumps(s) + "\n" for s in samples))
         for p in [*self.out_dir.glob(f"{self.task}_samples.part*.jsonl"), *self.out_dir.glob(f"{self.task}.stats*.json")]:
             p.unlink()
         out = self.result_path()
@@ -443,6 +445,14 @@ class RunRecords:
             print(image_summary(result["counts"]))
         print(f"results: {out}")
         return result
+
+
+def outcome_summary(task: str, metrics: dict, samples: list[dict]) -> dict:
+    """The intervals, text-only metrics and gain ``<task>.json`` records beside ``metrics``, from the samples
+    (:func:`eval_scripts.outcomes.summarize`)."""
+    from eval_scripts.outcomes import summarize
+
+    return summarize(task, metrics, samples)
 
 
 # the results' image counters (``counts``), from the runtime's: image slots (k x prompts) add up as

@@ -26,8 +26,9 @@ Data: the hub's SQuAD 2.0, or ``--data_dir`` (``{split}-v2.0.json``, else ``{spl
 ``--data_file`` (one official JSON file, either version).
 
 Results: ``<output_dir>/<run_name>/squad.json``; each sample line holds ``id, prompt, prediction,
-answers, is_impossible, exact_match, f1, correct`` (exact match) and ``images``. No text-only
-prediction is recorded: it would need a second, unfused decode (compare with a text-only run).
+answers, is_impossible, exact_match, f1, correct`` (exact match) and ``images``; with images also
+``text_only_generation``, ``text_only_exact_match`` and ``text_only_f1``: the LM's own greedy answer (a second,
+unfused decode of the prompt, fitted as a text-only run fits it) and its scores.
 
     python eval_scripts/squad.py --model_name meta-llama/Meta-Llama-3-8B \\
         --pretrained_model output/llama3/ft_wiki_laion_220_2 --generate_images True --k 10
@@ -120,15 +121,20 @@ def build_items(ev: Evaluator, records: list[dict]) -> list[dict]:
 def make_compute(ev: Evaluator, score: Callable[[str, list[str]], tuple[float, float]]):
     """Generate each batch's answers and score them with ``score(prediction, answers) -> (em, f1)``."""
     def compute(batch: list[dict]) -> list[dict]:
-        preds, images = ev.generate([it["prompt"] for it in batch], [it["image_prompts"] for it in batch],
-                                    max_new_tokens=ev.args.max_new_tokens)
+        got = ev.generate([it["prompt"] for it in batch], [it["image_prompts"] for it in batch],
+                          max_new_tokens=ev.args.max_new_tokens, with_text=ev.use_images)
         out = []
-        for it, pred, im in zip(batch, preds, images):
+        for n, (it, pred, im) in enumerate(zip(batch, got[0], got[1])):
             rec = it["record"]
             em, f = score(pred, rec["answers"])
-            out.append({"id": it["id"], "prompt": it["prompt"], "prediction": pred, "answers": rec["answers"],
-                        "is_impossible": rec["is_impossible"], "exact_match": em, "f1": f,
-                        "correct": em == 1.0, "images": im})
+            row = {"id": it["id"], "prompt": it["prompt"], "prediction": pred, "answers": rec["answers"],
+                   "is_impossible": rec["is_impossible"], "exact_match": em, "f1": f,
+                   "correct": em == 1.0, "images": im}
+            if ev.use_images:  # what the LM alone answers (its own greedy decode of the same prompt)
+                text = got[2][n]
+                text_em, text_f1 = score(text, rec["answers"])
+                row.update(text_only_generation=text, text_only_exact_match=text_em, text_only_f1=text_f1)
+            out.append(row)
         return out
     return compute
 
@@ -157,10 +163,16 @@ BENCHMARKS = (Benchmark(TASK, results=TASK, metric="exact_match", group="RC", fo
                         subsets=answerable_split),)
 
 
-def evaluate(args, runtime=None) -> dict:
-    """Run the benchmark with parsed ``args`` (on a shared ``runtime``, if given: the suite's)."""
+def load_data(args) -> list[dict]:
+    """The questions of the file or split (what the suite reads and checks before its first task runs)."""
+    return load_squad(args.data_dir, path=args.data_file, split=args.split)
+
+
+def evaluate(args, runtime=None, data=None) -> dict:
+    """Run the benchmark with parsed ``args`` (on a shared ``runtime`` and ``load_data(args)``'s ``data``, if
+    given: the suite's)."""
     require_causal_lm(args, "squad.py")
-    records = load_squad(args.data_dir, path=args.data_file, split=args.split)
+    records = data if data is not None else load_data(args)
     v11 = bool(records) and records[0]["squad_version"] == "1.1"
     ev, results, skipped = run_generation(args, "SQuAD_v1.1" if v11 else "SQuAD", records,
                                           squad11_scores if v11 else squad_scores, runtime)

@@ -5,13 +5,22 @@
         --data_root /path/to/benchmarks
 
 The language model, CLIP and the image pipeline load once (one :class:`eval_scripts.runtime.Runtime`
-serves every task) and the image cache is shared. Each task runs its own script's code
-(``evaluate(args, runtime)``) and writes its usual result files under one run directory
-``<output_dir>/<run_name>``, which also receives ``suite.json`` and ``suite.md``: one row per task
-with the metric the paper reports, the group averages VC, CR and RC, and, for the paper's models
-(GPT-2, Gemma-2B, Llama-3-8B; ``--paper_model`` names one explicitly), the published numbers
-beside ours with the difference (see :mod:`eval_scripts.registry` for the metrics, and
-:mod:`eval_scripts.paper`). The tasks are the benchmarks the eval scripts declare (their ``BENCHMARKS``).
+serves every task) and the image cache is shared. Before the first task runs, every task's data is read and
+checked (``load_data`` of its script) and every task's model kind (a masked LM runs only ImageNetVC and object
+commonsense): a missing file or a wrong kind is one line, exit status 2, with nothing written. Each task runs
+its own script's code (``evaluate(args, runtime, data)``) and writes its usual result files under one run
+directory ``<output_dir>/<run_name>``, which also receives ``suite.json`` and ``suite.md``: one row per task
+with the metric the paper reports, text-only, fused and the gain (fused minus text-only, from the image run's
+own text-only predictions: no second run), each with its 95% interval (the gain's paired,
+:mod:`eval_scripts.outcomes`), and what the row was measured on (split, limit, k, mix, image source and the
+result's counts); the group averages VC, CR and RC and the object-commonsense sets the same way; and the
+paper's published numbers with our difference, only where the row was measured as the paper measured it (the
+paper's model by the checkpoint's recorded base model, the full official split, no ``--limit``, its k and
+mixing: :func:`eval_scripts.paper.reasons`); elsewhere the cell says why (``limit=5``, ``split=dev``,
+``partial group: 2 of 4 CR tasks``, ``model: not a paper model``, ``k=3 (paper: 6)``). ``--paper_model``
+picks the row of published numbers shown (``auto``: the recorded model, else the one ``--model_name``
+looks like). The tasks are the benchmarks the
+eval scripts declare (their ``BENCHMARKS``).
 
 Flags: every eval script's flag applies to each task whose script has it (``--k`` to all,
 ``--scoring`` to ImageNetVC and object commonsense, ``--protocol`` to the commonsense sets, ...); a
@@ -36,8 +45,8 @@ from pathlib import Path
 
 from eval_scripts import paper, registry
 from eval_scripts.benchmark import GROUPS
-from eval_scripts.cli import EvalError, resolve_args, run_main, validate_args
-from eval_scripts.records import write_atomic
+from eval_scripts.cli import EvalError, one_line, resolve_args, run_main, validate_args
+from eval_scripts.records import read_jsonl_rows, write_atomic
 from eval_scripts.results import COSMETIC
 from models.options import Option, eval_options
 
@@ -57,7 +66,8 @@ SUITE_OPTIONS = (
     Option("task_args", kind="list", repeat=True, default=[], metavar="TASK=FLAGS", group="suite",
            help="extra flags for one task, e.g. 'imagenetvc=--image_prompt full' (repeatable)"),
     Option("paper_model", kind="choice", choices=("auto", "none", *paper.models()), default="auto", group="suite",
-           help="which paper model's numbers to show: auto (from --model_name), none, or one of the paper's"),
+           help="which paper model's numbers to show: auto (from --model_name), none, or one of the paper's "
+                "(compared only when the checkpoint's recorded base model is that model)"),
 )
 
 
@@ -226,12 +236,36 @@ def finished(out_dir: Path, name: str, args: argparse.Namespace) -> dict | None:
     return result
 
 
+def preflight(parsed: dict[str, argparse.Namespace]) -> dict[str, object]:
+    """Every task's data, read and checked, and the model kind every task needs, before the first task runs
+    (so a missing file or a masked LM given to a causal-only task is one line with nothing written). Returns
+    the data of each task, which its run then scores."""
+    from eval_scripts.core import require_causal_lm
+
+    for t, ns in parsed.items():
+        spec = TASKS[t]
+        if not spec.masked_lm:
+            require_causal_lm(ns, f"{t} ({spec.script.split('.')[-1]}.py)")
+    data = {}
+    for t, ns in parsed.items():
+        load = getattr(TASKS[t].module, "load_data", None)
+        if load is None:
+            continue
+        try:
+            data[t] = load(ns)
+        except (OSError, ValueError) as e:
+            raise EvalError(f"{t}: {one_line(e)}") from None
+    return data
+
+
 def run_tasks(own, parsed: dict[str, argparse.Namespace]) -> dict:
-    """Run every task on one runtime (built at the first task that needs running)."""
+    """Check every task's data and model kind, then run every task on one runtime (built at the first task
+    that needs running)."""
     from eval_scripts.runtime import Runtime
 
     for ns in parsed.values():
         validate_args(ns)
+    data = preflight(parsed)
     first = next(iter(parsed.values()))
     out_dir = Path(first.output_dir) / first.run_name
     use_images = any(ns.generate_images and ns.k > 0 for ns in parsed.values())
@@ -251,7 +285,10 @@ def run_tasks(own, parsed: dict[str, argparse.Namespace]) -> dict:
             runtime = Runtime(ns, use_images)
             state["model_loads"] += 1
         print(f"[suite] {t}", flush=True)
-        results[t] = spec.module.evaluate(ns, runtime=runtime)
+        if t in data:
+            results[t] = spec.module.evaluate(ns, runtime=runtime, data=data.pop(t))
+        else:
+            results[t] = spec.module.evaluate(ns, runtime=runtime)
         if runtime.is_main:
             write_summary(own, parsed, results, state, out_dir, complete=False)
     if runtime is None or runtime.is_main:
@@ -260,99 +297,190 @@ def run_tasks(own, parsed: dict[str, argparse.Namespace]) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- summary
+def _value(outcomes: list[float] | None) -> dict | None:
+    """A value (percent) and its 95% interval, from per-item outcomes."""
+    from eval_scripts.intervals import interval_of  # numpy and scipy: not for --help
+
+    if not outcomes:
+        return None
+    return {"value": 100 * sum(outcomes) / len(outcomes), **interval_of(outcomes)}
+
+
+def _sides(pair, use_images: bool) -> dict:
+    """``text_only``, ``fused`` (values with intervals) and ``gain`` (paired interval) of a row's outcomes;
+    a text-only run has only ``text_only``; an image run without text-only predictions has no gain."""
+    from eval_scripts.intervals import gain_of
+
+    fused, text = pair if pair is not None else (None, None)
+    if not use_images:
+        return {"text_only": _value(fused), "fused": None, "gain": None}
+    return {"text_only": _value(text), "fused": _value(fused),
+            "gain": gain_of(fused, text) if fused and text else None}
+
+
+def _paper_cells(published: dict, why: dict, sides: dict) -> tuple[dict, dict]:
+    """The published number and our difference per setting, each only where the row is comparable."""
+    shown, diff = {}, {}
+    for setting, ours in (("text_only", sides["text_only"]), ("late_fusion", sides["fused"])):
+        ok = not why[setting] and published.get(setting) is not None and ours is not None
+        shown[setting] = published.get(setting) if ok else None
+        diff[setting] = ours["value"] - published[setting] if ok else None
+    return shown, diff
+
+
 def summarize(own, parsed: dict[str, argparse.Namespace], results: dict, state: dict, out_dir: Path,
               complete: bool) -> dict:
     """What ``suite.json`` holds (see the module docstring)."""
+    from eval_scripts.outcomes import headline_outcomes, item_outcomes, weighted
+
     first = next(iter(parsed.values()))
     use_images = bool(first.generate_images) and first.k > 0
     setting = "late_fusion" if use_images else "text_only"
-    model = paper.model_key(first.model_name, own.paper_model)
-    rows, sets = [], []
+    base_model = paper.recorded_base_model(first.model_name, first.pretrained_model)
+    model = paper.recorded_model(first.model_name, first.pretrained_model)  # the paper model the run is
+    # the paper row shown: --paper_model, else the recorded model, else the one --model_name looks like
+    shown_model = (model or paper.model_key(first.model_name)) if own.paper_model == "auto" else \
+        paper.model_key(first.model_name, own.paper_model)
+    rows, sets, outcomes_of = [], [], {}
     for t, result in results.items():
         if not result:
             continue
-        spec = TASKS[t]
+        spec, ns = TASKS[t], parsed[t]
+        name = spec.result_name(ns)  # never a name read from a file: the samples read are this run's own
         metric, value = spec.headline(result["metrics"])
-        rows.append({"task": t, "result": f"{result['task']}.json", "metric": metric, "value": value,
-                     "n": result.get("counts", {}).get("examples"), "group": spec.group})
+        records = read_jsonl_rows(out_dir / f"{name}_samples.jsonl")
+        pair = headline_outcomes(name, records) if records else None
+        outcomes_of[t] = pair
+        proto = paper.task_protocol(ns, t)
+        counts = result.get("counts", {})
+        rows.append({"task": t, "result": f"{name}.json", "metric": metric, "value": value,
+                     "n": counts.get("examples"), "group": spec.group, **_sides(pair, use_images),
+                     "protocol": {k: proto[k] for k in ("split", "limit", "k", "mix", "image_source",
+                                                        "image_generator", "data_file", "settings")},
+                     "counts": counts, "_proto": proto})
         if spec.paper_table is not None:
+            per_set = item_outcomes(name, records) if records else {}
             for name, v in spec.subset_values(result["metrics"]).items():
-                published = {s: paper.value(spec.paper_table, model, s, name) for s in paper.SETTINGS}
-                sets.append({"set": name, "value": v, "paper": published,
-                             "diff": None if published[setting] is None else v - published[setting]})
+                published = {s: paper.value(spec.paper_table, shown_model, s, name) for s in paper.SETTINGS}
+                sides = _sides(per_set.get((name,)), use_images)
+                why = {s: paper.reasons(proto, s, model, shown_model) for s in paper.SETTINGS}
+                shown, diff = _paper_cells(published, why, sides)
+                sets.append({"set": name, "value": v, **sides, "paper": shown, "diff": diff, "not_comparable": why})
     groups = {}
     for g in GROUPS:
         members = [r for r in rows if r["group"] == g and r["value"] is not None]
         if not members:
             continue
         v = sum(r["value"] for r in members) / len(members)
-        published = {s: paper.value("groups", model, s, g) for s in paper.SETTINGS}
-        groups[g] = {"value": v, "tasks": [r["task"] for r in members], "paper": published,
-                     "diff": None if published[setting] is None else v - published[setting]}
+        pairs = [outcomes_of.get(r["task"]) for r in members]
+        pair = None
+        if all(p is not None for p in pairs):
+            texts = [p[1] for p in pairs]
+            pair = (weighted([p[0] for p in pairs]), None if any(x is None for x in texts) else weighted(texts))
+        sides = _sides(pair, use_images)
+        published = {s: paper.value("groups", shown_model, s, g) for s in paper.SETTINGS}
+        why = {s: paper.group_reasons(g, [r["_proto"] for r in members], s, model, shown_model)
+               for s in paper.SETTINGS}
+        shown, diff = _paper_cells(published, why, sides)
+        groups[g] = {"value": v, "tasks": [r["task"] for r in members], **sides, "paper": shown, "diff": diff,
+                     "not_comparable": why}
+    for r in rows:
+        del r["_proto"]
     return {
         "run_dir": str(out_dir), "complete": complete, "tasks": list(parsed),
         "model_name": first.model_name, "pretrained_model": first.pretrained_model,
+        "base_model": base_model, "recorded_paper_model": model,
         "generate_images": use_images, "k": first.k if use_images else 0, "mix": first.mix if use_images else None,
+        "image_source": first.image_source if use_images else None,
         "setting": setting, "rows": rows, "groups": groups, "object_commonsense": sets,
-        "paper": None if model is None else {"model": model, "name": paper.load()["models"][model]["name"],
-                                             "source": paper.source()},
+        "paper": None if shown_model is None else {"model": shown_model, "name": paper.model_name_of(shown_model),
+                                                   "source": paper.source(), "protocol": paper.protocol()},
         "model_loads": state["model_loads"], "reused": state["reused"],
     }
 
 
-def _num(v) -> str:
-    return "–" if v is None else f"{v:.1f}"
+def _ci(side: dict | None) -> str:
+    """``45.2 [40.1, 50.3]``: a value with its 95% interval."""
+    return "–" if side is None else f"{side['value']:.1f} [{side['low']:.1f}, {side['high']:.1f}]"
 
 
-def _diff(v) -> str:
-    return "–" if v is None else f"{v:+.1f}"
+def _gain(g: dict | None) -> str:
+    return "–" if g is None else f"{g['value']:+.1f} [{g['low']:+.1f}, {g['high']:+.1f}]"
+
+
+def _paper_cell(entry: dict, setting: str) -> str:
+    """The paper's number and our Δ where the row is comparable, else why not (``–``: no such number)."""
+    if entry["paper"][setting] is not None:
+        return f"{entry['paper'][setting]:.1f} (Δ {entry['diff'][setting]:+.1f})"
+    why = entry["not_comparable"][setting]
+    return "not comparable: " + "; ".join(why) if why else "–"
+
+
+def _items(r: dict) -> str:
+    side = r["fused"] or r["text_only"]
+    return str(side["n"]) if side else "–" if r["n"] is None else str(r["n"])
+
+
+def _protocol_cells(r: dict) -> list[str]:
+    p = r["protocol"]
+    images = "–" if not p["k"] else f"{p['image_source']} ({p['image_generator']})" \
+        if p["image_source"] == "generate" else str(p["image_source"])
+    return [str(p["split"]), "–" if p["limit"] is None else str(p["limit"]), str(p["k"]), p["mix"] or "–", images]
 
 
 def render_markdown(summary: dict) -> str:
     p = summary["paper"]
-    images = (f"k = {summary['k']} generated images, --mix {summary['mix']}" if summary["generate_images"]
-              else "text-only (no images)")
+    images = (f"k = {summary['k']} images ({summary['image_source']}), --mix {summary['mix']}"
+              if summary["generate_images"] else "text-only (no images)")
+    base = summary["base_model"] or "none recorded"
     lines = [MARK_MD, f"# Suite: {Path(summary['run_dir']).name}", "",
-             f"Model `{summary['model_name']}`, checkpoint `{summary['pretrained_model'] or '-'}`; {images}."
+             f"Model `{summary['model_name']}`, checkpoint `{summary['pretrained_model'] or '-'}` (recorded base "
+             f"model: `{base}`); {images}."
              + ("" if summary["complete"] else " **Incomplete**: re-run the same command to resume."), "",
-             "| task | metric | ours (%) | n | group |", "|---|---|---|---|---|"]
-    lines += [f"| {r['task']} | {r['metric']} | {_num(r['value'])} | {r['n'] if r['n'] is not None else '–'} | "
-              f"{r['group'] or '–'} |" for r in summary["rows"]]
+             "Values are percentages with their 95% interval in brackets; the gain is fused minus text-only "
+             "over the same items, with its paired-bootstrap interval (docs/protocols.md).", "",
+             "| task | metric | text-only | fused | gain | n | split | limit | k | mix | images | group |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in summary["rows"]:
+        lines.append("| " + " | ".join([r["task"], r["metric"], _ci(r["text_only"]), _ci(r["fused"]), _gain(r["gain"]),
+                                        _items(r), *_protocol_cells(r),
+                                        r["group"] or "–"]) + " |")
     name = p["name"] if p else None
-    ours = "ours with late fusion" if summary["setting"] == "late_fusion" else "ours text-only"
     if summary["groups"]:
         lines += ["", "## Groups (the paper's Table 4)", ""]
+        head = ["group", "tasks averaged", "text-only", "fused", "gain"]
         if p:
-            lines += [f"| group | tasks averaged | {ours} | paper {name} | paper {name} + late fusion | Δ vs paper |",
-                      "|---|---|---|---|---|---|"]
-        else:
-            lines += [f"| group | tasks averaged | {ours} |", "|---|---|---|"]
+            head += [f"paper {name} (text-only)", f"paper {name} + late fusion"]
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for g, v in summary["groups"].items():
-            row = [f"{g} ({GROUPS[g]})", ", ".join(v["tasks"]), _num(v["value"])]
+            row = [f"{g} ({GROUPS[g]})", ", ".join(v["tasks"]), _ci(v["text_only"]), _ci(v["fused"]), _gain(v["gain"])]
             if p:
-                row += [_num(v["paper"]["text_only"]), _num(v["paper"]["late_fusion"]), _diff(v["diff"])]
+                row += [_paper_cell(v, "text_only"), _paper_cell(v, "late_fusion")]
             lines.append("| " + " | ".join(row) + " |")
     if summary["object_commonsense"]:
         lines += ["", "## Object commonsense (the paper's Table 1)", ""]
-        has_paper = p and any(s["paper"]["late_fusion"] is not None for s in summary["object_commonsense"])
+        has_paper = p is not None and p["model"] in paper.load()["object_commonsense"]["rows"]
+        head = ["set", "text-only", "fused", "gain"]
         if has_paper:
-            lines += [f"| set | {ours} | paper {name} | paper {name} + late fusion | Δ vs paper |",
-                      "|---|---|---|---|---|"]
-        else:
-            lines += [f"| set | {ours} |", "|---|---|"]
+            head += [f"paper {name} (text-only)", f"paper {name} + late fusion"]
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for s in summary["object_commonsense"]:
-            row = [s["set"], _num(s["value"])]
+            row = [s["set"], _ci(s["text_only"]), _ci(s["fused"]), _gain(s["gain"])]
             if has_paper:
-                row += [_num(s["paper"]["text_only"]), _num(s["paper"]["late_fusion"]), _diff(s["diff"])]
+                row += [_paper_cell(s, "text_only"), _paper_cell(s, "late_fusion")]
             lines.append("| " + " | ".join(row) + " |")
     lines += ["", "Metrics: ImageNetVC accuracy (mean over its 5 templates of the macro average over subsets); "
               "commonsense sets accuracy; BoolQ accuracy, SQuAD 2.0 exact match, QuAC F1. A group is the mean of "
-              "the tasks listed beside it: compare with the paper only when the same tasks, full test sets and the "
-              "released checkpoint were used. Δ compares ours with the paper's row of the same setting."]
+              "the tasks listed beside it. Text-only is the LM alone, from the image run's own pass (SQuAD and "
+              "QuAC: its own greedy decode in the same run). n counts the items the intervals resample "
+              "(ImageNetVC and object commonsense: questions, each averaged over its templates). The paper's number and Δ are shown only where "
+              "the row was measured as the paper measured it (its model by the recorded base model, the full "
+              "official split, no --limit, its k and mixing); otherwise the cell says why."]
     if p:
-        src = p["source"]
+        src, proto = p["source"], p["protocol"]
         lines += ["", f"Published numbers: {src['paper']}: {src['groups']} (groups), {src['object_commonsense']} "
-                  "(object commonsense, GPT-2 only); kept in data/paper_numbers.json."]
+                  f"(object commonsense, GPT-2 only); the paper's protocol: k = {proto['k']}, --mix {proto['mix']}, "
+                  f"{proto['image_source']}d images; kept in data/paper_numbers.json."]
     return "\n".join(lines) + "\n"
 
 

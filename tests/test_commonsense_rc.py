@@ -97,7 +97,7 @@ def test_qa_released_command(lm_dirs, tiny_clip_spec, tmp_path, script, folder):
     rows = list(samples(tmp_path, "r", task).values())
     for r in rows:
         assert set(r) == {"id", "prompt", "prediction", "answers", "is_impossible", "exact_match", "f1", "correct",
-                          "images"}
+                          "images", "text_only_generation", "text_only_exact_match", "text_only_f1"}
         assert not r["is_impossible"] and "\n" not in r["prediction"]
         assert r["prompt"].startswith("Answer each question using information") and r["prompt"].endswith("\n\nA:")
         assert r["images"][-1]["prompt"] == " ".join(r["prompt"].split()[-70:])

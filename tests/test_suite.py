@@ -80,7 +80,9 @@ def test_suite_metrics_equal_the_scripts_run_one_by_one(suite_run, zoo):
         assert [json.loads(x)["prediction"] for x in in_suite] == [json.loads(x)["prediction"] for x in by_script]
 
 
-def test_suite_groups_and_the_papers_gpt2_numbers(suite_run, zoo):
+def test_suite_groups_with_intervals_and_no_paper_difference_under_limit(suite_run, zoo):
+    """A --limit run on a folder named gpt2 (its checkpoint records the folder, not gpt2): the paper's GPT-2 row
+    is the one shown, but no number or difference appears; every cell says why."""
     summary, _ = suite_run
     values = {r["task"]: r["value"] for r in summary["rows"]}
     assert values["imagenetvc"] == result(zoo, "s", "imagenetvc")["metrics"]["overall"]["mean"]
@@ -89,14 +91,63 @@ def test_suite_groups_and_the_papers_gpt2_numbers(suite_run, zoo):
     groups = summary["groups"]
     assert groups["VC"]["value"] == values["imagenetvc"] and groups["CR"]["value"] == values["piqa"]
     assert groups["RC"]["value"] == values["boolq"] and groups["RC"]["tasks"] == ["boolq"]
+    assert groups["VC"]["fused"]["value"] == pytest.approx(values["imagenetvc"])
     assert summary["paper"]["model"] == "gpt2" and "2406.13621 v2" in summary["paper"]["source"]["paper"]
-    assert groups["VC"]["paper"] == {"text_only": 30.3, "late_fusion": 38.6}  # Table 4, GPT-2
-    assert groups["VC"]["diff"] == pytest.approx(values["imagenetvc"] - 38.6)
+    assert summary["recorded_paper_model"] is None
+    for g, v in groups.items():
+        for setting in paper.SETTINGS:
+            assert v["paper"][setting] is None and v["diff"][setting] is None, (g, setting)
+            why = v["not_comparable"][setting]
+            assert "limit=2" in why and "model: not a paper model" in why, (g, setting, why)
+    assert "partial group: 1 of 4 CR tasks" in groups["CR"]["not_comparable"]["late_fusion"]
+    assert "k=2 (paper: 6)" in groups["VC"]["not_comparable"]["late_fusion"]
+    assert "mix=logits (paper: probs)" in groups["VC"]["not_comparable"]["late_fusion"]
+    assert "subsets=color (paper: color,shape,material,component,others)" in groups["VC"]["not_comparable"]["text_only"]
     md = (zoo["out"] / "s" / "suite.md").read_text()
-    vc = next(line for line in md.splitlines() if line.startswith("| VC "))
-    assert vc.split(" | ")[-4:] == [f"{values['imagenetvc']:.1f}", "30.3", "38.6",
-                                    f"{values['imagenetvc'] - 38.6:+.1f} |"]
-    assert "paper GPT-2 + late fusion" in md and "Table 4" in md
+    assert "Δ" not in md.replace("Δ are shown only", "")
+    for g in ("VC", "CR", "RC"):
+        line = next(x for x in md.splitlines() if x.startswith(f"| {g} "))
+        cells = line.split(" | ")
+        assert cells[-2].startswith("not comparable: ") and "model: not a paper model; limit=2" in cells[-2], line
+        assert cells[-1].startswith("not comparable: ") and "limit=2" in cells[-1], line
+    rows = {r["task"]: r for r in summary["rows"]}
+    assert rows["boolq"]["protocol"] == {"split": "dev", "limit": 2, "k": 2, "mix": "logits", "image_source": "generate",
+                                         "image_generator": rows["boolq"]["protocol"]["image_generator"],
+                                         "data_file": None, "settings": {"prompt_format": "released"}}
+    assert rows["boolq"]["counts"]["examples"] == 2
+    assert "| boolq | acc | " in md and "| dev | 2 | 2 | logits | generate (" in md
+
+
+def test_suite_intervals_equal_interval_of_the_samples(suite_run, zoo):
+    from eval_scripts.intervals import gain_of, interval_of
+
+    summary, _ = suite_run
+    rows = {r["task"]: r for r in summary["rows"]}
+    samples = [json.loads(x) for x in (zoo["out"] / "s" / "boolq_samples.jsonl").read_text().splitlines()]
+    fused = [float(r["correct"]) for r in samples]
+    text = [float(r["text_only_prediction"] == r["answer"]) for r in samples]
+    assert rows["boolq"]["fused"] == {"value": 100 * sum(fused) / len(fused), **interval_of(fused)}
+    assert rows["boolq"]["text_only"] == {"value": 100 * sum(text) / len(text), **interval_of(text)}
+    assert rows["boolq"]["gain"] == pytest.approx(gain_of(fused, text))
+    assert summary["groups"]["RC"]["gain"] == pytest.approx(gain_of(fused, text))  # one task: its own items
+    saved = result(zoo, "s", "boolq")
+    assert saved["intervals"]["acc"] == interval_of(fused) and saved["gain"]["acc"] == pytest.approx(gain_of(fused, text))
+
+
+def test_suite_text_only_column_equals_a_text_only_run(suite_run, zoo):
+    summary, _ = suite_run
+    text_argv = [a for a in zoo["common"] if a != "--generate_images"] + [
+        "--run_name", "text", "--tasks", ",".join(TASKS), "--subsets", "color", "--data_root", str(TEST_DATA)]
+    alone = suite.main(text_argv)
+    assert alone["setting"] == "text_only"
+    ours = {r["task"]: r for r in summary["rows"]}
+    for r in alone["rows"]:
+        assert r["fused"] is None and r["gain"] is None
+        assert ours[r["task"]]["text_only"]["value"] == pytest.approx(r["text_only"]["value"]), r["task"]
+        assert ours[r["task"]]["text_only"]["value"] == pytest.approx(r["value"])
+    for g, v in alone["groups"].items():
+        assert summary["groups"][g]["text_only"]["value"] == pytest.approx(v["text_only"]["value"])
+        assert v["not_comparable"]["late_fusion"][-1] == "text-only run"
 
 
 def test_a_killed_suite_resumes_task_by_task(suite_run, zoo):
@@ -123,7 +174,7 @@ def test_a_killed_suite_resumes_task_by_task(suite_run, zoo):
 
 
 def test_object_commonsense_beside_table_1(zoo, lm_dirs, tiny_clip_spec, tmp_path):
-    """--paper_model names the paper's model for a model the name does not give away."""
+    """--paper_model names the row shown; a model without a recorded base model is not compared with it."""
     summary = suite.main(["--model_name", lm_dirs["llama"], "--tasks", "object_commonsense", "--sets",
                           "memory_color,relative_size", "--limit", "2", "--paper_model", "gpt2", "--device", "cpu",
                           "--output_dir", str(tmp_path / "out"), "--run_name", "oc"])
@@ -131,10 +182,12 @@ def test_object_commonsense_beside_table_1(zoo, lm_dirs, tiny_clip_spec, tmp_pat
     sets = {s["set"]: s for s in summary["object_commonsense"]}
     assert list(sets) == ["memory_color", "relative_size"]
     assert sets["memory_color"]["value"] == metrics["memory_color"]["mean"]
-    assert sets["memory_color"]["paper"] == {"text_only": 32.4, "late_fusion": 72.5}  # Table 1, GPT-2
-    assert sets["relative_size"]["diff"] == pytest.approx(metrics["relative_size"]["mean"] - 43.1)  # text-only run
+    assert sets["memory_color"]["text_only"]["value"] == pytest.approx(metrics["memory_color"]["mean"])
+    assert sets["memory_color"]["paper"] == {"text_only": None, "late_fusion": None}
+    assert sets["relative_size"]["not_comparable"]["text_only"] == ["model: not a paper model", "limit=2"]
     md = (tmp_path / "out" / "oc" / "suite.md").read_text()
-    assert "| memory_color | " + f"{metrics['memory_color']['mean']:.1f} | 32.4 | 72.5 |" in md
+    assert "| memory_color | " + f"{metrics['memory_color']['mean']:.1f} [" in md
+    assert "not comparable: model: not a paper model; limit=2 | not comparable: " in md
     assert summary["groups"] == {} and "## Groups" not in md
 
 

@@ -12,7 +12,7 @@
   (encoding, empty contexts, window truncation; ``eval_scripts/harness.py`` shares them);
 * :meth:`Scorer.score_candidates` / :meth:`Scorer.candidate_records`: fixed candidate lists
   (first-token or full scoring, see ``docs/protocols.md``);
-* :meth:`Scorer.generate`: fused greedy generation cut at the first newline.
+* :meth:`Scorer.generate`: fused greedy generation cut at the first newline (and, asked, the LM's own).
 """
 from __future__ import annotations
 
@@ -272,10 +272,21 @@ class Scorer:
         return records
 
     @torch.no_grad()
-    def generate(self, prompts: list[str], prompt_lists: list[list[str]], max_new_tokens: int = 50):
-        """Fused greedy generation, cut at the first newline (cut from the generated ids)."""
+    def generate(self, prompts: list[str], prompt_lists: list[list[str]], max_new_tokens: int = 50,
+                 with_text: bool = False):
+        """Fused greedy generation, cut at the first newline (cut from the generated ids): the answers and the
+        image records; ``with_text`` adds the LM's own greedy answers (a second, unfused decode of the prompts
+        fitted as a text-only run fits them)."""
         ids, mask = self.rt.pad([self.fit(self.encode(p), reserve=max_new_tokens)[0] for p in prompts], left=True)
         patches, weights, records, prefix = self.images_and_prefix(prompt_lists)
+        texts = self._decode(ids, mask, patches, weights, max_new_tokens, prefix)
+        if not with_text:
+            return texts, records
+        ids, mask = self.rt.pad([self.rt.fit(self.encode(p), max_new_tokens, with_images=False)[0] for p in prompts],
+                                left=True)
+        return texts, records, self._decode(ids, mask, None, None, max_new_tokens)
+
+    def _decode(self, ids, mask, patches, weights, max_new_tokens: int, prefix=None) -> list[str]:
         tok = self.tokenizer
 
         def stop(new_ids):
@@ -295,4 +306,4 @@ class Scorer:
                 keep.append(t)
             else:
                 texts.append(tok.decode(keep, skip_special_tokens=True))
-        return [t.strip() for t in texts], records
+        return [t.strip() for t in texts]
