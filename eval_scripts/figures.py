@@ -16,7 +16,6 @@ import re
 from pathlib import Path
 
 from eval_scripts.cli import EvalError
-from eval_scripts.intervals import interval_of
 from eval_scripts.registry import subset_values
 from eval_scripts.results import Comparison, TaskRun, item_scores, number
 
@@ -121,6 +120,8 @@ def run_name(run: TaskRun) -> str:
 
 
 def _subset_intervals(run: TaskRun, records: list[dict] | None, metric: str) -> dict[str, dict]:
+    from eval_scripts.intervals import interval_of  # numpy: not imported for --help
+
     per: dict[str, list[dict]] = {}
     for r in records or []:
         if isinstance(r.get("subset"), str):

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from eval_scripts.cli import EvalError
-from eval_scripts.intervals import gain_of, interval_of
 from eval_scripts.registry import headline, metrics_from_samples
 from models.options import SHARED, keys
 
@@ -157,6 +156,8 @@ class TaskRun:
         recorded = recorded_interval(self.result.get("intervals"), metric)
         if recorded is not None:
             return recorded
+        from eval_scripts.intervals import interval_of  # numpy: not imported for --help
+
         scores = item_scores(self.samples or [], metric)
         return interval_of(list(scores.values())) if scores else None
 
@@ -287,6 +288,8 @@ class Comparison:
         if isinstance(recorded, dict) and (iv := recorded_interval(recorded.get("intervals"),
                                                                    run.headline_value()[0])):
             return iv
+        from eval_scripts.intervals import interval_of
+
         scores = self._text_only_scores(run)
         return interval_of(list(scores.values())) if scores else None
 
@@ -302,6 +305,8 @@ class Comparison:
             out = recorded_interval(run.result.get("gain"), run.headline_value()[0])
             out = out if out is not None and out.get("value") is not None else None
         if out is None:
+            from eval_scripts.intervals import gain_of
+
             fused, text = item_scores(run.samples or [], run.headline_value()[0]), self._text_only_scores(run)
             common = [i for i in fused if i in text]
             out = gain_of([fused[i] for i in common], [text[i] for i in common]) if common else None
