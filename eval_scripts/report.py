@@ -350,7 +350,8 @@ def task_section(c: Comparison, max_examples: int, log: MediaLog) -> tuple[str, 
     options = "".join(f"<option value='{i}'>{esc(run_label(r))}</option>" for i, r in enumerate(runs))
     selector = (f"<p><label>run: <select class='runsel'>{options}</select></label> "
                 f"<small>({len(runs)} run{'s' if len(runs) > 1 else ''})</small></p>")
-    return (f"<section class='task' id='task-{esc(c.task)}'><h2>{esc(c.task)}: examples</h2>{selector}"
+    slug = re.sub(r"[^A-Za-z0-9_-]+", "_", c.task)[:80]
+    return (f"<section class='task' id='task-{slug}'><h2>{esc(c.task)}: examples</h2>{selector}"
             f"{''.join(parts)}</section>"), shown
 
 
