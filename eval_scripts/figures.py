@@ -107,7 +107,7 @@ def bar_figure(groups: list[str], series: dict[str, dict[str, tuple[float, dict 
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3, axis="y")
-        ax.legend(fontsize=7, frameon=False)
+        ax.legend(fontsize=7, frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))
         if title:
             ax.set_title(title)
         fig.tight_layout()

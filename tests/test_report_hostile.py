@@ -439,3 +439,22 @@ def test_a_zero_bar_is_drawn(tmp_path):
     save_figure(fig, tmp_path, "z")
     texts = [el.text for el in ET.parse(tmp_path / "z.svg").getroot().iter() if el.text and el.text.strip()]
     assert "0" in texts
+
+
+def test_the_demo_writes_its_page_with_the_report(tmp_path, k_runs):
+    """demo.write_report on run folders named as the demo names them: the report's page and figures."""
+    import shutil
+
+    import demo
+
+    results_dir = tmp_path / "demo" / "results"
+    names = {"base": "text_only", "probs_k1": "probs_k1", "probs_k2": "probs_k2", "logits_k1": "logits_k1",
+             "logits_k2": "logits_k2"}
+    for src, name in names.items():
+        shutil.copytree(k_runs[src], results_dir / name)
+    info = demo.write_report(tmp_path / "demo", ["probs_k1", "probs_k2", "logits_k1", "logits_k2"])
+    page = assert_inert(info["html"])
+    assert [v for tag, k, v in page.attrs if tag == "div" and k == "data-label"] == \
+        ["probs_k1 (k=1)", "probs_k2 (k=2)", "logits_k1 (k=1)", "logits_k2 (k=2)"]
+    assert "text_only (baseline)" in "".join(page.text)
+    assert {Path(p).name for p in info["figures"]} >= {"accuracy_vs_k.svg", "accuracy_vs_k.pdf", "accuracy_vs_k.png"}
