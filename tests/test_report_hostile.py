@@ -146,6 +146,12 @@ def vc_run(folder: Path, k: int, mix: str, rows: list[dict], **config) -> Path:
                                             "counts": {"examples": len(rows)}}, rows)
 
 
+@pytest.fixture()
+def no_charts(monkeypatch):
+    """Tests of what the page embeds or writes skip drawing the charts (the figure tests draw them)."""
+    monkeypatch.setattr(report, "chart_figures", lambda comparisons: [])
+
+
 def fails(argv, capsys, message) -> str:
     with pytest.raises(SystemExit) as e:
         run_main(report.main, argv)
@@ -211,7 +217,7 @@ IMAGE_CASES = {  # name: (how the samples file names it, what the page shows)
 
 @pytest.mark.parametrize("layout", ["legacy", "image_root"])
 @pytest.mark.parametrize("case", IMAGE_CASES)
-def test_pictures_only_from_inside_the_image_root(tmp_path, case, layout, capsys):
+def test_pictures_only_from_inside_the_image_root(tmp_path, case, layout, capsys, no_charts):
     kind, expected = IMAGE_CASES[case]
     run_dir = tmp_path / "out" / "run"
     cache = tmp_path / "out" / "images"
@@ -318,7 +324,7 @@ def test_files_above_their_size_limit_are_refused(tmp_path, capsys, monkeypatch,
 
 # ---------------------------------------------------------------------------------------------- outputs
 @pytest.fixture()
-def small_run(tmp_path):
+def small_run(tmp_path, no_charts):
     rows = vc_rows(2, lambda q, t: q == 0, lambda q, t: False)
     return vc_run(tmp_path / "k1", 1, "probs", rows)
 
