@@ -52,7 +52,7 @@ def _usable_root(path: Path) -> Path | None:
     """``path`` resolved, when it is an existing folder narrower than a filesystem root or a home folder."""
     try:
         real = path.resolve()
-    except (OSError, RuntimeError):
+    except (OSError, RuntimeError, ValueError):  # ValueError: a NUL in the name
         return None
     home = Path.home().resolve()
     if not real.is_dir() or real == Path(real.anchor) or home.is_relative_to(real):
@@ -99,7 +99,7 @@ def resolve_image(roots: list[Path], relative: bool, path) -> tuple[Path | None,
     for root in roots:
         try:
             real = (root / path).resolve() if relative else Path(path).resolve()
-        except (OSError, RuntimeError):
+        except (OSError, RuntimeError, ValueError):
             continue
         if real.is_relative_to(root) and real != root:
             return (real, None) if real.is_file() else (None, "missing")

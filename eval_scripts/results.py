@@ -37,10 +37,10 @@ def text_only_view(record: dict) -> dict | None:
     if "text_only_prediction" not in record:
         return None
     view = {**record, "prediction": record["text_only_prediction"], "scores": record.get("text_only_scores"),
-            "correct": record["text_only_prediction"] == record["answer"]}
+            "correct": record["text_only_prediction"] == record.get("answer")}
     if "text_only_prediction_norm" in record:
         view.update(prediction_norm=record["text_only_prediction_norm"],
-                    correct_norm=record["text_only_prediction_norm"] == record["answer"])
+                    correct_norm=record["text_only_prediction_norm"] == record.get("answer"))
     return view
 
 

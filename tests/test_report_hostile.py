@@ -18,7 +18,8 @@ from eval_scripts import report, results
 from eval_scripts.cli import run_main
 
 PAYLOADS = ("<script>alert(1)</script>", "\"><img src=x onerror=alert(2)>", "'><svg onload=alert(3)>",
-            "javascript:alert(4)", "a|b\nc|d\r\n| --- |", "[x](javascript:alert(5))")
+            "javascript:alert(4)", "a|b\nc|d\r\n| --- |", "[x](javascript:alert(5))", "\x00<script>nul</script>")
+TYPED = ({"<script>": ["<b>x</b>"]}, ["<i>a</i>", 1], 12345, None, True, 1e308)  # not strings where strings go
 OWN_TAGS = {"html", "head", "meta", "title", "style", "body", "h1", "h2", "h3", "p", "small", "table", "tr", "th",
             "td", "section", "label", "select", "option", "div", "button", "span", "article", "header", "b", "pre",
             "code", "figure", "figcaption", "img", "br", "script"}
@@ -163,9 +164,10 @@ def fails(argv, capsys, message) -> str:
 # ---------------------------------------------------------------------------------------------- markup
 def hostile_files(root: Path, payload: str, with_samples: bool) -> Path:
     """A run folder (itself named with markup where a file name can hold it) whose every field is ``payload``."""
-    folder = root / ("run" + payload.replace("/", "").replace("\n", "").replace("\r", ""))
+    name = payload if isinstance(payload, str) else "typed"
+    folder = root / ("run" + re.sub(r"[/\n\r\x00]", "", name))
     img = png(root / "cache" / "ok.png")
-    rec = {"id": payload, "prompt": payload, "candidates": [payload, payload + "2"], "scores": [payload, 1.0],
+    rec = {"id": payload, "prompt": payload, "candidates": [payload, f"{payload}2"], "scores": [payload, 1.0],
            "prediction": payload, "answer": payload, "answers": [payload], "correct": payload, "subset": payload,
            "set": payload, "template": payload, "protocol": payload, "f1": payload, "exact_match": payload,
            "text_only_prediction": payload, "text_only_scores": [payload],
@@ -175,11 +177,13 @@ def hostile_files(root: Path, payload: str, with_samples: bool) -> Path:
                                     "vision_encoder", "image_index", "protocol", "split")}
     cfg.update(generate_images=True, k=2, image_cache=str(root / "cache"))
     interval = {"low": payload, "high": payload, "method": payload, "n": payload}
-    result = {"metrics": {payload: payload, "acc": payload, "overall": payload}, "config": cfg,
-              "counts": {"examples": payload}, "intervals": {"acc": interval, payload: interval},
-              "text_only": {"metrics": {payload: payload}, "intervals": {payload: interval}},
+    key = str(payload)
+    result = {"metrics": {key: payload, "acc": payload, "overall": payload}, "config": cfg,
+              "counts": {"examples": payload}, "intervals": {"acc": interval, key: interval},
+              "text_only": {"metrics": {key: payload}, "intervals": {key: interval}},
               "gain": {"acc": {**interval, "value": payload}}, "image_root": {"path": payload, "kind": payload}}
-    write_run(folder, payload, result, [rec] if with_samples else None, stem="hostile")
+    write_run(folder, payload if isinstance(payload, str) else "typed", result, [rec] if with_samples else None,
+              stem="hostile")
     return folder
 
 
@@ -192,6 +196,16 @@ def test_markup_in_every_field_stays_text(tmp_path, payload, with_samples):
     page = assert_inert(out)
     text = "".join(page.text)
     assert payload.replace("\r\n", "\n").split("\n")[0] in text  # shown, as text
+    assert_md_shape(out.with_suffix(".md"))
+
+
+@pytest.mark.parametrize("with_samples", [True, False], ids=["samples", "samples missing"])
+@pytest.mark.parametrize("payload", TYPED, ids=repr)
+def test_fields_of_the_wrong_type_are_shown_or_left_out_not_a_traceback(tmp_path, payload, with_samples):
+    folder = hostile_files(tmp_path, payload, with_samples)
+    out = tmp_path / "r.html"
+    report.main([str(folder), "--out", str(out)])
+    assert_inert(out)
     assert_md_shape(out.with_suffix(".md"))
 
 
@@ -228,7 +242,8 @@ def test_pictures_only_from_inside_the_image_root(tmp_path, case, layout, capsys
     bomb(cache / "a" / "bomb.png")
     relative = layout == "image_root"
     names = {"inside": "a/inside.png" if relative else inside, "private": private,
-             "dotdot": "../../private/private.png" if relative else str(cache / ".." / ".." / "private" / "private.png"),
+             "dotdot": "../../private/private.png" if relative
+             else str(cache / ".." / ".." / "private" / "private.png"),
              "link": "a/link.png" if relative else str(cache / "a" / "link.png"),
              "bomb": "a/bomb.png" if relative else str(cache / "a" / "bomb.png"),
              "missing": "a/none.png" if relative else str(cache / "a" / "none.png")}
@@ -252,7 +267,7 @@ def test_pictures_only_from_inside_the_image_root(tmp_path, case, layout, capsys
     private_uri = report.thumbnail(Path(private), 128)[0]
     assert private_uri not in out.read_text()
     # one warning for the kind, counting the one picture (named by all 10 rows, counted once per picture)
-    assert len(err) == 1 and err[0].startswith("warning: 1 image ") and results  # noqa: B018
+    assert len(err) == 1 and err[0].startswith("warning: 1 image ")
     assert err[0] == f"warning: 1 image {report_media_reason(expected)}; placeholders shown"
 
 
