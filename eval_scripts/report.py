@@ -386,7 +386,7 @@ br.querySelector('.prev').onclick=function(){if(page>0){page--;draw();}};
 br.querySelector('.next').onclick=function(){page++;draw();};
 draw();});});""" % PAGE_SIZE
 
-COLUMNS = ("task", "run", "image source", "generator / index", "vision encoder", "k", "mix", "model", "checkpoint",
+COLUMNS = ("task", "run", "k", "mix", "image source", "generator / index", "vision encoder", "model", "checkpoint",
            "metric", "text-only (95% CI)", "fused (95% CI)", "gain (95% CI)", "n", *FLIPS)
 
 
@@ -399,22 +399,23 @@ def _cells(r: dict) -> list[str]:
         with_interval(r["text_only"], r["text_interval"])
     fused = "–" if baseline or not r["k"] else with_interval(r["value"], r["interval"])
     return [clip_text(r["task"], FIELD_CHARS), clip_text(r["run"], FIELD_CHARS) + (" (baseline)" if baseline else ""),
+            str(r["k"] or "text-only"), clip_text(r["mix"], FIELD_CHARS),
             clip_text(r["source"], FIELD_CHARS), short_path(r["generator"]), short_path(r["encoder"]),
-            str(r["k"] or "text-only"), clip_text(r["mix"], FIELD_CHARS), short_path(r["model"]),
+            short_path(r["model"]),
             short_path(r["checkpoint"]), clip_text(r["metric"], FIELD_CHARS), text, fused,
             with_interval(gain.get("value"), gain, sign=True), count(r["n"]), *(count(f.get(name)) for name in FLIPS)]
 
 
 def summary_table(rows: list[dict]) -> str:
     head = "<tr>" + "".join(f"<th>{esc(c)}</th>" for c in COLUMNS) + "</tr>"
-    titles = {3: "generator", 4: "encoder", 7: "model", 8: "checkpoint"}
+    titles = {5: "generator", 6: "encoder", 7: "model", 8: "checkpoint"}
     body = []
     for r in rows:
         cells = _cells(r)
         tds = []
         for i, cell in enumerate(cells):
             title = f" title='{esc(clip_text(r[titles[i]] or '', FIELD_CHARS * 2))}'" if i in titles else ""
-            cls = " class='num'" if i >= 10 or i == 5 else ""
+            cls = " class='num'" if i >= 10 or i == 2 else ""
             tds.append(f"<td{cls}{title}>{esc(cell)}</td>")
         body.append("<tr>" + "".join(tds) + "</tr>")
     return f"<table class='summary'>{head}{''.join(body)}</table>"
@@ -538,7 +539,8 @@ def main(argv=None) -> dict:
     total = sum(n for per in shown.values() for n in per.values())
     print(f"report: {out} ({len(page.encode('utf-8')) / 1024:.0f} KB, {total} examples shown); summary: {md_path}"
           + (f"; figures: {args.figures} ({len(figure_files)} files)" if figure_files else ""))
-    return {"html": str(out), "md": str(md_path), "shown": shown, "figures": [str(p) for p in figure_files],
+    return {"html": str(out), "md": str(md_path), "shown": {task: sum(per.values()) for task, per in shown.items()},
+            "shown_by_run": shown, "figures": [str(p) for p in figure_files],
             "warnings": log.warnings(),
             "flips": {c.task: {r.label: c.flip_counts(r) for r in c.runs if r is not c.baseline} for c in comparisons}}
 

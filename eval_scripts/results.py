@@ -144,7 +144,8 @@ class TaskRun:
             return {"source": "–", "generator": "–", "encoder": "–"}
         source = str(cfg.get("image_source") or "generate")
         made_by = cfg.get("image_index") if source == "retrieve" else cfg.get("image_generator")
-        return {"source": source, "generator": str(made_by or "–"), "encoder": str(cfg.get("vision_encoder") or "–")}
+        encoder = cfg.get("vision_encoder")
+        return {"source": source, "generator": str(made_by or "–"), "encoder": str(encoder or "–")}
 
     def headline_value(self) -> tuple[str, float | None]:
         metric, value = self.headline()

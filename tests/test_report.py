@@ -156,7 +156,7 @@ def test_runs_that_differ_only_in_k_get_an_accuracy_vs_k_chart(runs, tmp_path):
     assert "alt='accuracy against the number of images k'" in page_text
     assert "alt='imagenetvc per subset'" in page_text
     page = parse(out)  # one browser per image run: k1's and k2's examples
-    assert len(page.cards) == 40 and info["shown"] == {"imagenetvc": {"k1": 20, "k2": 20}}
+    assert len(page.cards) == 40 and info["shown_by_run"] == {"imagenetvc": {"k1": 20, "k2": 20}}
     # the text-only run among the runs is the baseline; the examples shown are the last image run's
     assert info["flips"]["imagenetvc"]["k2"] == direct_flips(samples(runs["text"]), samples(runs["k2"]))
     assert "k1 (k=1): " in page_text  # the other run's prediction beside each example
