@@ -50,6 +50,8 @@ def read_bounded(path: Path, limit: int, root: Path) -> str:
     real = path.resolve()
     if not real.is_relative_to(root.resolve()):
         raise EvalError(f"{path}: a link out of the run folder {root} (to {real}); refused")
+    if real.exists() and not real.is_file():  # a FIFO or a device would block or never end
+        raise EvalError(f"{path}: not a regular file; refused")
     try:
         with open(real, "rb") as f:
             if not os.path.isfile(real):

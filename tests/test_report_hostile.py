@@ -323,6 +323,14 @@ def test_links_out_of_the_run_folder_are_refused(tmp_path, capsys, case):
     assert not (tmp_path / "r.html").exists()
 
 
+def test_a_fifo_named_like_a_result_is_refused(tmp_path, capsys):
+    folder = tmp_path / "run"
+    folder.mkdir()
+    os.mkfifo(folder / "t.json")
+    err = fails([str(folder), "--out", str(tmp_path / "r.html")], capsys, "not a regular file")
+    assert str(folder / "t.json") in err
+
+
 SIZE_CASES = {"results file": ("MAX_RESULT_BYTES", "t.json"), "samples file": ("MAX_SAMPLES_BYTES", "t_samples.jsonl")}
 
 
