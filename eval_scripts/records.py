@@ -393,10 +393,10 @@ class RunRecords:
         result = None
         with step((EvalError,)):  # the main process writes; the others hear how that went
             if self.is_main:
-                result = self._write_results(metrics, t0, table, show_images)
+                result = self._write_results(metrics, t0, table, show_images, image_root)
         return result
 
-    def _write_results(self, metrics: dict, t0: float, table, show_images: bool) -> dict:
+    def _write_results(self, metrics: dict, t0: float, table, show_images: bool, image_root=None) -> dict:
         """The main process's part of :meth:`finish`: merge, write the result files, print the table."""
         all_stats = [json.loads(p.read_text()) for p in sorted(self.out_dir.glob(f"{self.task}.stats*.json"))]
         seconds = {k: round(sum(s["seconds"][k] for s in all_stats), 3) for k in all_stats[0]["seconds"]}
