@@ -12,7 +12,9 @@
    like a real text-to-image model, draws a wrong colour or shape 30% of the time.
 
 It prints accuracy for text-only and k = 1, 3, 6 images under ``--mix probs`` and ``--mix logits``, and
-writes ``summary.json``, ``accuracy_vs_k.png`` and ``examples.html`` under ``--output_dir``.
+writes ``summary.json`` and, with the report (``python -m eval_scripts.report``), ``report.html`` (the numbers
+with their intervals, the charts and an example browser per image run), ``report.md`` and ``figures/``
+(``accuracy_vs_k`` and the other charts as SVG, PDF and 300-dpi PNG) under ``--output_dir``.
 With ``--image_source retrieve`` it also builds a captioned collection (renderings of the evaluated objects
 captioned with their names only, wrong 30% of the time, among 10x as many renderings of other invented
 objects), indexes it (``python -m models.images.index build``) and evaluates with images retrieved by BM25
@@ -26,8 +28,6 @@ Every flag is checked before anything is written. The demo marks ``--output_dir`
 """
 from __future__ import annotations
 
-import base64
-import html
 import json
 import os
 import shutil
@@ -195,68 +195,19 @@ def evaluate_retrieval(args, out: Path, lm_dir: str, clip_spec: str, ckpt: Path,
     return acc
 
 
-def plot(acc: dict, ks: list[int], path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    xs = [0, *ks]
-    for mode, style in zip(MODES, ("o-", "s--")):
-        ax.plot(xs, [100 * acc[mode]["text_only"]] + [100 * acc[mode][f"k{k}"] for k in ks], style,
-                label=f"--mix {mode}")
-    ax.set_xticks(xs, ["text\nonly", *map(str, ks)])
-    ax.set_xlabel("generated images per question (k)")
-    ax.set_ylabel("accuracy on invented objects (%)")
-    ax.set_ylim(0, 100)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    ax.set_title("Late fusion in the toy world (SmolLM2-135M)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+REPORT_EXAMPLES = 40  # examples per run on the page (flips first): the page stays a few MB
 
 
-def _samples(out: Path, run: str) -> dict[str, dict]:
-    rows = (out / "results" / run / "imagenetvc_samples.jsonl").read_text().splitlines()
-    return {r["id"]: r for r in map(json.loads, rows)}
+def write_report(out: Path, run_names: list[str]) -> dict:
+    """The demo's page and figures, written by the report (``python -m eval_scripts.report``): the numbers with
+    their intervals, accuracy against k (SVG, PDF and 300-dpi PNG under ``figures/``) and an example browser per
+    image run, against the text-only run."""
+    from eval_scripts import report
 
-
-def _top(row: dict) -> str:
-    best = max(range(len(row["scores"])), key=lambda i: row["scores"][i])
-    return row["candidates"][best]
-
-
-def write_html(out: Path, k: int, noise: float, path: Path, n_per_subset: int = 4) -> None:
-    """A few questions: the k generated images with their weights, text-only vs fused answers."""
-    text, fused = _samples(out, "text_only"), _samples(out, f"probs_k{k}")
-    from eval_scripts.image_paths import KEY, SampleImages
-
-    run_dir = out / "results" / f"probs_k{k}"
-    files = SampleImages(run_dir, json.loads((run_dir / "imagenetvc.json").read_text()).get(KEY))
-    parts = ["<!doctype html><meta charset='utf-8'><title>late fusion demo</title>",
-             "<style>body{font-family:sans-serif;max-width:1000px;margin:auto}img{width:96px;image-rendering:pixelated;"
-             "margin:2px}figure{display:inline-block;margin:2px;text-align:center;font-size:12px}"
-             ".ok{color:#070}.bad{color:#a00}td{vertical-align:top;padding:6px}</style>",
-             "<h1>Late multi-image fusion in the toy world</h1>",
-             "<p>SmolLM2-135M (frozen) + a random frozen tiny CLIP + a trained projector and fusion block. The images "
-             f"come from the toy world's procedural generator (wrong colour or shape {100 * noise:.0f}% of the time). "
-             f"Fused answers use k = {k} images and <code>--mix probs</code>; every image has weight "
-             "0.5 (uniform weights).</p><table>"]
-    for subset in ("color", "shape"):
-        ids = [i for i in fused if i.startswith(f"{subset}-") and i.endswith("/t1")][:n_per_subset]
-        for i in ids:
-            f, t = fused[i], text[i]
-            figs = "".join(
-                f"<figure><img src='data:image/png;base64,{base64.b64encode(files.resolve(im['path']).read_bytes()).decode()}'>"
-                f"<figcaption>w = {im['weight']:.2f}</figcaption></figure>" for im in f["images"])
-            cls = lambda ans: "ok" if ans == f["answer"] else "bad"  # noqa: E731
-            parts.append(
-                f"<tr><td><b>{html.escape(f['prompt'])}</b><br>answer: {html.escape(f['answer'])}<br>"
-                f"text-only: <span class='{cls(_top(t))}'>{html.escape(_top(t))}</span><br>"
-                f"fused: <span class='{cls(_top(f))}'>{html.escape(_top(f))}</span></td><td>{figs}</td></tr>")
-    parts.append("</table>")
-    path.write_text("\n".join(parts), encoding="utf-8")
+    results = out / "results"
+    return report.main([*(str(results / name) for name in run_names), "--baseline", str(results / "text_only"),
+                        "--out", str(out / "report.html"), "--figures", str(out / "figures"),
+                        "--max_examples", str(REPORT_EXAMPLES)])
 
 
 def main(argv=None) -> dict:
@@ -293,9 +244,9 @@ def run(args) -> dict:
     retrieved = (evaluate_retrieval(args, out, lm_dir, clip_spec, ckpt, objects)
                  if args.image_source == "retrieve" else {})
 
-    plot_path, html_path = out / "accuracy_vs_k.png", out / "examples.html"
-    plot(acc, args.ks, plot_path)
-    write_html(out, max(args.ks), args.noise, html_path)
+    runs = [f"{mode}_k{k}" for mode in MODES for k in args.ks] + [f"retrieve_k{k}" for k in RETRIEVE_KS if retrieved]
+    page = write_report(out, runs)
+    plot_path, html_path = out / "figures" / "accuracy_vs_k.png", Path(page["html"])
     summary = {**acc["probs"], **retrieved, "logits": acc["logits"], "plot": str(plot_path),
                "html": str(html_path), "config": vars(args), "seconds": round(time.perf_counter() - t0, 1)}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -1,92 +1,171 @@
-"""Pictures for a self-contained report: image thumbnails and matplotlib charts as ``data:`` URIs.
+"""Pictures for a self-contained report: which image files a run may show, and their thumbnails as ``data:`` URIs.
 
-Thumbnails are WebP (JPEG where Pillow lacks WebP) of at most ``size`` pixels a side, encoded once
-per (path, size). Charts are PNGs drawn with matplotlib's Agg backend.
+A samples file names its images, and a samples file may be hostile, so a picture is embedded only when it lies
+inside the run's image root (symlinks resolved): :func:`image_roots` says which roots a run has, and
+:func:`resolve_image` is the one place a recorded image path becomes a file. Everything else is refused and shown
+as a placeholder; :class:`MediaLog` counts what was refused, so the report can say so in one warning per kind.
+
+* A result file carrying ``image_root`` (``{"path": <relative to the folder of <task>.json>, "absolute": ...}``)
+  names paths relative to that root: ``<run folder>/<path>/<p>``, else ``<absolute>/<p>``.
+* An older result (no ``image_root``): the recorded ``--image_cache`` of a generating run, or the collection
+  root in the manifest of a retrieving run's ``--image_index``, holds its pictures.
+
+A root that is a filesystem root or holds the user's home folder is no root (it would let a file name anything).
+Images are opened with a pixel limit, checked from the header before anything is decoded: a decompression bomb
+becomes a placeholder. Thumbnails are WebP (JPEG where Pillow lacks WebP) of at most ``size`` pixels a side.
 """
 from __future__ import annotations
 
 import base64
 import io
+import json
+import warnings
+from collections import Counter
 from functools import lru_cache
 from pathlib import Path
+
+MAX_IMAGE_PIXELS = 40_000_000  # a picture larger than this (e.g. 20000 x 20000) is not decoded
+MAX_IMAGE_BYTES = 64 * 2**20
+MAX_MANIFEST_BYTES = 2**20
+REASONS = {
+    "outside": "named outside the run's image root (or through a link leaving it): not embedded",
+    "missing": "not found (a cache moved or cleared since the run)",
+    "too large": f"larger than {MAX_IMAGE_PIXELS // 1_000_000} million pixels or {MAX_IMAGE_BYTES // 2**20} MiB: "
+                 "not decoded",
+    "unreadable": "not a readable picture",
+}
+
+
+class MediaLog(Counter):
+    """How many pictures were not embedded, by reason (see :data:`REASONS`)."""
+
+    looked: dict  # the image roots the report looked in, in order (for the line on missing images)
+
+    def look(self, places) -> None:
+        if not hasattr(self, "looked"):
+            self.looked = {}
+        self.looked.update(dict.fromkeys(str(p) for p in places))
+
+    def warnings(self) -> list[str]:
+        where = list(getattr(self, "looked", {}))
+        return [f"warning: {n} image{'s' if n > 1 else ''} {REASONS[reason]}"
+                + (f"; looked in {' and '.join(where)}" if reason == "missing" and where else "")
+                + "; placeholders shown" for reason, n in self.items() if n]
 
 
 def _data_uri(data: bytes, mime: str) -> str:
     return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
 
 
+def _usable_root(path: Path) -> Path | None:
+    """``path`` resolved, when it is an existing folder narrower than a filesystem root or a home folder."""
+    try:
+        real = path.resolve()
+    except (OSError, RuntimeError, ValueError):  # ValueError: a NUL in the name
+        return None
+    home = Path.home().resolve()
+    if not real.is_dir() or real == Path(real.anchor) or home.is_relative_to(real):
+        return None
+    return real
+
+
+def _manifest_root(index_dir) -> Path | None:
+    try:
+        with open(Path(index_dir) / "manifest.json", "rb") as f:
+            manifest = json.loads(f.read(MAX_MANIFEST_BYTES + 1)[:MAX_MANIFEST_BYTES])
+        root = manifest.get("image_root") if isinstance(manifest, dict) else None
+    except (OSError, ValueError):
+        return None
+    return Path(root) if isinstance(root, str) else None
+
+
+def image_roots(results_dir: Path, result: dict) -> tuple[list[Path], bool]:
+    """The roots a run's pictures may come from, resolved, and whether its paths are relative to them
+    (``image_root`` recorded) rather than as written (older results)."""
+    declared = result.get("image_root")
+    if isinstance(declared, dict):
+        candidates = []
+        if isinstance(declared.get("path"), str):
+            candidates.append(Path(results_dir) / declared["path"])
+        if isinstance(declared.get("absolute"), str):
+            candidates.append(Path(declared["absolute"]))
+        roots = [r for c in candidates if (r := _usable_root(c)) is not None]
+        return roots[:1], True
+    cfg = result.get("config") if isinstance(result.get("config"), dict) else {}
+    candidates = []
+    if cfg.get("image_source") == "retrieve" and isinstance(cfg.get("image_index"), str):
+        candidates.append(_manifest_root(cfg["image_index"]))
+    elif isinstance(cfg.get("image_cache"), str):
+        candidates.append(Path(cfg["image_cache"]))
+    return [r for c in candidates if c is not None and (r := _usable_root(c)) is not None], False
+
+
+def looked_in(results_dir: Path, result: dict) -> list[str]:
+    """Where a run's pictures are looked for (the recorded image root's two spellings, else the recorded
+    cache), as written: what the line on missing images names."""
+    declared = result.get("image_root")
+    if isinstance(declared, dict):
+        return ([str(Path(results_dir) / declared["path"])] if isinstance(declared.get("path"), str) else []) + \
+               ([declared["absolute"]] if isinstance(declared.get("absolute"), str) else [])
+    cfg = result.get("config") if isinstance(result.get("config"), dict) else {}
+    return [cfg["image_cache"]] if isinstance(cfg.get("image_cache"), str) else []
+
+
+def resolve_image(roots: list[Path], relative: bool, path) -> tuple[Path | None, str | None]:
+    """The file a recorded image path names, resolved, when it lies inside one of ``roots``: ``(path, None)``;
+    else ``(None, reason)`` with a reason of :data:`REASONS`."""
+    if not isinstance(path, str) or not path or "\x00" in path:
+        return None, "missing"
+    for root in roots:
+        try:
+            real = (root / path).resolve() if relative else Path(path).resolve()
+        except (OSError, RuntimeError, ValueError):
+            continue
+        if real.is_relative_to(root) and real != root:
+            return (real, None) if real.is_file() else (None, "missing")
+    return None, "outside"
+
+
 @lru_cache(maxsize=4096)
-def thumbnail(path: str, size: int = 128, quality: int = 60) -> str | None:
-    """A ``data:`` URI of the image at ``path`` scaled to fit ``size`` x ``size``, or None when it
-    cannot be read (a cache moved or cleared since the run)."""
+def _thumbnail(path: Path, size: int, quality: int) -> tuple[str | None, str | None]:
     from PIL import Image, UnidentifiedImageError, features
 
     try:
-        with Image.open(Path(path)) as im:
+        if path.stat().st_size > MAX_IMAGE_BYTES:
+            return None, "too large"
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(path)
+        with im:
+            w, h = im.size  # read from the header: nothing is decoded yet
+            if w * h > MAX_IMAGE_PIXELS:
+                return None, "too large"
+            im.draft("RGB", (size, size))
             im = im.convert("RGB")
             im.thumbnail((size, size))
             buf = io.BytesIO()
             if features.check("webp"):
                 im.save(buf, "WEBP", quality=quality, method=4)
-                return _data_uri(buf.getvalue(), "image/webp")
+                return _data_uri(buf.getvalue(), "image/webp"), None
             im.save(buf, "JPEG", quality=quality, optimize=True)
-            return _data_uri(buf.getvalue(), "image/jpeg")
-    except (OSError, UnidentifiedImageError, ValueError):
-        return None
+            return _data_uri(buf.getvalue(), "image/jpeg"), None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        return None, "too large"
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError, EOFError):
+        return None, "unreadable"
 
 
-def _png(fig) -> str:
+def thumbnail(path: Path, size: int = 128, quality: int = 60) -> tuple[str | None, str | None]:
+    """``(data: URI, None)`` of the picture at ``path`` (already resolved by :func:`resolve_image`) scaled to fit
+    ``size`` x ``size``, or ``(None, reason)``."""
+    return _thumbnail(Path(path), size, quality)
+
+
+def png_uri(fig, dpi: int = 100) -> str:
+    """A matplotlib figure as a PNG ``data:`` URI (closed afterwards)."""
     import matplotlib.pyplot as plt
 
     buf = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buf, format="png", dpi=80)
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
     plt.close(fig)
     return _data_uri(buf.getvalue(), "image/png")
-
-
-def _pyplot():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
-def _top(values) -> float:
-    """The top of a percentage axis: a little above the largest value (at least 10, at most 100)."""
-    return min(100.0, max([10.0, *(1.15 * v for v in values)]))
-
-
-def k_plot(series: dict[str, list[tuple[int, float]]], metric: str) -> str:
-    """Metric against k, one line per task (k = 0 is text-only)."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(5.5, 3.2))
-    ks = sorted({k for points in series.values() for k, _ in points})
-    for task, points in series.items():
-        ax.plot([k for k, _ in points], [v for _, v in points], "o-", label=task)
-    ax.set_xticks(ks, ["text\nonly" if k == 0 else str(k) for k in ks])
-    ax.set_ylim(0, _top(v for points in series.values() for _, v in points))
-    ax.set_xlabel("generated images per input (k)")
-    ax.set_ylabel(metric)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    ax.set_title("accuracy vs k")
-    return _png(fig)
-
-
-def subset_chart(task: str, values: dict[str, dict[str, float]], metric: str) -> str:
-    """Grouped bars: ``values[series][subset]`` (a series per run)."""
-    plt = _pyplot()
-    subsets = list(dict.fromkeys(s for per in values.values() for s in per))
-    fig, ax = plt.subplots(figsize=(max(4.0, 1.1 * len(subsets) + 2), 3.2))
-    width = 0.8 / max(len(values), 1)
-    for i, (name, per) in enumerate(values.items()):
-        xs = [j + (i - (len(values) - 1) / 2) * width for j in range(len(subsets))]
-        ax.bar(xs, [per.get(s, 0.0) for s in subsets], width, label=name)
-    ax.set_xticks(range(len(subsets)), subsets, fontsize=8)
-    ax.set_ylim(0, _top(v for per in values.values() for v in per.values()))
-    ax.set_ylabel(metric)
-    ax.set_title(f"{task}: {metric} per subset")
-    ax.grid(alpha=0.3, axis="y")
-    ax.legend(fontsize=7)
-    return _png(fig)

@@ -33,8 +33,9 @@ def demo_writes_summary_plot_and_page(summary):
     assert set(on_disk) >= {"text_only", "k1", "k6", "logits", "plot", "html"}
     assert set(on_disk["logits"]) == {"text_only", "k1", "k6"}
     assert Path(on_disk["plot"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    page = Path(on_disk["html"]).read_text()
-    assert page.count("<img") == 8 * 6 and "text-only" in page and "fused" in page
+    page = Path(on_disk["html"]).read_text()  # the report's page: a browser per image run (2 modes x 2 k, 2 retrieved)
+    assert page.count("<div class='browser'") == 6 and "text-only" in page and "fused" in page
+    assert all((out / "figures" / f"accuracy_vs_k.{fmt}").is_file() for fmt in ("svg", "pdf", "png"))
 
 
 def retrieved_images_beat_text_only(summary):

@@ -146,16 +146,17 @@ def test_flips_from_the_samples_alone_equal_those_against_the_text_only_run(runs
     assert alone["flips"] == with_baseline["flips"]
     md = (tmp_path / "b.md").read_text()
     text_acc = json.loads((runs["text"] / "imagenetvc.json").read_text())["metrics"]["overall"]["mean"]
-    assert f"| {text_acc:.2f} |" in md  # the text-only column, recomputed from the k = 2 samples
+    assert f"| {text_acc:.2f} (" in md  # the text-only column, recomputed from the k = 2 samples
 
 
 def test_runs_that_differ_only_in_k_get_an_accuracy_vs_k_chart(runs, tmp_path):
     out = tmp_path / "k.html"
     info = report.main([str(runs["text"]), str(runs["k1"]), str(runs["k2"]), "--out", str(out)])
     page_text = out.read_text()
-    assert "alt='metric against k'" in page_text and "alt='imagenetvc per subset'" in page_text
-    page = parse(out)
-    assert len(page.cards) == 20 and info["shown"] == {"imagenetvc": 20}
+    assert "alt='accuracy against the number of images k'" in page_text
+    assert "alt='imagenetvc per subset'" in page_text
+    page = parse(out)  # one browser per image run: k1's and k2's examples
+    assert len(page.cards) == 40 and info["shown_by_run"] == {"imagenetvc": {"k1": 20, "k2": 20}}
     # the text-only run among the runs is the baseline; the examples shown are the last image run's
     assert info["flips"]["imagenetvc"]["k2"] == direct_flips(samples(runs["text"]), samples(runs["k2"]))
     assert "k1 (k=1): " in page_text  # the other run's prediction beside each example
@@ -199,7 +200,8 @@ def test_commonsense_and_generation_layouts(tmp_path):
     for i, color in enumerate(("red", "blue", "green")):
         paths.append(str(tmp_path / f"im{i}.png"))
         Image.new("RGB", (200, 150), color).save(paths[-1])
-    cfg = {"model_name": "m", "generate_images": True, "k": 2, "mix": "logits", "protocol": "released"}
+    cfg = {"model_name": "m", "generate_images": True, "k": 2, "mix": "logits", "protocol": "released",
+           "image_cache": str(tmp_path)}
     piqa = _fake_run(tmp_path / "cs", "commonsense_piqa", cfg, {"acc": 50.0, "n": 2}, [
         {"id": "q1", "protocol": "released", "prompt": "<script>alert(1)</script> open a jar",
          "candidates": ["twist the lid", "hit it"], "scores": [3.1, 5.2], "prediction": 0, "answer": 0,
@@ -220,7 +222,7 @@ def test_commonsense_and_generation_layouts(tmp_path):
     assert "<script>alert(1)" not in out.read_text() and "image not found" in out.read_text()
     assert len(out.read_bytes()) <= 2 * report.EXAMPLE_BUDGET  # a 200 KB prompt is cut to fit
 
-    text_cfg = {"model_name": "m", "generate_images": False, "k": 10}
+    text_cfg = {"model_name": "m", "generate_images": False, "k": 10, "image_cache": str(tmp_path)}
     gen = {"prompt": "Q: who?\nA:", "answers": ["Ann"], "is_impossible": False, "images": []}
     base = _fake_run(tmp_path / "sq_text", "squad", text_cfg, {"exact_match": 0.0, "f1": 0.0, "n": 1},
                      [{"id": "s1", **gen, "prediction": "Bob", "exact_match": 0.0, "f1": 0.0, "correct": False}])
