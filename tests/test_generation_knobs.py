@@ -56,7 +56,7 @@ def test_vae_swaps_the_autoencoder_and_caches_its_images_apart(zoo):
     assert swapped["counts"]["images_generated"] == 1  # through the same cache, under another key
     paths = image_paths(zoo, "taesd")
     assert paths and set(paths).isdisjoint(image_paths(zoo, "plain"))
-    assert all(Image.open(p).size == (48, 48) for p in paths)
+    assert all(Image.open(Path(zoo["cache"]) / p).size == (48, 48) for p in paths)  # relative to the cache
     # the same flags again: from the cache
     again = main(args(zoo, "taesd_again", "--vae", zoo["vae"], size=48))
     assert again["counts"]["images_generated"] == 0 and image_paths(zoo, "taesd_again") == paths

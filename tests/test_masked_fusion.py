@@ -99,7 +99,7 @@ def test_k_images_mix_each_fused_prediction_and_run_the_encoder_once(mode, mlm_d
     weights = torch.tensor([[0.2, 0.9, 1.4], [0.5, 0.0, 0.7]])
     model.calls.update(lm=0, fusion=0)
     got = model.mixed_logprobs(ids, mask, patches, weights, mode)
-    assert model.calls == {"lm": 1, "fusion": 1}  # one encoder pass per text; the 2 x 3 images in one batch
+    assert model.calls == {"lm": 1, "fusion": 1, "prefix": 0}  # one encoder pass per text; the 2 x 3 images in one batch; no prefix cache
     with torch.no_grad():
         each = torch.stack([model(ids, mask, patches[:, i]).logits for i in range(3)], 1)
     expected = mix_logprobs(model.text_logits(ids, mask), each, weights, mode)

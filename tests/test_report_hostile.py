@@ -268,7 +268,10 @@ def test_pictures_only_from_inside_the_image_root(tmp_path, case, layout, capsys
     assert private_uri not in out.read_text()
     # one warning for the kind, counting the one picture (named by all 10 rows, counted once per picture)
     assert len(err) == 1 and err[0].startswith("warning: 1 image ")
-    assert err[0] == f"warning: 1 image {report_media_reason(expected)}; placeholders shown"
+    assert err[0].startswith(f"warning: 1 image {report_media_reason(expected)}")
+    assert err[0].endswith("; placeholders shown")
+    # a missing picture's line also says where the report looked (the run's image root)
+    assert ("; looked in " in err[0]) == (expected == "missing")
 
 
 def report_media_reason(kind):
