@@ -212,16 +212,11 @@ class FeatureStore:
             real = os.path.realpath(path)
             if not real.startswith(os.path.realpath(self.dir) + os.sep):
                 raise ValueError(f"a symlink leaving the feature cache (to {real})")
-            st = os.stat(path)
-        if not stat.S_ISREG(st.st_mode):
-            raise ValueError("not a regular file")
-        if st.st_size > limit:
-            raise ValueError(f"{st.st_size} bytes, more than an entry of this encoder can hold ({limit})")
-        with open(path, "rb") as f:
-            data = f.read(limit + 1)
-        if len(data) > limit:
-            raise ValueError(f"more than an entry of this encoder can hold ({limit} bytes)")
-        return data
+        from models.bounded_read import read_bounded
+
+        return read_bounded(path, limit, lambda size: f"{size} bytes, more than an entry of this encoder can hold "
+                            f"({limit})" if size is not None else f"more than an entry of this encoder can hold "
+                            f"({limit} bytes)")
 
     def _bad(self, path: str, why) -> None:
         """Name a bad entry in one warning and delete it (it is recomputed and written again)."""

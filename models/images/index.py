@@ -107,16 +107,9 @@ def resolve_inside(root_real: str, path: str) -> tuple[bool, str]:
 def read_image_bytes(path, limit: int = MAX_IMAGE_BYTES) -> bytes:
     """The bytes of a regular file of at most ``limit`` bytes (never a device, a FIFO or a huge file);
     ``ValueError`` (or ``OSError``) otherwise."""
-    st = os.stat(path)
-    if not _stat.S_ISREG(st.st_mode):
-        raise ValueError("not a regular file")
-    if st.st_size > limit:
-        raise ValueError(f"larger than {limit >> 20} MiB")
-    with open(path, "rb") as f:
-        data = f.read(limit + 1)
-    if len(data) > limit:
-        raise ValueError(f"larger than {limit >> 20} MiB")
-    return data
+    from models.bounded_read import read_bounded
+
+    return read_bounded(path, limit, lambda _size: f"larger than {limit >> 20} MiB")
 
 
 def _read_bounded(path: Path, limit: int) -> bytes:
