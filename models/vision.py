@@ -215,15 +215,15 @@ def load_vision_encoder(spec: str = DEFAULT_VISION_ENCODER, device=None, dtype=N
     except (VisionEncoderError, FileNotFoundError):
         raise
     except Exception as e:  # noqa: BLE001 - open_clip, transformers and the hub raise many kinds
-        from pickle import UnpicklingError
-
         from safetensors import SafetensorError
-        if not isinstance(e, (OSError, RuntimeError, ValueError, KeyError, SafetensorError, UnpicklingError,
-                              EOFError)):
+
+        from models.errors import raised_while_unpickling
+        unpickling = raised_while_unpickling(e)
+        if not unpickling and not isinstance(e, (OSError, RuntimeError, ValueError, KeyError, SafetensorError)):
             raise
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]
         why = lines[0] if lines else type(e).__name__
-        if isinstance(e, UnpicklingError):  # never suggest weights_only=False
+        if unpickling:  # never suggest weights_only=False
             why = "its weights file is not a PyTorch checkpoint"
         why = why if len(why) <= 160 else why[:157] + "..."
         local = os.path.isdir(spec.split(":", 1)[1] if spec.startswith(("local-dir:", "hf-clip:")) else spec)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 
+from models.errors import raised_while_unpickling
 from models.fusion.kinds import SUPPORTED_MODELS, UnsupportedModelError, check_supported
 
 # kwargs of AutoModelFor*.from_pretrained that AutoConfig.from_pretrained needs as well
@@ -29,8 +30,6 @@ def load_lm(model_name_or_path: str, torch_dtype=None, **lm_kwargs):
     every failure one line (ValueError, or FileNotFoundError when nothing loadable is there): an
     unsupported model, an unreadable weights file, or weights missing from the checkpoint (they would be
     random; a missing head means the checkpoint is not the LM it claims to be)."""
-    from pickle import UnpicklingError
-
     from safetensors import SafetensorError
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM
 
@@ -51,11 +50,13 @@ def load_lm(model_name_or_path: str, torch_dtype=None, **lm_kwargs):
     except SafetensorError as e:
         raise ValueError(f"cannot load {what}: {_weights_named(model_name_or_path, '.safetensors')} is not a "
                          f"valid safetensors file ({_first_line(e)})") from None
-    except (UnpicklingError, EOFError):  # never suggest weights_only=False: the file is not a checkpoint
-        raise ValueError(f"cannot load {what}: {_weights_named(model_name_or_path, '.bin')} is not a PyTorch "
-                         "checkpoint") from None
-    except ValueError as e:
-        raise ValueError(f"cannot load {what}: {_first_line(e)}") from None
+    except Exception as e:  # noqa: BLE001 - a damaged .bin surfaces as many kinds (see raised_while_unpickling)
+        if raised_while_unpickling(e):  # never suggest weights_only=False: the file is not a checkpoint
+            raise ValueError(f"cannot load {what}: {_weights_named(model_name_or_path, '.bin')} is not a PyTorch "
+                             "checkpoint") from None
+        if isinstance(e, ValueError):
+            raise ValueError(f"cannot load {what}: {_first_line(e)}") from None
+        raise
     missing = sorted(info.get("missing_keys") or ())
     if missing:
         head = next((n for n, m in lm.named_modules() if m is lm.get_output_embeddings()), None)
