@@ -64,6 +64,48 @@ def test_cached_scores_equal_the_uncached_computation(arch, pad_left, lm_dirs):
     assert (model.mixed_logprobs(ids, mask, patches, weights, prefix=wrong)[valid] - ref[valid]).abs().max() > 1e-2
 
 
+def wanted_positions(mask: torch.Tensor, pad_left: bool, span: int) -> torch.Tensor:
+    """Per row, the last ``span`` text positions (clamped to the row's last token as the scorer clamps them, so
+    short rows repeat it): what next-token and continuation scoring ask for."""
+    n = mask.sum(1)
+    end = torch.full_like(n, mask.shape[1]) if pad_left else n   # one past each row's last token
+    first = (end - span).clamp(min=(mask.shape[1] - n) if pad_left else 0)
+    return torch.minimum(first[:, None] + torch.arange(span), (end - 1)[:, None])
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("pad_left", [False, True])
+def test_only_the_wanted_positions_run_and_equal_the_whole_pass(arch, pad_left, lm_dirs):
+    """With a prefix and the positions asked for, the block runs those positions only (the text's keys and
+    values once per text, the queries per image): the same log-probabilities as [V ; H] run whole."""
+    model = make_model(lm_dirs[arch])
+    assert model.one_layer
+    ids, mask = mixed_batch(pad_left)
+    patches, keys = image_batch()
+    weights = torch.tensor([[1.0, 0.4], [0.3, 1.2], [0.8, 0.0]])
+    prefix, _, _ = VisualPrefixCache()(model, patches.flatten(0, 1), keys)
+    for span in (1, 3, 5):  # row 2 holds 4 tokens: span 5 repeats its last position
+        pos = wanted_positions(mask, pad_left, span)
+        if span == 5:
+            pos[0] = torch.tensor([1, 3, 4, 6, 8])  # gaps in a row: its whole range runs, the asked ones are kept
+        for mode in ("logits", "probs"):
+            ref = model.mixed_logprobs(ids, mask, patches, weights, mode, positions=pos)
+            got = model.mixed_logprobs(ids, mask, patches, weights, mode, positions=pos, prefix=prefix)
+            assert got.shape == ref.shape == (3, span, ref.shape[-1])
+            assert (got - ref).abs().max() <= 1e-5
+    # the fused outputs come from the per-position path itself (not a whole pass picked afterwards) ...
+    pos = wanted_positions(mask, pad_left, 1)
+    whole, _, _ = model.fuse_after_prefix(prefix, model.text_hidden(ids, mask)[0].repeat_interleave(2, 0),
+                                          mask.repeat_interleave(2, 0))
+    hidden, _ = model.text_hidden(ids, mask)
+    at = model.fuse_at(prefix, hidden, mask, pos)
+    assert at.shape[1] == 1
+    assert (at - whole.gather(1, pos.repeat_interleave(2, 0)[..., None].expand(-1, -1, at.shape[-1]))).abs().max() <= 1e-5
+    # ... and the image matters there: another image's prefix moves them
+    other, _, _ = VisualPrefixCache()(model, torch.randn(6, N_V, D_CLIP), keys)
+    assert (model.fuse_at(other, hidden, mask, pos) - at).abs().max() > 1e-2
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_cached_generation_is_token_for_token_the_uncached_one(arch, lm_dirs):
     model = make_model(lm_dirs[arch])

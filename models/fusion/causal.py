@@ -200,6 +200,71 @@ class LateFusionLM(nn.Module):
         text_out, cache, full_mask = self.fuse(None, hidden, attention_mask, cache=cache, past_mask=past_mask)
         return text_out, (cache if keep_cache else None), full_mask
 
+    @property
+    def one_layer(self) -> bool:
+        """Whether the block is one layer (it always is when built here): then its keys and values at the text
+        positions are functions of the text alone, which :meth:`fuse_at` relies on."""
+        cfg = self.fusion_layer.config
+        return next((getattr(cfg, n) for n in ("num_hidden_layers", "n_layer", "num_layers") if hasattr(cfg, n)),
+                    None) == 1
+
+    @torch.no_grad()
+    def text_keys_values(self, hidden: torch.Tensor, attention_mask: torch.Tensor, n_v: int):
+        """The block's keys and values at the text positions of ``[V ; H]`` (``[B, kv_heads, T, head_dim]``
+        each), computed once per text: in a one-layer block they depend on the LM's hidden state and the
+        position only, not on the image before them (positions follow an ``n_v``-token prefix)."""
+        from transformers import DynamicCache
+
+        seq = hidden.to(self.fusion_dtype)
+        if self.fusion_input_scale != 1.0:
+            seq = seq * torch.tensor(self.fusion_input_scale, dtype=seq.dtype)
+        full = torch.cat([attention_mask.new_ones(attention_mask.shape[0], n_v), attention_mask], dim=1)
+        cache = DynamicCache(config=self.fusion_layer.config)
+        self.fusion_layer(inputs_embeds=seq, attention_mask=attention_mask,
+                          position_ids=positions_from_mask(full)[:, n_v:], use_cache=True,
+                          **{self._fusion_cache_kw: cache})
+        layer = cache.layers[0]
+        return layer.keys, layer.values
+
+    def fuse_at(self, prefix: tuple[torch.Tensor, torch.Tensor], hidden: torch.Tensor, attention_mask: torch.Tensor,
+                positions: torch.Tensor, text_kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """The block's outputs at the text ``positions`` ``[B, P]`` only, for each of the ``k`` images of each
+        text: ``[B*k, P, d]``, equal to :meth:`fuse` over ``[V ; H]`` picked at those positions.
+
+        ``prefix``: the ``B*k`` visual prefixes' keys and values (row ``b*k + i``). In a one-layer block the
+        text's keys and values do not depend on the image (:meth:`text_keys_values`, computed once per text,
+        or given as ``text_kv``), so per image only the queries run: each row's span ``s .. s + P' - 1`` of
+        requested positions enters as new tokens after the prefix and the text's keys before ``s``."""
+        from transformers import DynamicCache
+
+        self.calls["fusion"] += 1
+        keys, values = prefix
+        b, t = attention_mask.shape
+        n, n_v = keys.shape[0], keys.shape[-2]
+        k = n // b
+        if text_kv is None:
+            text_kv = self.text_keys_values(hidden, attention_mask, n_v)
+        positions = positions.to(hidden.device)
+        start = positions.min(1).values                                           # [B]
+        span = int((positions.max(1).values - start).max()) + 1
+        wanted = start[:, None] + torch.arange(span, device=hidden.device)        # [B, P']
+        idx = wanted.clamp(max=t - 1)
+        new_mask = attention_mask.gather(1, idx) * (wanted < t).to(attention_mask.dtype)
+        text_pos = positions_from_mask(torch.cat([attention_mask.new_ones(b, n_v), attention_mask], 1))[:, n_v:]
+        seq = hidden.gather(1, idx.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])).to(self.fusion_dtype)
+        if self.fusion_input_scale != 1.0:
+            seq = seq * torch.tensor(self.fusion_input_scale, dtype=seq.dtype)
+        before = attention_mask * (torch.arange(t, device=hidden.device)[None] < start[:, None]).to(attention_mask.dtype)
+        mask = torch.cat([attention_mask.new_ones(b, n_v), before, new_mask], dim=1)
+        cache = DynamicCache(config=self.fusion_layer.config)
+        cache.update(torch.cat([keys, text_kv[0].repeat_interleave(k, 0)], dim=-2),
+                     torch.cat([values, text_kv[1].repeat_interleave(k, 0)], dim=-2), 0)
+        out = self.fusion_layer(inputs_embeds=seq.repeat_interleave(k, 0), attention_mask=mask.repeat_interleave(k, 0),
+                                position_ids=text_pos.gather(1, idx).repeat_interleave(k, 0), use_cache=True,
+                                **{self._fusion_cache_kw: cache}).last_hidden_state   # [B*k, P', d]
+        pick = (positions - start[:, None]).repeat_interleave(k, 0)
+        return out.gather(1, pick.unsqueeze(-1).expand(-1, -1, out.shape[-1]))
+
     # ------------------------------------------------------------------ training
     def forward(self, input_ids, attention_mask, image_patches, labels=None, hidden=None,
                 return_logits: bool | None = None) -> FusionOutput:
@@ -267,16 +332,20 @@ class LateFusionLM(nn.Module):
             text_only = mix_logprobs(self.lm_head(pick(hidden)), None, None, mode)
             return (text_only, text_only) if return_text else text_only
         b, k = image_patches.shape[:2]
+        positions_done = False
         if weights is None or tuple(weights.shape) != (b, k):
             raise ValueError(f"weights must have shape {(b, k)}, got "
                              f"{None if weights is None else tuple(weights.shape)}")
-        if prefix is not None:
+        if prefix is not None and positions is not None and self.one_layer:  # only the wanted positions run
+            fused = self.fuse_at(prefix, hidden, attention_mask, positions)
+            positions_done = True
+        elif prefix is not None:
             fused, _, _ = self.fuse_after_prefix(prefix, hidden.repeat_interleave(k, 0),
                                                  attention_mask.repeat_interleave(k, 0))
         else:
             visual = self.project(image_patches.flatten(0, 1))                   # [B*k, n_v, d]
             fused, _, _ = self.fuse(visual, hidden.repeat_interleave(k, 0), attention_mask.repeat_interleave(k, 0))
-        if positions is not None:
+        if positions is not None and not positions_done:
             fused = fused.gather(1, positions.to(fused.device).repeat_interleave(k, 0)
                                  .unsqueeze(-1).expand(-1, -1, fused.shape[-1]))
         mixed = self.mix(pick(hidden), fused.unflatten(0, (b, k)), weights, mode)
@@ -320,7 +389,16 @@ class LateFusionLM(nn.Module):
         fusion_cache = DynamicCache(config=self.fusion_layer.config) if use_images else None
         mask = attention_mask
         hidden, lm_cache = self.text_hidden(input_ids, mask, cache=lm_cache, use_cache=True)
-        if use_images and prefix is not None:
+        if use_images and prefix is not None and self.one_layer:  # the prompt's last position runs per image
+            n_v = prefix[0].shape[-2]
+            text_k, text_v = self.text_keys_values(hidden, mask, n_v)
+            last = torch.full((b, 1), mask.shape[1] - 1, device=mask.device)  # left-padded: every row ends there
+            fused = self.fuse_at(prefix, hidden, mask, last, (text_k, text_v))
+            fusion_cache = DynamicCache(config=self.fusion_layer.config)
+            fusion_cache.update(torch.cat([prefix[0], text_k.repeat_interleave(k, 0)], dim=-2),
+                                torch.cat([prefix[1], text_v.repeat_interleave(k, 0)], dim=-2), 0)
+            fmask = torch.cat([mask.new_ones(b * k, n_v), mask.repeat_interleave(k, 0)], dim=1)
+        elif use_images and prefix is not None:
             fused, fusion_cache, fmask = self.fuse_after_prefix(prefix, hidden.repeat_interleave(k, 0),
                                                                 mask.repeat_interleave(k, 0), keep_cache=True)
         elif use_images:
