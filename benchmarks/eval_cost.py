@@ -26,8 +26,9 @@ cache itself costs (PNG encoding and writing, feature files, CLIP on new images)
 SmolLM2-135M, an open_clip ViT-B-32-quickgelu with random weights at its real shapes (224 px, 49 patches of
 width 768), trained weights of that pair's shapes. ``--prefix_compare`` runs the image ways twice, side by
 side in one process: ``before`` with ``--prefix_cache False`` (the fusion block runs over ``[V ; H]`` for
-every text) and ``after`` with the visual prefix cache (each image's prefix computed once), and prints for
-each warm loop / text-only loop, cold loop / (generation + text-only loop + vision time), cold loop /
+every text), ``memory`` with the visual prefix cache in memory only (``--prefix_store off``: each image's
+prefix computed once per process) and ``after`` with the defaults (prefixes also kept on disk, so a warm run
+computes none), and prints for each warm loop / text-only loop, cold loop / (generation + text-only loop + vision time), cold loop /
 (warm loop + generation + vision time) and the prefix-cache hit rate.
 
 ``--startup N`` times, in fresh processes, ``imagenetVC.py --help`` and a one-question text-only run,
@@ -82,7 +83,8 @@ def parse_args(argv=None):
     p.add_argument("--real_shapes", action="store_true",
                    help="the real SmolLM2-135M, a random ViT-B-32-quickgelu at real shapes, trained-shape weights (CPU)")
     p.add_argument("--prefix_compare", action="store_true",
-                   help="run the image ways without (before) and with (after) the visual prefix cache, side by side")
+                   help="run the image ways without the visual prefix cache (before), with it in memory only (memory) "
+                        "and with the defaults (after: memory and disk), side by side")
     p.add_argument("--zoo_dir", default=None,
                    help="where --tiny / --real_shapes build (and reuse) their models (default: a temp dir)")
     p.add_argument("--work_dir", default=None, help="image caches and result files (default: a temp dir)")
@@ -287,7 +289,8 @@ def _clean_state(device):
 
 
 COUNTERS = ("image_slots", "images_generated", "images_from_cache", "images_reused", "pngs_decoded",
-            "vision_features_computed", "vision_features_read", "prefix_computed", "prefix_reused")
+            "vision_features_computed", "vision_features_read", "prefix_computed", "prefix_reused",
+            "prefix_read")
 
 
 def run_way(args, way: str, cache: Path, out_dir: Path, device: str, limit: int | None = None,
@@ -361,8 +364,12 @@ def ratios(ways: dict, k: int, distinct: int) -> dict:
     return out
 
 
+# --prefix_compare: no prefix cache; the in-memory cache alone; the cache and its store on disk (the default)
+PREFIX_VARIANTS = (("before", ("--prefix_cache", "False")), ("memory", ("--prefix_store", "off")), ("after", ()))
+
+
 def prefix_ratios(ways: dict, variant: str) -> dict:
-    """One prefix variant's ratios (``before``: no prefix cache; ``after``: with it): warm / text-only, cold /
+    """One prefix variant's ratios (:data:`PREFIX_VARIANTS`): warm / text-only, cold /
     (generation + text-only + vision), cold / (warm + generation + vision; the issue's cold target), the
     warm run's prefix-cache hit rate, and the warm loop split into LM, fusion block and the rest."""
     text, cold, warm = ways.get("text"), ways.get(f"cold_{variant}"), ways.get(f"warm_{variant}")
@@ -388,18 +395,19 @@ def prefix_ratios(ways: dict, variant: str) -> dict:
 
 
 def prefix_report(ways: dict, pr: dict) -> str:
-    lines = ["visual prefix cache, before (--prefix_cache False) and after (on), side by side:",
-             f"{'':<48}{'before':>10}{'after':>10}"]
+    names = [v for v, _ in PREFIX_VARIANTS if v in pr]
+    lines = ["visual prefix cache, side by side: before (--prefix_cache False), memory (--prefix_store off), "
+             "after (the default: memory and disk)", f"{'':<48}" + "".join(f"{v:>10}" for v in names)]
     rows = (("warm loop / text-only loop", "warm_over_text"),
             ("cold loop / (generation + text-only + vision)", "cold_over_generation_text_vision"),
             ("cold loop / (warm + generation + vision)", "cold_over_warm_generation_vision"),
             ("prefix hit rate, cold run", "cold_prefix_hit_rate"),
             ("prefix hit rate, warm run", "warm_prefix_hit_rate"))
     for label, key in rows:
-        lines.append(f"{label:<48}" + "".join(f"{str(pr[v].get(key)):>10}" for v in ("before", "after")))
+        lines.append(f"{label:<48}" + "".join(f"{str(pr[v].get(key)):>10}" for v in names))
     for part in ("lm", "fusion", "rest"):
         lines.append(f"{'  warm loop: ' + part + ' s':<48}" + "".join(
-            f"{str(pr[v].get('warm_split_s', {}).get(part)):>10}" for v in ("before", "after")))
+            f"{str(pr[v].get('warm_split_s', {}).get(part)):>10}" for v in names))
     return "\n".join(lines)
 
 
@@ -414,7 +422,7 @@ def report(ways: dict, r: dict, k: int, distinct: int, memory_kind: str) -> str:
             ("pipeline constructions", "pipeline_constructions"),
             ("pipeline construction s", "pipeline_construction_s"), ("LM passes", "lm_passes"),
             ("fusion passes", "fusion_passes"), ("prefixes computed", "prefix_computed"),
-            ("prefixes reused", "prefix_reused")]
+            ("prefixes reused", "prefix_reused"), ("prefixes read from disk", "prefix_read")]
     names = list(ways)
     lines = [f"{'':<24}" + "".join(f"{n:>12}" for n in names)]
     for label, key in rows:
@@ -525,8 +533,7 @@ def main(argv=None) -> dict:
         args.fast512 = Fast512() if args.generator == "fast512" else None  # its pool is made before any clock
         if args.ways and not args.no_warmup:
             run_way(args, "text", work / "warmup-cache", work / "out", device, limit=1)
-        variants = ((("before", ("--prefix_cache", "False")), ("after", ())) if args.prefix_compare
-                    else ((None, ()),))
+        variants = (PREFIX_VARIANTS if args.prefix_compare else ((None, ()),))
         runs: dict[str, list[dict]] = {}
         for way in WAYS:
             if way in args.ways:
@@ -557,7 +564,7 @@ def main(argv=None) -> dict:
         print(report(ways, r, args.k, distinct, first["peak_memory_kind"]))
         result.update(ways=ways, ratios=r)
         if args.prefix_compare:
-            pr = {v: prefix_ratios(ways, v) for v in ("before", "after")}
+            pr = {v: prefix_ratios(ways, v) for v, _ in PREFIX_VARIANTS}
             print(prefix_report(ways, pr))
             result["prefix_ratios"] = pr
     if started:

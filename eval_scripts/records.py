@@ -462,7 +462,7 @@ COUNT_NAMES = {"image_slots": "slots", "images_generated": "generated", "images_
                "images_reused": "reused", "pngs_decoded": "pngs_decoded",
                "vision_features_computed": "features_computed", "vision_features_read": "features_read",
                "pipeline_loads": "pipeline_loads", "prefix_computed": "prefix_computed",
-               "prefix_reused": "prefix_reused"}
+               "prefix_reused": "prefix_reused", "prefix_read": "prefix_read"}
 
 
 def image_summary(c: dict) -> str:

@@ -27,7 +27,7 @@ RUNTIME_KEYS = keys(SHARED.values(), "runtime")
 # image counters of a run, each with one meaning: image slots (k x prompts) = generated + from_cache + reused;
 # PNGs decoded; distinct images run through the vision tower vs read from the feature cache; pipeline loads
 IMAGE_COUNTERS = ("slots", "generated", "from_cache", "reused", "pngs_decoded", "features_computed",
-                  "features_read", "pipeline_loads", "prefix_computed", "prefix_reused")
+                  "features_read", "pipeline_loads", "prefix_computed", "prefix_reused", "prefix_read")
 
 
 class Stopwatch:

@@ -196,7 +196,7 @@ def test_derived_key_sets():
     assert {"toyworld_noise", "guidance_scale", "k", "mix", "subsets", "scoring", "dtype"} <= set(resume)
     assert not {"run_name", "output_dir", "batch_size", "device", "limit", "image_cache"} & set(resume)
     assert set(COSMETIC) == {"image_cache", "gen_batch_size", "faiss_threshold", "batch_size", "device",
-                             "output_dir", "run_name", "prefix_cache", "compile",
+                             "output_dir", "run_name", "prefix_cache", "prefix_store", "compile",
                              "channels_last"}
     assert {"model_name", "vision_encoder", "image_generator", "toyworld_noise", "image_index"} <= set(RUNTIME_KEYS)
     assert "mix" not in RUNTIME_KEYS  # mixing is per task: one runtime serves several mixes

@@ -236,3 +236,58 @@ def test_an_evaluation_computes_each_image_prefix_once(zoo):
     for a, b in zip(other_samples, other_off_samples):
         assert a["scores"] == pytest.approx(b["scores"], abs=1e-5)
     assert any(a["scores"] != pytest.approx(b["scores"], abs=1e-4) for a, b in zip(other_samples, on_samples))
+
+
+def stored_prefixes(zoo) -> list[Path]:
+    return sorted(Path(zoo["cache"]).glob("features/*/prefix/*/*/*.safetensors"))
+
+
+def test_a_warm_run_reads_every_prefix_from_disk_and_scores_the_same(zoo, tmp_path, caplog):
+    """--prefix_store: a new process state (memos cleared) over the same image cache computes no prefix; the
+    stored entries are checked where they are used (a forged shape or NaN is named, deleted and recomputed);
+    another checkpoint never reads them; 'off' stores nothing."""
+    from eval_scripts.runtime import clear_memos
+    from models.fusion.prefix_store import use_store
+
+    zoo = {**zoo, "cache": str(tmp_path / "cache"), "out": tmp_path / "out"}
+    clear_memos()
+    off, off_samples = run(zoo, "store-off", "--prefix_store", "off")
+    assert stored_prefixes(zoo) == [] and off["counts"]["prefix_computed"] == 2
+    clear_memos()
+    first, first_samples = run(zoo, "store-first", "--prefix_store", "on")
+    from models import write_behind
+    write_behind.flush()
+    files = stored_prefixes(zoo)
+    assert len(files) == 2 and first["counts"]["prefix_read"] == 0
+    clear_memos()
+    warm, warm_samples = run(zoo, "store-warm")  # auto: on, since the device is the CPU
+    c = warm["counts"]
+    assert (c["prefix_computed"], c["prefix_read"], c["prefix_reused"]) == (0, 2, 10)
+    assert [s["scores"] for s in warm_samples] == [s["scores"] for s in first_samples]  # bit for bit
+    for a, b in zip(warm_samples, off_samples):
+        assert a["scores"] == pytest.approx(b["scores"], abs=1e-5)
+    # another checkpoint: its own folder, nothing read
+    clear_memos()
+    other, _ = run(zoo, "store-other", ckpt="ckpt2")
+    assert (other["counts"]["prefix_computed"], other["counts"]["prefix_read"]) == (2, 0)
+    # forged entries: a wrong shape and a NaN, each with a valid checksum (written through the store itself)
+    from models.images.features import FeatureStore
+    from safetensors.torch import load_file
+    store_dir = files[0].parent.parent
+    ident = json.loads((store_dir / "encoder.json").read_text())
+    forger = FeatureStore(store_dir.parent, ident)
+    assert forger.dir == store_dir
+    good = load_file(str(files[0]))
+    forger.write_tensors(files[0].stem, {"keys": good["keys"][:, :-1], "values": good["values"][:, :-1]})
+    nan = good["values"].clone()
+    nan[0, 0, 0] = float("nan")
+    forger.write_tensors(files[1].stem, {"keys": good["keys"], "values": nan})
+    clear_memos()
+    caplog.clear()
+    forged, forged_samples = run(zoo, "store-forged")
+    assert (forged["counts"]["prefix_computed"], forged["counts"]["prefix_read"]) == (2, 0)
+    warned = [r.getMessage() for r in caplog.records if "feature cache: cannot use" in r.getMessage()]
+    assert len(warned) == 2 and any("has shape" in w for w in warned) and any("NaN" in w for w in warned)
+    assert [s["scores"] for s in forged_samples] == [s["scores"] for s in first_samples]
+    assert use_store("auto", "cpu") and not use_store("auto", "cuda") and use_store("on", "cuda")
+    assert not use_store("off", "cpu")

@@ -57,11 +57,13 @@ def weights_fingerprint(model: "LateFusionLM") -> str:
 class VisualPrefixCache:
     """Keys and values of visual prefixes per (namespace, image key), least recently used out beyond a byte limit.
 
-    ``cache(model, patches, keys, namespace)`` returns ``((keys, values), computed, reused)`` for the ``N``
-    image slots of ``patches`` ``[N, n_v, d_clip]`` (their image keys in ``keys``): the prefixes missing
-    from the cache are computed as one batch (each distinct key once), the others reused. ``computed`` is
-    how many distinct images were run through the block now, ``reused`` how many slots took a prefix
-    already there or computed for another slot of this call, so ``computed + reused == N``.
+    ``cache(model, patches, keys, namespace, store)`` returns ``((keys, values), computed, reused)`` for the
+    ``N`` image slots of ``patches`` ``[N, n_v, d_clip]`` (their image keys in ``keys``): the prefixes missing
+    from the cache are read from ``store`` (a :class:`models.fusion.prefix_store.PrefixStore`, if given) or
+    computed as one batch (each distinct key once; then written to the store), the others reused.
+    ``computed`` is how many distinct images were run through the block now, ``reused`` how many slots took
+    a prefix already there, read from the store or computed for another slot of this call, so
+    ``computed + reused == N`` (the store counts its own reads).
     """
 
     def __init__(self, limit_bytes: int = DEFAULT_LIMIT_BYTES):
@@ -81,7 +83,8 @@ class VisualPrefixCache:
         return (weights_fingerprint(model), str(model.fusion_dtype), str(model.device), *extra)
 
     @torch.no_grad()
-    def __call__(self, model: "LateFusionLM", patches: torch.Tensor, keys: list, namespace: tuple = ()):
+    def __call__(self, model: "LateFusionLM", patches: torch.Tensor, keys: list, namespace: tuple = (),
+                 store=None):
         if len(keys) != patches.shape[0]:
             raise ValueError(f"{len(keys)} image keys for {patches.shape[0]} image slots")
         space = self.namespace(model, tuple(namespace))
@@ -90,13 +93,20 @@ class VisualPrefixCache:
         for i, key in enumerate(full):
             if key not in self.entries and key not in missing:
                 missing[key] = i
+        if missing and store is not None:  # kept on disk by an earlier run (models.fusion.prefix_store)
+            for key, row in list(missing.items()):
+                entry = store.read(model, patches[row])
+                if entry is not None:
+                    self._add(key, entry)
+                    del missing[key]
         if missing:
             rows = list(missing.values())
             k, v = model.visual_prefix(model.project(patches[rows]))
             for j, key in enumerate(missing):
                 entry = (k[j].clone(), v[j].clone())
-                self.entries[key] = entry
-                self.bytes += sum(t.numel() * t.element_size() for t in entry)
+                self._add(key, entry)
+                if store is not None:
+                    store.write_later(model, patches[rows[j]], *entry)
         for key in full:
             self.entries.move_to_end(key)
         out_k = torch.stack([self.entries[key][0] for key in full])
@@ -106,3 +116,7 @@ class VisualPrefixCache:
             _, old = self.entries.popitem(last=False)
             self.bytes -= sum(t.numel() * t.element_size() for t in old)
         return (out_k, out_v), len(missing), len(keys) - len(missing)
+
+    def _add(self, key: tuple, entry: tuple[torch.Tensor, torch.Tensor]) -> None:
+        self.entries[key] = entry
+        self.bytes += sum(t.numel() * t.element_size() for t in entry)

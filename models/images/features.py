@@ -178,6 +178,15 @@ class FeatureStore:
         self._write(self.path(key), {"patches": patches, "embed": embed},
                     {"key": key, "png_size": str(png_stat.st_size), "png_mtime_ns": str(png_stat.st_mtime_ns)})
 
+    def read_tensors(self, key: str, shapes: dict[str, tuple]) -> dict | None:
+        """The tensors of a valid entry ``key`` with exactly the names and shapes of ``shapes`` (no PNG bound
+        to it: for entries keyed by their own content, such as :mod:`models.fusion.prefix_store`'s)."""
+        found = self._read(self.path(key), key, shapes)
+        return None if found is None else found[1]
+
+    def write_tensors(self, key: str, tensors: dict) -> None:
+        self._write(self.path(key), tensors, {"key": key})
+
     def read_text(self, prompt: str, shapes: dict | None = None) -> "torch.Tensor | None":
         """The stored CLIP text embedding of ``prompt``, if valid (``shapes``: as for :meth:`read`)."""
         path, key = self.text_path(prompt)

@@ -162,10 +162,15 @@ PREFIX_CACHE = Option("prefix_cache", kind="switch", default=True, images_only=T
                       help="compute the fusion block's keys and values of each image's visual prefix once and "
                            "reuse them for every text (causal LMs; '--prefix_cache False' runs [V ; H] whole each "
                            "time; scores agree to float rounding)")
+PREFIX_STORE = Option("prefix_store", kind="choice", choices=("auto", "on", "off"), default="auto", images_only=True,
+                      runtime=True, group="speed",
+                      help="also keep each image's visual prefix (keys and values) in the feature cache on disk, so "
+                           "a warm run computes none: auto = on CPU only (on a GPU the block is cheaper than the "
+                           "file); the same numbers either way")
 COMPILE = Option("compile", kind="flag", default=False, runtime=True, group="speed",
                  help="torch.compile the UNet and the fusion block (refused in one line where torch.compile "
                       "cannot run)")
-SPEED = (PREFIX_CACHE, COMPILE)
+SPEED = (PREFIX_CACHE, PREFIX_STORE, COMPILE)
 
 
 def eval_options(image_prompt_choices=("sentences", "full", "question"), default_image_prompt: str = "sentences",

@@ -146,9 +146,13 @@ class ModelRuntime:
                 args.vision_encoder, dtype_name(self.dtype), memo_path=features_root / "file-hashes.json"))
             self.features = VisionFeatures(self.vision, self.source, store, watch=watch)
         # image slots whose visual prefix was run through the fusion block / taken from the prefix cache
-        self.prefix_counts = {"prefix_computed": 0, "prefix_reused": 0}
+        self.prefix_counts = {"prefix_computed": 0, "prefix_reused": 0, "prefix_read": 0}
         self.prefix_cache = (PREFIX_CACHE if use_images and getattr(args, "prefix_cache", True)
                              and self.model.kind == "causal" and self.model.prefix_cacheable else None)
+        # ... and on disk beside the vision features (prefix_read: slots whose prefix an earlier run stored)
+        from models.fusion.prefix_store import PrefixStore, use_store
+        self.prefix_store = (PrefixStore(self.features.store) if self.prefix_cache is not None and self.features
+                             is not None and use_store(getattr(args, "prefix_store", "auto"), self.device) else None)
         self._max_text: dict = {}
 
     def visual_prefix(self, patches: torch.Tensor, keys: list[str], features=None):
@@ -158,9 +162,12 @@ class ModelRuntime:
         features = features if features is not None else self.features
         if self.prefix_cache is None or features is None or getattr(features, "store", None) is None:
             return None
-        kv, computed, reused = self.prefix_cache(self.model, patches, keys, (features.store.slug,))
+        store = self.prefix_store if features is self.features else None
+        reads = store.reads if store is not None else 0
+        kv, computed, reused = self.prefix_cache(self.model, patches, keys, (features.store.slug,), store=store)
         self.prefix_counts["prefix_computed"] += computed
         self.prefix_counts["prefix_reused"] += reused
+        self.prefix_counts["prefix_read"] += (store.reads - reads) if store is not None else 0
         return kv
 
     def _watch_logits(self, _module, _inputs, logits) -> None:
