@@ -24,12 +24,13 @@ cache itself costs (PNG encoding and writing, feature files, CLIP on new images)
 
 ``--real_shapes`` runs the real-shape CPU setting (:func:`bench_utils.build_real_shapes`): the real
 SmolLM2-135M, an open_clip ViT-B-32-quickgelu with random weights at its real shapes (224 px, 49 patches of
-width 768), trained weights of that pair's shapes. ``--prefix_compare`` runs the image ways twice, side by
-side in one process: ``before`` with ``--prefix_cache False`` (the fusion block runs over ``[V ; H]`` for
+width 768), trained weights of that pair's shapes. ``--prefix_compare`` runs the image ways three times, side
+by side in one process: ``before`` with ``--prefix_cache False`` (the fusion block runs over ``[V ; H]`` for
 every text), ``memory`` with the visual prefix cache in memory only (``--prefix_store off``: each image's
 prefix computed once per process) and ``after`` with the defaults (prefixes also kept on disk, so a warm run
-computes none), and prints for each warm loop / text-only loop, cold loop / (generation + text-only loop + vision time), cold loop /
-(warm loop + generation + vision time) and the prefix-cache hit rate.
+computes none). It prints for each warm loop / text-only loop (the text-only run just before the warm one: an
+LM pass gets slower as the process ages, so the ratio compares neighbours), cold loop / (generation +
+text-only loop + vision time), cold loop / (warm loop + generation + vision time) and the prefix hit rate.
 
 ``--startup N`` times, in fresh processes, ``imagenetVC.py --help`` and a one-question text-only run,
 N times each; with ``--baseline_tree DIR`` the same commands of another checkout run interleaved with
@@ -373,9 +374,11 @@ def prefix_ratios(ways: dict, variant: str) -> dict:
     (generation + text-only + vision), cold / (warm + generation + vision; the issue's cold target), the
     warm run's prefix-cache hit rate, and the warm loop split into LM, fusion block and the rest."""
     text, cold, warm = ways.get("text"), ways.get(f"cold_{variant}"), ways.get(f"warm_{variant}")
+    pair = ways.get(f"text_{variant}") or text  # the text-only run next to the warm one
     out = {}
-    if warm and text:
-        out["warm_over_text"] = round(warm["loop_s"] / text["loop_s"], 3)
+    if warm and pair:
+        out["warm_over_text"] = round(warm["loop_s"] / pair["loop_s"], 3)
+        out["text_loop_s"] = pair["loop_s"]
         sec = warm["seconds"]
         out["warm_split_s"] = {"lm": sec["lm"], "fusion": sec["fusion"],
                                "rest": round(warm["loop_s"] - sec["lm"] - sec["fusion"], 3)}
@@ -398,7 +401,8 @@ def prefix_report(ways: dict, pr: dict) -> str:
     names = [v for v, _ in PREFIX_VARIANTS if v in pr]
     lines = ["visual prefix cache, side by side: before (--prefix_cache False), memory (--prefix_store off), "
              "after (the default: memory and disk)", f"{'':<48}" + "".join(f"{v:>10}" for v in names)]
-    rows = (("warm loop / text-only loop", "warm_over_text"),
+    rows = (("text-only loop s (run next to the warm one)", "text_loop_s"),
+            ("warm loop / text-only loop", "warm_over_text"),
             ("cold loop / (generation + text-only + vision)", "cold_over_generation_text_vision"),
             ("cold loop / (warm + generation + vision)", "cold_over_warm_generation_vision"),
             ("prefix hit rate, cold run", "cold_prefix_hit_rate"),
@@ -539,14 +543,22 @@ def main(argv=None) -> dict:
             if way in args.ways:
                 for name, _ in (variants if way != "text" else ((None, ()),)):
                     runs[way if name is None else f"{way}_{name}"] = []
+        # with --prefix_compare each warm run has a text-only run just before it, its pair: an LM pass here gets
+        # slower as the process ages (the same text-only run measured 1.0x-1.45x of its first time after a few
+        # ways), so each warm / text-only ratio compares neighbours
+        paired = args.prefix_compare and "text" in runs and any(k.startswith("warm_") for k in runs)
+        for name, _ in (variants if paired else ()):
+            runs[f"text_{name}"] = []
         for _ in range(args.repeats if runs else 0):
             if "text" in runs:
                 runs["text"].append(run_way(args, "text", work / "text-cache", work / "out", device))
             for name, flags in variants:
                 cache = work / f"image-cache-{uuid.uuid4().hex[:8]}"  # empty: the cold run fills it
-                for way in ("cold", "warm"):
+                for way in ("cold", "text", "warm") if paired else ("cold", "warm"):
                     label = way if name is None else f"{way}_{name}"
-                    if label in runs:
+                    if way == "text":
+                        runs[label].append(run_way(args, "text", work / "text-cache", work / "out", device))
+                    elif label in runs:
                         runs[label].append(run_way(args, label, cache, work / "out", device, extra=flags))
         ways = {way: {**min(rs, key=lambda r: r["loop_s"]), "loop_s_runs": [r["loop_s"] for r in rs]}
                 for way, rs in runs.items()}
