@@ -470,7 +470,7 @@ class LateFusionHarnessLM(TemplateLM):
         rt, tok = self.runtime, self.tokenizer
         scorer = self.scorer if has_images else self.text_scorer
         ids, mask = rt.pad(seqs, left=True)
-        patches, weights, records = scorer.images_for(prompt_lists)
+        patches, weights, records, prefix = scorer.images_and_prefix(prompt_lists)
         if has_images and contexts is not None:
             self._keep_images(contexts, prompt_lists, records)
         stops = [u for u in until if u]
@@ -478,7 +478,8 @@ class LateFusionHarnessLM(TemplateLM):
         def stop(new_ids):
             return any(s in tok.decode(new_ids, skip_special_tokens=True) for s in stops)
         out = rt.model.generate(ids, mask, patches, weights, self.args.mix, max_new_tokens=max_gen,
-                                eos_token_id=sorted(eos_ids), pad_token_id=tok.pad_token_id, stop=stop)
+                                eos_token_id=sorted(eos_ids), pad_token_id=tok.pad_token_id, stop=stop,
+                                prefix=prefix)
         texts = []
         for row in out.tolist():
             cut = next((j for j, t in enumerate(row) if t in eos_ids), len(row))

@@ -111,3 +111,23 @@ def test_eval_cost_fast512_and_startup(zoo_dir, tmp_path, capsys):
     assert re.search(r"^start-up this +help +wall \d+\.\d{3} s", text, re.M)
     with pytest.raises(SystemExit):
         eval_cost.parse_args(["--generator", "fast512", "--image_size", "64"])
+
+
+def test_prefix_ratios_pair_each_warm_run_with_the_text_only_run_next_to_it():
+    """--prefix_compare: warm / text-only uses the variant's own text-only run, the hit rate counts disk reads
+    as reused, and the cold target divides by warm + generation + vision (hand-computed numbers)."""
+    def way(loop, lm=1.0, fusion=0.0, clip=0.0, gen=0.0, computed=None, reused=None):
+        return {"loop_s": loop, "seconds": {"lm": lm, "fusion": fusion, "clip": clip, "generation": gen},
+                "prefix_computed": computed, "prefix_reused": reused}
+    ways = {"text": way(2.0), "text_after": way(4.0), "warm_after": way(5.0, lm=3.5, fusion=0.5, computed=0, reused=60),
+            "cold_after": way(11.0, clip=4.0, gen=1.0, computed=12, reused=48),
+            "warm_before": way(8.0, fusion=3.0)}
+    after = eval_cost.prefix_ratios(ways, "after")
+    assert after["warm_over_text"] == 1.25 and after["text_loop_s"] == 4.0      # 5 / 4, not 5 / 2
+    assert after["warm_split_s"] == {"lm": 3.5, "fusion": 0.5, "rest": 1.0}
+    assert after["cold_over_warm_generation_vision"] == 1.1                    # 11 / (5 + 1 + 4)
+    assert after["cold_over_generation_text_vision"] == round(11 / (1 + 2 + 4), 3)
+    assert (after["cold_prefix_hit_rate"], after["warm_prefix_hit_rate"]) == (0.8, 1.0)
+    assert eval_cost.prefix_ratios(ways, "before")["warm_over_text"] == 4.0    # no pair: the first text-only run
+    report = eval_cost.prefix_report(ways, {v: eval_cost.prefix_ratios(ways, v) for v, _ in eval_cost.PREFIX_VARIANTS})
+    assert re.search(r"warm loop / text-only loop\s+4\.0\s+None\s+1\.25", report)
