@@ -198,11 +198,58 @@ def figures(comparisons: list[Comparison]) -> list[tuple[str, str, object]]:
     return out
 
 
+MANIFEST = ".report-figures.json"  # in a --figures folder: the files this tool wrote there, with their sha256
+MAX_MANIFEST_BYTES = 2**20
+
+
 def check_figures_dir(path) -> Path:
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise EvalError(f"--figures {path} exists and is not a folder")
     return path
+
+
+def _written_here(folder: Path) -> dict[str, str]:
+    """The manifest of ``folder``: file name -> sha256 of what this tool last wrote there ({} if none)."""
+    import json
+
+    from models.bounded_read import read_bounded
+
+    try:
+        data = read_bounded(folder / MANIFEST, MAX_MANIFEST_BYTES, lambda size: "too large")
+        found = json.loads(data) if data else {}
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(found, dict):
+        return {}
+    return {k: v for k, v in found.items() if isinstance(k, str) and isinstance(v, str)}
+
+
+def _sha256(path: Path) -> str | None:
+    import hashlib
+
+    try:
+        with open(path, "rb") as f:
+            return hashlib.file_digest(f, "sha256").hexdigest()
+    except OSError:
+        return None
+
+
+def check_figures_writable(folder, stems, force: bool = False) -> None:
+    """Refuse, before anything is written, to replace a chart file of ``folder`` this tool did not write (or
+    that was changed since): one line naming it, unless ``force``."""
+    folder = check_figures_dir(folder)
+    if force or not folder.is_dir():
+        return
+    ours = _written_here(folder)
+    for stem in stems:
+        for fmt in FORMATS:
+            path = folder / f"{stem}.{fmt}"
+            if not (path.exists() or path.is_symlink()):
+                continue
+            if path.is_symlink() or not path.is_file() or ours.get(path.name) != _sha256(path):
+                raise EvalError(f"{path} exists and was not written by this report (or was changed since); "
+                                "pass --force or another --figures folder")
 
 
 def save_figure(fig, folder: Path, stem: str, close: bool = True) -> list[Path]:
@@ -240,6 +287,18 @@ def write_figures(charts: list[tuple[str, str, object]], folder, close: bool = T
     except OSError as e:
         raise EvalError(f"--figures {folder}: cannot create ({e.strerror or e})") from None
     written = []
-    for stem, _, fig in charts:
-        written += save_figure(fig, folder, stem, close=close)
+    try:
+        for stem, _, fig in charts:
+            written += save_figure(fig, folder, stem, close=close)
+    finally:  # what was written is remembered as this tool's, so that the next report may replace it
+        if written:
+            import json
+
+            from models import write_behind
+
+            ours = {**_written_here(folder), **{p.name: _sha256(p) for p in written}}
+            try:
+                write_behind.write_atomic(folder / MANIFEST, json.dumps(ours, indent=1, sort_keys=True).encode())
+            except OSError:
+                pass  # the charts are written; the next report will ask for --force
     return written

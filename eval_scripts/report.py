@@ -23,7 +23,9 @@ Every value shown comes from files that may be hostile: all of it is escaped (HT
 embedded only from inside the run's image root (:mod:`eval_scripts.report_media`), files are read within a
 size limit and only inside the run folders. ``--out`` names the HTML page (``.html``), ``--markdown`` the
 Markdown summary (``.md``; default: ``--out`` with ``.md``); a name of the other kind is refused.
-``--figures DIR`` also writes every chart as SVG, PDF and 300-dpi PNG. The page needs no network. Each
+``--figures DIR`` also writes every chart as SVG, PDF and 300-dpi PNG; a same-named file there that this
+tool did not write (``DIR/.report-figures.json`` lists what it wrote) is replaced only with ``--force``.
+The page needs no network. Each
 example takes at most 50 KB (thumbnails shrink to fit); ``--max_examples`` (default 200, 0 for all) caps the
 examples shown per task and run, flips first.
 """
@@ -62,7 +64,7 @@ OPTIONS = (
     Option("max_examples", kind="int", low=0, default=DEFAULT_MAX_EXAMPLES, group="report",
            help="examples shown per task and run, flips first (0: all)"),
     Option("force", kind="flag", default=False, record=False, group="report",
-           help="overwrite --out/--markdown even if this tool did not write them"),
+           help="overwrite --out/--markdown and the --figures charts even if this tool did not write them"),
 )
 
 
@@ -536,6 +538,8 @@ def main(argv=None) -> dict:
     title = "Late-fusion report: " + ", ".join(Path(d).name for d in args.run_dirs)
     log = MediaLog()
     charts = chart_figures(comparisons)
+    if args.figures is not None:
+        charts_mod.check_figures_writable(args.figures, [stem for stem, _, _ in charts], args.force)
     figure_files = charts_mod.write_figures(charts, args.figures, close=False) if args.figures is not None else []
     page, shown = render_html(comparisons, args.max_examples, title, charts, log)
     write_outputs([(out, page), (md_path, render_markdown(comparisons, title))])

@@ -462,6 +462,27 @@ def test_figures_are_written_as_svg_pdf_and_300_dpi_png_with_words(tmp_path, k_r
     assert (tmp_path / "r.html").read_text().count("class='chart'") == 3
 
 
+def test_figures_never_replace_a_chart_this_tool_did_not_write(tmp_path, k_runs, capsys):
+    """--figures into a folder: our own charts are replaced by the next report; a same-named file of the user's (or
+    one of ours edited since) is refused in one line before anything is written, unless --force."""
+    folder, out = tmp_path / "figs", tmp_path / "r.html"
+    runs = [str(k_runs[n]) for n in ("base", "probs_k1", "probs_k2")]
+    report.main([*runs, "--out", str(out), "--figures", str(folder)])
+    report.main([*runs, "--out", str(out), "--figures", str(folder)])  # ours: replaced without --force
+    (folder / "per_task.svg").write_text("<svg>my edit</svg>")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "accuracy_vs_k.png").write_bytes(b"my own chart")
+    for target, name in ((folder, "per_task.svg"), (mine, "accuracy_vs_k.png")):
+        before = {p.name: p.read_bytes() for p in target.iterdir()}
+        fails([*runs, "--out", str(tmp_path / "other.html"), "--figures", str(target)], capsys,
+              f"{target / name} exists and was not written by this report")
+        assert {p.name: p.read_bytes() for p in target.iterdir()} == before
+        assert not (tmp_path / "other.html").exists()
+    report.main([*runs, "--out", str(out), "--figures", str(mine), "--force"])
+    assert (mine / "accuracy_vs_k.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_a_zero_bar_is_drawn(tmp_path):
     """A zero-height bar gets a thick line at 0 and a "0" label (visible in the SVG's text)."""
     from eval_scripts.figures import bar_figure, save_figure
