@@ -39,7 +39,8 @@ from pathlib import Path
 
 from eval_scripts import figures as charts_mod
 from eval_scripts.cli import EvalError, run_main
-from eval_scripts.report_media import MediaLog, image_roots, looked_in, png_uri, resolve_image, thumbnail
+from eval_scripts.report_media import (MediaLog, image_roots, looked_in, png_uri, resolve_image, root_kind,
+                                      thumbnail)
 from eval_scripts.results import FLIPS, Comparison, TaskRun, compare, number
 from models.options import Option
 
@@ -231,11 +232,12 @@ class Pictures:
 
     def __init__(self, run: TaskRun, log: MediaLog):
         self.roots, self.relative = image_roots(run.run_dir, run.result)
+        self.kind = root_kind(run.result)
         self.log, self.seen = log, set()
         self.looked = looked_in(run.run_dir, run.result)
 
     def uri(self, path, size: int) -> tuple[str | None, str]:
-        real, problem = resolve_image(self.roots, self.relative, path)
+        real, problem = resolve_image(self.roots, self.relative, path, self.kind)
         if problem == "outside" and not self.roots and self.relative:
             problem = "missing"  # the recorded root is not there (moved or cleared): the images are not found
         if problem == "missing":

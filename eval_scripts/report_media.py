@@ -11,6 +11,9 @@ as a placeholder; :class:`MediaLog` counts what was refused, so the report can s
   root in the manifest of a retrieving run's ``--image_index``, holds its pictures.
 
 A root that is a filesystem root or holds the user's home folder is no root (it would let a file name anything).
+A recorded root of kind ``cache`` shows only files named as the image cache names them (``xx/<sha256>.png``),
+so a hostile ``<task>.json`` calling some folder its cache shows none of that folder's own pictures; an entry of
+an unknown kind names no root.
 Images are opened with a pixel limit, checked from the header before anything is decoded: a decompression bomb
 becomes a placeholder. Thumbnails are WebP (JPEG where Pillow lacks WebP) of at most ``size`` pixels a side.
 """
@@ -84,6 +87,8 @@ def image_roots(results_dir: Path, result: dict) -> tuple[list[Path], bool]:
     (``image_root`` recorded) rather than as written (older results)."""
     declared = result.get("image_root")
     if isinstance(declared, dict):
+        if root_kind(result) is None:  # a malformed entry names no root
+            return [], True
         candidates = []
         if isinstance(declared.get("path"), str):
             candidates.append(Path(results_dir) / declared["path"])
@@ -100,6 +105,15 @@ def image_roots(results_dir: Path, result: dict) -> tuple[list[Path], bool]:
     return [r for c in candidates if c is not None and (r := _usable_root(c)) is not None], False
 
 
+def root_kind(result: dict) -> str | None:
+    """The recorded image root's kind (``cache`` or ``index``: :data:`eval_scripts.image_paths.ROOT_KINDS`), or None."""
+    from eval_scripts.image_paths import ROOT_KINDS
+
+    declared = result.get("image_root")
+    kind = declared.get("kind") if isinstance(declared, dict) else None
+    return kind if kind in ROOT_KINDS else None
+
+
 def looked_in(results_dir: Path, result: dict) -> list[str]:
     """Where a run's pictures are looked for (the recorded image root's two spellings, else the recorded
     cache), as written: what the line on missing images names."""
@@ -111,11 +125,18 @@ def looked_in(results_dir: Path, result: dict) -> list[str]:
     return [cfg["image_cache"]] if isinstance(cfg.get("image_cache"), str) else []
 
 
-def resolve_image(roots: list[Path], relative: bool, path) -> tuple[Path | None, str | None]:
+def resolve_image(roots: list[Path], relative: bool, path, kind: str | None = None) -> tuple[Path | None, str | None]:
     """The file a recorded image path names, resolved, when it lies inside one of ``roots``: ``(path, None)``;
-    else ``(None, reason)`` with a reason of :data:`REASONS`."""
+    else ``(None, reason)`` with a reason of :data:`REASONS`. A path relative to a recorded root must also pass
+    that root's rule (:func:`eval_scripts.image_paths.safe_relative`: in an image cache, only the cache's own
+    ``xx/<sha256>.png`` names), so a hostile ``<task>.json`` naming some folder as a cache shows nothing of it."""
     if not isinstance(path, str) or not path or "\x00" in path:
         return None, "missing"
+    if relative and kind is not None:
+        from eval_scripts.image_paths import safe_relative
+
+        if safe_relative(path, kind) is None:
+            return None, "outside"
     for root in roots:
         try:
             real = (root / path).resolve() if relative else Path(path).resolve()

@@ -253,7 +253,7 @@ def test_pictures_only_from_inside_the_image_root(tmp_path, case, layout, capsys
     vc_run(run_dir, 1, "probs", rows, **extra)
     if relative:
         result = json.loads((run_dir / "imagenetvc.json").read_text())
-        result["image_root"] = {"path": "../images", "absolute": str(cache), "kind": "image_cache"}
+        result["image_root"] = {"path": "../images", "absolute": str(cache), "kind": "index"}  # any name inside
         (run_dir / "imagenetvc.json").write_text(json.dumps(result))
     out = tmp_path / "r.html"
     info = report.main([str(run_dir), "--out", str(out)])
@@ -272,6 +272,31 @@ def test_pictures_only_from_inside_the_image_root(tmp_path, case, layout, capsys
     assert err[0].endswith("; placeholders shown")
     # a missing picture's line also says where the report looked (the run's image root)
     assert ("; looked in " in err[0]) == (expected == "missing")
+
+
+@pytest.mark.parametrize("kind", ["cache", "index", "images", None])
+def test_a_recorded_cache_root_shows_only_files_of_the_cache_layout(tmp_path, kind, capsys, no_charts):
+    """A <task>.json may name any folder as its image root: as a cache it shows only the cache's own
+    xx/<sha256>.png files (not the folder's other pictures); an unknown kind names no root at all."""
+    run_dir, root = tmp_path / "out" / "run", tmp_path / "photos"
+    cached = "ab/" + "ab" * 32 + ".png"
+    png(root / cached)
+    png(root / "holiday" / "me.png", color="blue")
+    rows = vc_rows(2, lambda q, t: True, lambda q, t: False,
+                   images=lambda q: [{"path": cached, "prompt": "p", "weight": 0.5},
+                                     {"path": "holiday/me.png", "prompt": "p", "weight": 0.5}])
+    vc_run(run_dir, 1, "probs", rows)
+    result = json.loads((run_dir / "imagenetvc.json").read_text())
+    result["image_root"] = {"path": "../../photos", "absolute": str(root), "kind": kind}
+    (run_dir / "imagenetvc.json").write_text(json.dumps(result))
+    out = tmp_path / "r.html"
+    report.main([str(run_dir), "--out", str(out)])
+    text = out.read_text()
+    shown = {name: report.thumbnail((root / name).resolve(), 128)[0] in text for name in (cached, "holiday/me.png")}
+    assert shown == {"cache": {cached: True, "holiday/me.png": False}, "index": {cached: True, "holiday/me.png": True},
+                     "images": {cached: False, "holiday/me.png": False},
+                     None: {cached: False, "holiday/me.png": False}}[kind]
+    capsys.readouterr()
 
 
 def report_media_reason(kind):
