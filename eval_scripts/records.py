@@ -191,6 +191,16 @@ class RunRecords:
             return {k: v for k, v in vars(self.args).items() if k != "config"}
         return recorded(self.args, self.options)
 
+    def resolved(self) -> dict:
+        """What ``auto`` settings became on this machine: the device the models ran on and the LM's dtype (a
+        table name: ``fp32``, ``bf16``, ...), as the runtime resolves them (``config`` keeps what was asked)."""
+        import torch
+
+        from models.options.dtypes import AUTO_LM, resolve
+
+        device = torch.device(self.args.device) if getattr(self.args, "device", None) else self.state.device
+        return {"device": str(device), "dtype": resolve(getattr(self.args, "dtype", None) or "auto", device, AUTO_LM)}
+
     def _row_files(self) -> list[Path]:
         parts = sorted(self.out_dir.glob(f"{self.task}_samples.part*.jsonl"))
         if not self.cache_path().is_file():  # a run directory of a version without the cache file
@@ -415,6 +425,7 @@ class RunRecords:
             "git_commit": git_commit(),
             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "num_processes": self.state.num_processes,
+            "resolved": self.resolved(),
         }
         if image_root is not None:
             from eval_scripts.image_paths import KEY, root_record

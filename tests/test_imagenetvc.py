@@ -96,6 +96,9 @@ def test_released_command_writes_result_files(released_run, zoo):
             "vision_features_computed", "vision_features_read", "pngs_decoded", "pipeline_loads"} <= set(on_disk["counts"])
     assert {"generation", "clip", "lm", "fusion", "total"} <= set(on_disk["timing"])
     assert on_disk["config"]["generate_images"] is True and on_disk["config"]["k"] == K
+    # what "auto" became here, beside what was asked for (the run's device is the CPU: fp32)
+    assert on_disk["resolved"] == {"device": "cpu", "dtype": "fp32"}
+    assert on_disk["config"]["dtype"] in (None, "auto")
     # the image cache, recorded once: relative to the results folder and absolute
     cache = Path(zoo["cache"]).resolve()
     assert on_disk["image_root"] == {"path": os.path.relpath(cache, (Path(zoo["out"]) / "r").resolve()),
