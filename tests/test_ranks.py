@@ -255,6 +255,31 @@ def test_index_build_a_full_disk_on_rank_1_stops_both_ranks(tmp_path, tiny_clip_
     assert not (out / "manifest.json").exists()
 
 
+# ----------------------------------------------------------------------------- pre-generating images
+
+@pytest.mark.xdist_group("torchrun")
+def test_pregenerate_a_full_disk_on_rank_1_stops_both_ranks(tmp_path):
+    """Every chunk of pregenerate is a step, on every rank as many: rank 1's refused PNG writes stop both ranks
+    with its one line (exit 2), and rank 0's images stay in the cache."""
+    texts = tmp_path / "texts.txt"
+    texts.write_text("".join(f"A red apple number {i} sits on a table.\n" for i in range(20)))
+    cache = tmp_path / "cache"
+    proc, ranks = torchrun(tmp_path / "run", "models.images.pregenerate", [
+        "--prompts_file", str(texts), "--image_generator", "toyworld", "--k", "1", "--image_cache", str(cache),
+        "--image_size", "32", "--device", "cpu", "--gen_batch_size", "1"],
+        env_extra={"RANK_FAIL_AT": "1:models.write_behind.write_atomic"})
+    assert proc.returncode != 0
+    assert_stopped_together(ranks, 2, "image(s) could not be written to the cache")
+    assert len(list(cache.rglob("*.png"))) == 10  # rank 0's share, whole
+    # without the failure the two ranks split the texts: 10 each, 20 images, both exit 0
+    whole = tmp_path / "whole"
+    proc, ranks = torchrun(tmp_path / "run_ok", "models.images.pregenerate", [
+        "--prompts_file", str(texts), "--image_generator", "toyworld", "--k", "1", "--image_cache", str(whole),
+        "--image_size", "32", "--device", "cpu", "--gen_batch_size", "1"])
+    assert proc.returncode == 0 and [ranks[r][0] for r in (0, 1)] == [0, 0]
+    assert len(list(whole.rglob("*.png"))) == 20
+
+
 # ----------------------------------------------------------------------------- the harness
 
 @pytest.mark.slow

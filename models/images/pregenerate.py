@@ -52,14 +52,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: "list[str] | None" = None) -> dict:
     """Pre-generate; bad input is one ``error:`` line and exit status 2, with nothing generated."""
-    from models.cli import report_error
+    from models.distributed import RankFailure, agree_on, close, report
 
     args = parse(OPTIONS, argv, description=DESCRIPTION)
     try:
         return pregenerate(args)
-    except (ValueError, OSError) as err:
-        report_error(str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__)
-        raise SystemExit(2) from None
+    except (ValueError, OSError, RankFailure) as err:  # every rank ends with the one line rank 0 prints
+        failure = agree_on(err)
+        report(failure)
+        close()
+        raise SystemExit(failure.status) from None
 
 
 def pregenerate(args: argparse.Namespace) -> dict:
@@ -78,33 +80,40 @@ def pregenerate(args: argparse.Namespace) -> dict:
         raise ValueError(f"prompts file {args.prompts_file} holds no text")
     from models import write_behind
 
-    state = PartialState()
+    from models.distributed import barrier, check_in, step
+
+    state = PartialState(cpu=args.device == "cpu")  # as the eval scripts: on CPU, torchrun ranks share the work
     failed_before = write_behind.writer().failed
-    # the cache is created only once every input is known to be good
-    provider = build_image_source(args, device or state.device, name="generate", dtype=args.dtype)
+    # the cache is created only once every input is known to be good; a process that cannot build its source
+    # (or, below, make or write a chunk) stops every process at the end of that step (models.distributed)
+    with step():
+        provider = build_image_source(args, device or state.device, name="generate", dtype=args.dtype)
     shard = texts[state.process_index :: state.num_processes]
     chunk = 8 * args.gen_batch_size  # texts per call, so that only one chunk of images is held in memory
+    steps = check_in(value=-(-len(shard) // chunk))  # the longest share's chunks: every process runs as many
     # progress bars only on a terminal (disable=None), and only on the first process of each machine
     with tqdm(total=len(shard), unit="text", disable=None if state.is_local_main_process else True) as bar:
-        for start in range(0, len(shard), chunk):
-            texts_chunk = shard[start : start + chunk]
-            provider.get(
-                [derive_prompts(t, args.k, args.image_prompt, last_n_words=args.last_n_words, question=t) for t in texts_chunk]
-            )
-            bar.update(len(texts_chunk))
-            bar.set_postfix(provider.stats())
-    provider.flush()
-    writer = write_behind.writer()
-    if writer.failed > failed_before:  # the PNGs are what this command makes: a write that failed is an error
-        raise OSError(f"{writer.failed - failed_before} image(s) could not be written to the cache "
-                      f"{provider.cache.root} (first: {writer.first_failure}); those written are kept")
+        for n in range(steps):
+            with step():
+                texts_chunk = shard[n * chunk : (n + 1) * chunk]
+                if texts_chunk:
+                    provider.get([derive_prompts(t, args.k, args.image_prompt, last_n_words=args.last_n_words,
+                                                 question=t) for t in texts_chunk])
+                    bar.update(len(texts_chunk))
+                    bar.set_postfix(provider.stats())
+    with step():
+        provider.flush()
+        writer = write_behind.writer()
+        if writer.failed > failed_before:  # the PNGs are what this command makes: a failed write is an error
+            raise OSError(f"{writer.failed - failed_before} image(s) could not be written to the cache "
+                          f"{provider.cache.root} (first: {writer.first_failure}); those written are kept")
     where = f"process {state.process_index}/{state.num_processes}: " if state.num_processes > 1 else ""
     stats = provider.stats()
     print(
         f"{where}{len(shard)} texts, {stats['slots']} image slots: {stats['generated']} generated, "
         f"{stats['from_cache']} from the cache, {stats['reused']} reused -> {provider.cache.root}"
     )
-    state.wait_for_everyone()
+    barrier()
     return stats
 
 
