@@ -40,7 +40,7 @@ from pathlib import Path
 from eval_scripts import figures as charts_mod
 from eval_scripts.cli import EvalError, run_main
 from eval_scripts.report_media import (MediaLog, image_roots, looked_in, png_uri, resolve_image, root_kind,
-                                      thumbnail)
+                                      thumbnail, verified)
 from eval_scripts.results import FLIPS, Comparison, TaskRun, compare, number
 from models.options import Option
 
@@ -236,8 +236,10 @@ class Pictures:
         self.log, self.seen = log, set()
         self.looked = looked_in(run.run_dir, run.result)
 
-    def uri(self, path, size: int) -> tuple[str | None, str]:
+    def uri(self, path, size: int, sha256=None) -> tuple[str | None, str]:
         real, problem = resolve_image(self.roots, self.relative, path, self.kind)
+        if real is not None and self.relative and self.kind == "index" and not verified(real, sha256):
+            real, problem = None, "unverified"
         if problem == "outside" and not self.roots and self.relative:
             problem = "missing"  # the recorded root is not there (moved or cleared): the images are not found
         if problem == "missing":
@@ -251,7 +253,8 @@ class Pictures:
             self.seen.add(key)
             self.log[problem] += 1
         return None, {"missing": "image not found", "outside": "image outside the run's image root",
-                      "too large": "image too large to show"}.get(problem, "image unreadable")
+                      "too large": "image too large to show",
+                      "unverified": "not the image the run recorded"}.get(problem, "image unreadable")
 
 
 def _images(images, size: int, pictures: Pictures) -> str:
@@ -266,7 +269,7 @@ def _images(images, size: int, pictures: Pictures) -> str:
             prompt = clip_text(im.get("prompt", ""), 1000)
             shown = prompt if len(prompt) <= 70 else prompt[:70] + "…"
             caption = f"w = {fmt(im.get('weight'))}<br><span class='ip'>{esc(shown)}</span>"
-            uri, why = pictures.uri(path, size)
+            uri, why = pictures.uri(path, size, im.get("sha256"))
             pic = (f"<img src='{uri}' alt='image {i + 1}' title='{esc(prompt)}'>" if uri
                    else f"<div class='noimg' title='{esc(clip_text(path, 500))}'>{why}</div>")
             figs.append(f"<figure>{pic}<figcaption>{caption}</figcaption></figure>")

@@ -12,8 +12,11 @@ as a placeholder; :class:`MediaLog` counts what was refused, so the report can s
 
 A root that is a filesystem root or holds the user's home folder is no root (it would let a file name anything).
 A recorded root of kind ``cache`` shows only files named as the image cache names them (``xx/<sha256>.png``),
-so a hostile ``<task>.json`` calling some folder its cache shows none of that folder's own pictures; an entry of
-an unknown kind names no root.
+so a hostile ``<task>.json`` calling some folder its cache shows none of that folder's own pictures. A root of
+kind ``index`` (an image collection: any file name) shows a file only when its sha256 is the one the run
+recorded for that image (:func:`verified`; retrieval runs record the index's digest of each image), so a hostile
+``<task>.json`` naming a folder of private pictures as its collection cannot show them without knowing their
+bytes. An entry of an unknown kind names no root.
 Images are opened with a pixel limit, checked from the header before anything is decoded: a decompression bomb
 becomes a placeholder. Thumbnails are WebP (JPEG where Pillow lacks WebP) of at most ``size`` pixels a side.
 """
@@ -36,6 +39,8 @@ REASONS = {
     "too large": f"larger than {MAX_IMAGE_PIXELS // 1_000_000} million pixels or {MAX_IMAGE_BYTES // 2**20} MiB: "
                  "not decoded",
     "unreadable": "not a readable picture",
+    "unverified": "in an image collection but not the file the run recorded (its sha256 differs or was not "
+                  "recorded): not embedded",
 }
 
 
@@ -123,6 +128,23 @@ def looked_in(results_dir: Path, result: dict) -> list[str]:
                ([declared["absolute"]] if isinstance(declared.get("absolute"), str) else [])
     cfg = result.get("config") if isinstance(result.get("config"), dict) else {}
     return [cfg["image_cache"]] if isinstance(cfg.get("image_cache"), str) else []
+
+
+def _file_sha256(path: Path) -> str | None:
+    import hashlib
+
+    try:
+        if path.stat().st_size > MAX_IMAGE_BYTES:
+            return None
+        with open(path, "rb") as f:
+            return hashlib.file_digest(f, "sha256").hexdigest()
+    except OSError:
+        return None
+
+
+def verified(path: Path, sha256) -> bool:
+    """Whether the file at ``path`` holds the bytes whose sha256 a retrieval run recorded (``sha256``)."""
+    return isinstance(sha256, str) and len(sha256) == 64 and _file_sha256(path) == sha256.lower()
 
 
 def resolve_image(roots: list[Path], relative: bool, path, kind: str | None = None) -> tuple[Path | None, str | None]:

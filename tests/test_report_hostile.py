@@ -3,6 +3,7 @@ from inside the run's image root, no file read outside the run folder, bounded r
 outputs of one kind each, no temporary file left after a full disk; and the example browser per image run, the
 baseline shown once, and the figures (SVG, PDF, 300-dpi PNG) of ``--figures``."""
 import errno
+import hashlib
 import json
 import os
 import re
@@ -247,8 +248,11 @@ def test_pictures_only_from_inside_the_image_root(tmp_path, case, layout, capsys
              "link": "a/link.png" if relative else str(cache / "a" / "link.png"),
              "bomb": "a/bomb.png" if relative else str(cache / "a" / "bomb.png"),
              "missing": "a/none.png" if relative else str(cache / "a" / "none.png")}
+    # as a retrieval run records them: each image with the sha256 of its bytes (an index root shows only those)
+    target = cache / str(names[kind]) if relative else Path(names[kind])
+    digest = {"sha256": hashlib.sha256(target.read_bytes()).hexdigest()} if relative and target.is_file() else {}
     rows = vc_rows(2, lambda q, t: True, lambda q, t: False,
-                   images=lambda q: [{"path": names[kind], "prompt": "p", "weight": 0.5}])
+                   images=lambda q: [{"path": names[kind], "prompt": "p", "weight": 0.5, **digest}])
     extra = {"image_cache": "/"} if relative else {"image_cache": str(cache)}  # a legacy root; / is no root
     vc_run(run_dir, 1, "probs", rows, **extra)
     if relative:
@@ -274,28 +278,37 @@ def test_pictures_only_from_inside_the_image_root(tmp_path, case, layout, capsys
     assert ("; looked in " in err[0]) == (expected == "missing")
 
 
-@pytest.mark.parametrize("kind", ["cache", "index", "images", None])
-def test_a_recorded_cache_root_shows_only_files_of_the_cache_layout(tmp_path, kind, capsys, no_charts):
-    """A <task>.json may name any folder as its image root: as a cache it shows only the cache's own
-    xx/<sha256>.png files (not the folder's other pictures); an unknown kind names no root at all."""
+@pytest.mark.parametrize("kind", ["cache", "index", "index, no digests", "index, wrong digests", "images", None])
+def test_a_recorded_root_shows_only_what_the_run_can_vouch_for(tmp_path, kind, capsys, no_charts):
+    """A <task>.json may name any folder as its image root. As a cache it shows only the cache's own
+    xx/<sha256>.png files (not the folder's other pictures); as an image collection only files whose bytes have
+    the sha256 the run recorded (which a hostile file cannot know for someone's private pictures); an unknown
+    kind names no root at all."""
     run_dir, root = tmp_path / "out" / "run", tmp_path / "photos"
     cached = "ab/" + "ab" * 32 + ".png"
     png(root / cached)
     png(root / "holiday" / "me.png", color="blue")
+
+    def digest(name):
+        if kind == "index, no digests":
+            return {}
+        data = (root / name).read_bytes() + (b"x" if kind == "index, wrong digests" else b"")
+        return {"sha256": hashlib.sha256(data).hexdigest()}
     rows = vc_rows(2, lambda q, t: True, lambda q, t: False,
-                   images=lambda q: [{"path": cached, "prompt": "p", "weight": 0.5},
-                                     {"path": "holiday/me.png", "prompt": "p", "weight": 0.5}])
+                   images=lambda q: [{"path": cached, "prompt": "p", "weight": 0.5, **digest(cached)},
+                                     {"path": "holiday/me.png", "prompt": "p", "weight": 0.5,
+                                      **digest("holiday/me.png")}])
     vc_run(run_dir, 1, "probs", rows)
     result = json.loads((run_dir / "imagenetvc.json").read_text())
-    result["image_root"] = {"path": "../../photos", "absolute": str(root), "kind": kind}
+    result["image_root"] = {"path": "../../photos", "absolute": str(root), "kind": (kind or "").split(",")[0] or None}
     (run_dir / "imagenetvc.json").write_text(json.dumps(result))
     out = tmp_path / "r.html"
     report.main([str(run_dir), "--out", str(out)])
     text = out.read_text()
     shown = {name: report.thumbnail((root / name).resolve(), 128)[0] in text for name in (cached, "holiday/me.png")}
+    none = {cached: False, "holiday/me.png": False}
     assert shown == {"cache": {cached: True, "holiday/me.png": False}, "index": {cached: True, "holiday/me.png": True},
-                     "images": {cached: False, "holiday/me.png": False},
-                     None: {cached: False, "holiday/me.png": False}}[kind]
+                     "index, no digests": none, "index, wrong digests": none, "images": none, None: none}[kind]
     capsys.readouterr()
 
 

@@ -223,4 +223,12 @@ def test_other_eval_scripts_take_retrieved_images(zoo, script, task, extra):
     per_item = [group for r in rows for group in (r["images"] if isinstance(r["images"][0], list) else [r["images"]])]
     images = [im for group in per_item for im in group]  # commonsense QA: one image set per answer option
     assert images and all(len(group) == 3 for group in per_item)
-    assert all(set(im) == {"path", "prompt", "weight", "row", "similarity"} and 0 <= im["row"] < 12 for im in images)
+    assert all(set(im) == {"path", "prompt", "weight", "row", "similarity", "sha256"} and 0 <= im["row"] < 12
+               for im in images)
+    # each image's sha256 is that of the file it names (relative to the run's image root): what a report checks
+    import hashlib
+
+    result = json.loads((zoo["out"] / f"other-{script}" / f"{task}.json").read_text())
+    root = Path(result["image_root"]["absolute"])
+    assert result["image_root"]["kind"] == "index"
+    assert all(hashlib.sha256((root / im["path"]).read_bytes()).hexdigest() == im["sha256"] for im in images)

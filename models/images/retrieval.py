@@ -37,14 +37,17 @@ from models.images.source import ImageRef, ImageRoot, ServedImage, check_k, tall
 class _Provenance:
     @property
     def provenance(self) -> dict:
-        """The fields the samples file adds to the image's record."""
-        return {"row": self.row, "similarity": round(float(self.similarity), 6)}
+        """The fields the samples file adds to the image's record: its index row, similarity and the sha256 of
+        its bytes (from the index's digests: what a report checks before it shows the file)."""
+        return {"row": self.row, "similarity": round(float(self.similarity), 6),
+                **({"sha256": self.sha256} if self.sha256 else {})}
 
 
 @dataclass
 class RetrievedImage(_Provenance, ServedImage):
     row: int = -1
     similarity: float = 0.0
+    sha256: str = ""
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,7 @@ class RetrievedRef(_Provenance, ImageRef):
     image's path, so the feature cache (which checks the file's size and time) serves it on a warm run."""
     row: int = -1
     similarity: float = 0.0
+    sha256: str = ""
 
 
 def check_retrieval_args(args) -> None:
@@ -297,7 +301,8 @@ class ImageRetriever:
                 seen[p] = seen.get(p, 0) + 1
                 path = str(self.index.path(row))
                 self._rows[path] = row
-                item.append(RetrievedRef(path, p, path, row=row, similarity=score))
+                item.append(RetrievedRef(path, p, path, row=row, similarity=score,
+                                         sha256=bytes(self.index.digests[row]).hex()))
             out.append(item)
         return out
 
@@ -339,7 +344,8 @@ class ImageRetriever:
         flat = [r for item in refs for r in item]
         found = self.images(flat)
         tally(self.counts, (r.key for r in flat), dict.fromkeys(found, "from_cache"), self._seen)
-        return [[RetrievedImage(r.path, r.prompt, found[r.key][0], r.key, row=r.row, similarity=r.similarity)
+        return [[RetrievedImage(r.path, r.prompt, found[r.key][0], r.key, row=r.row, similarity=r.similarity,
+                                sha256=r.sha256)
                  for r in item] for item in refs]
 
 
