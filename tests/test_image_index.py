@@ -375,7 +375,10 @@ def test_get_serves_k_slots_like_the_generator(coco_index, coco_images, encoder)
     assert [im.row for im in items[1]] == [best[1][0][0], best[0][0][0]]
     im = items[0][0]
     assert im.path == str(coco_images / ImageIndex(coco_index).paths[im.row]) and im.prompt == "a red circle"
-    assert im.image.size == (32, 32) and im.provenance == {"row": im.row, "similarity": round(best[0][0][1], 6)}
+    import hashlib
+    assert im.image.size == (32, 32) and im.provenance == {
+        "row": im.row, "similarity": round(best[0][0][1], 6),
+        "sha256": hashlib.sha256(Path(im.path).read_bytes()).hexdigest()}  # the bytes of the file it names
     # three distinct images: the dogs' best is one of the red circle's three, and item 1 repeats the red
     # circle's best; each image counts once from the disk, its other slots as reused
     assert len({im.row for item in items for im in item}) == 3 and items[1][0].row in [im.row for im in items[0]]
