@@ -39,8 +39,8 @@ from pathlib import Path
 
 from eval_scripts import figures as charts_mod
 from eval_scripts.cli import EvalError, run_main
-from eval_scripts.report_media import (MediaLog, image_roots, looked_in, png_uri, resolve_image, root_kind,
-                                      thumbnail, verified)
+from eval_scripts.image_paths import SampleImages
+from eval_scripts.report_media import MediaLog, png_uri, thumbnail, verified
 from eval_scripts.results import FLIPS, Comparison, TaskRun, compare, number
 from models.options import Option
 
@@ -231,19 +231,15 @@ class Pictures:
     """The pictures of one run: recorded paths checked against the run's image root, refusals counted."""
 
     def __init__(self, run: TaskRun, log: MediaLog):
-        self.roots, self.relative = image_roots(run.run_dir, run.result)
-        self.kind = root_kind(run.result)
+        self.files = SampleImages.of_result(run.run_dir, run.result)
         self.log, self.seen = log, set()
-        self.looked = looked_in(run.run_dir, run.result)
 
     def uri(self, path, size: int, sha256=None) -> tuple[str | None, str]:
-        real, problem = resolve_image(self.roots, self.relative, path, self.kind)
-        if real is not None and self.relative and self.kind == "index" and not verified(real, sha256):
+        real, problem = self.files.find(path)
+        if real is not None and self.files.kind == "index" and not verified(real, sha256):
             real, problem = None, "unverified"
-        if problem == "outside" and not self.roots and self.relative:
-            problem = "missing"  # the recorded root is not there (moved or cleared): the images are not found
         if problem == "missing":
-            self.log.look(self.looked)
+            self.log.look(self.files.places)
         if real is not None:
             uri, problem = thumbnail(real, size)
             if uri:

@@ -116,7 +116,11 @@ def test_a_hostile_samples_path_never_leaves_its_root(tmp_path):
     inside = tmp_path / "root" / "ab" / ("ab" + "0" * 62 + ".png")
     inside.write_bytes(b"x")
     files = SampleImages(tmp_path / "run", {"path": "../root", "absolute": str(tmp_path / "root"), "kind": "cache"})
-    assert files.resolve(f"ab/{inside.name}") == tmp_path / "run" / "../root" / "ab" / inside.name
+    assert files.resolve(f"ab/{inside.name}") == inside.resolve()
+    link = tmp_path / "root" / "ab" / ("ab" + "1" * 62 + ".png")  # the cache's layout, but a link leaving it
+    link.symlink_to(tmp_path / "secret.png")
+    assert files.find(f"ab/{link.name}") == (None, "outside")
+    assert files.find(f"ab/ab{'2' * 62}.png") == (None, "missing")
     for bad in ("../secret.png", str(tmp_path / "secret.png"), "ab/../../secret.png", "", None, 3, "ab\\x.png",
                 "ab//x.png", "secret.png"):  # the last: not the cache's layout
         assert files.resolve(bad) is None, bad

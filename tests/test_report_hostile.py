@@ -319,12 +319,17 @@ def report_media_reason(kind):
 
 
 def test_a_root_of_slash_or_home_is_no_root(tmp_path):
-    from eval_scripts.report_media import image_roots
+    from eval_scripts.image_paths import SampleImages
 
-    assert image_roots(tmp_path, {"config": {"image_cache": "/"}}) == ([], False)
-    assert image_roots(tmp_path, {"config": {"image_cache": str(Path.home())}}) == ([], False)
-    assert image_roots(tmp_path, {"image_root": {"path": "../../../../../../../.."}}) == ([], True)
-    assert image_roots(tmp_path, {"config": {"image_cache": str(tmp_path)}}) == ([tmp_path.resolve()], False)
+    def roots(result):
+        files = SampleImages.of_result(tmp_path, result)
+        return files.roots, files.legacy
+
+    assert roots({"config": {"image_cache": "/"}}) == ([], True)
+    assert roots({"config": {"image_cache": str(Path.home())}}) == ([], True)
+    assert roots({"image_root": {"path": "../../../../../../../.."}}) == ([], False)  # no kind: malformed
+    assert roots({"image_root": {"path": "../../../../../../../..", "kind": "index"}}) == ([], False)
+    assert roots({"config": {"image_cache": str(tmp_path)}}) == ([tmp_path.resolve()], True)
 
 
 # ---------------------------------------------------------------------------------------------- files read
