@@ -170,8 +170,14 @@ TRAIN_CASES = {
     "wiki text not utf-8": (dict(dataset_name="wiki", vg_dir=None, wiki_file="{tmp}/latin1.txt",
                                  image_generator="toyworld", image_cache="{tmp}/cache"), "latin1.txt: not UTF-8"),
 }
-if not torch.cuda.is_available():
-    TRAIN_CASES["device cuda without a GPU"] = (dict(device="cuda"), "no CUDA device")
+TRAIN_CASES["device cuda without a GPU"] = (dict(device="cuda"), "no CUDA device")  # the GPU hidden, see below
+
+
+def hide_gpus(monkeypatch) -> None:
+    """This process sees no CUDA device, whatever the machine has: the refusal of --device cuda is tested on
+    GPU machines too."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
 
 
 @pytest.fixture(scope="module")
@@ -182,8 +188,10 @@ def bad_files(tmp_path_factory):
 
 
 @pytest.mark.parametrize("case", list(TRAIN_CASES))
-def test_train_bad_input(case, bad_files, tmp_path, lm_dirs, tiny_clip_spec, vg_dir, capsys):
+def test_train_bad_input(case, bad_files, tmp_path, lm_dirs, tiny_clip_spec, vg_dir, capsys, monkeypatch):
     extra, expected = TRAIN_CASES[case]
+    if case.endswith("without a GPU"):
+        hide_gpus(monkeypatch)
     extra = {k: v.format(tmp=bad_files) if isinstance(v, str) else v for k, v in extra.items()}
     out = Path(extra.pop("output_dir", tmp_path / "out"))
     before = listing(bad_files)
@@ -216,15 +224,16 @@ IG_CASES = {
     "cache is a file": (["--image_cache", "{tmp}/a_file/cache"], "not writable"),
     "unknown flag": (["--kk", "3"], "unrecognized"),
 }
-if not torch.cuda.is_available():
-    IG_CASES["device cuda without a GPU"] = (["--device", "cuda"], "no CUDA device")
+IG_CASES["device cuda without a GPU"] = (["--device", "cuda"], "no CUDA device")  # the GPU hidden, see below
 
 
 @pytest.mark.parametrize("case", list(IG_CASES))
-def test_image_generation_bad_input(case, bad_files, tmp_path, capsys):
+def test_image_generation_bad_input(case, bad_files, tmp_path, capsys, monkeypatch):
     from models.images import pregenerate
 
     argv, expected = IG_CASES[case]
+    if case.endswith("without a GPU"):
+        hide_gpus(monkeypatch)
     base = {"--prompts_file": str(bad_files / "prompts.txt"), "--image_generator": "toyworld",
             "--image_cache": str(tmp_path / "cache"), "--device": "cpu"}
     base.update(dict(zip(argv[::2], [a.format(tmp=bad_files) for a in argv[1::2]])))
